@@ -1,0 +1,344 @@
+"""The domain-pack config (``domain.yaml``): pydantic schemas, YAML loading, ``--set`` overrides.
+
+Every model forbids unknown fields, so a typo is an error that names the field instead of a setting that
+is silently ignored. :func:`load_config` reports a bad file as ``FILE:LINE: field.path: what was expected``.
+Component names (dataset, backbone, attention, loss) are plain strings here; :func:`check_components`
+looks them up in the plugin registries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, UnknownComponentError
+from .registry import Registries
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+
+
+class Strict(BaseModel):
+    """Base of every config model: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClassSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="class id, lowercase snake_case")
+    display_name: str | None = Field(None, description="what people see; defaults to a title-cased name")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _default_display(self) -> ClassSpec:
+        if self.display_name is None:
+            self.display_name = self.name.replace("_", " ").title()
+        return self
+
+
+class SplitConfig(Strict):
+    val: float = Field(0.15, ge=0.0, lt=1.0)
+    test: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.val + self.test >= 1.0:
+            raise ValueError("val + test must leave some images for training (sum < 1)")
+        return self
+
+
+class DatasetConfig(Strict):
+    name: str = Field("imagefolder", description="dataset reader (registry name)")
+    path: str | None = Field(None, description="data folder or manifest; else --data or $THALI_DATA")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AttentionPlacement(Strict):
+    name: str = Field(description="attention module (registry name)")
+    where: Literal["head", "stages"] = Field(
+        "head", description="'head': last feature map before pooling; 'stages': after chosen stages"
+    )
+    stages: list[int] = Field(default_factory=list, description="stage indices when where=stages")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _stages(self) -> AttentionPlacement:
+        if self.where == "stages" and not self.stages:
+            raise ValueError("where: stages needs a non-empty 'stages' list")
+        if self.where == "head" and self.stages:
+            raise ValueError("'stages' is only used with where: stages")
+        return self
+
+
+class ModelConfig(Strict):
+    backbone: str = Field("tf_efficientnet_lite0", description="backbone (registry name)")
+    pretrained: str = Field(
+        "none", description="'none', a weight source of the backbone, or a checkpoint path"
+    )
+    attention: list[AttentionPlacement] = Field(default_factory=list)
+    head_dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    params: dict[str, Any] = Field(default_factory=dict, description="extra backbone arguments")
+
+
+class LossConfig(Strict):
+    name: str = Field("cross_entropy", description="loss (registry name)")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AugmentationConfig(Strict):
+    random_resized_crop_scale: tuple[float, float] = (0.35, 1.0)
+    horizontal_flip: float = Field(0.5, ge=0.0, le=1.0)
+    vertical_flip: float = Field(0.0, ge=0.0, le=1.0)
+    rotate_degrees: float = Field(15.0, ge=0.0, le=180.0)
+    brightness_contrast: float = Field(0.2, ge=0.0, le=1.0)
+    color_jitter: float = Field(0.1, ge=0.0, le=1.0)
+    mixup_alpha: float = Field(0.0, ge=0.0)
+    cutmix_alpha: float = Field(0.0, ge=0.0)
+    mix_prob: float = Field(0.5, ge=0.0, le=1.0)
+
+    @field_validator("random_resized_crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] <= 1.0:
+            raise ValueError("expected [min, max] with 0 < min <= max <= 1")
+        return v
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+
+
+class ScheduleConfig(Strict):
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    step_epochs: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    min_lr: float = Field(1e-6, ge=0.0)
+
+
+class EarlyStoppingConfig(Strict):
+    enabled: bool = True
+    metric: Literal["val_top1", "val_loss"] = "val_top1"
+    patience: int = Field(5, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class EMAConfig(Strict):
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0.0, lt=1.0)
+
+
+class TrainingConfig(Strict):
+    mode: Literal["full", "partial", "frozen_features"] = Field(
+        "partial",
+        description="full fine-tuning; partial: train the last stages; frozen_features: cache features",
+    )
+    trainable_stages: int = Field(2, ge=0, description="with mode=partial: last N stages train")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    seed: int = 42
+    num_workers: int = Field(2, ge=0)
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+
+
+class GateConfig(Strict):
+    max_top1_drop: float = Field(1.0, ge=0.0, description="percentage points against fp32")
+    max_class_drop: float = Field(5.0, ge=0.0, description="percentage points, any one class")
+
+
+class ExportConfig(Strict):
+    opset: int = Field(18, ge=18)
+    variants: list[Literal["fp32", "int8", "fp16", "int8_dynamic"]] = ["fp32", "int8", "fp16"]
+    calibration_images: int = Field(256, ge=1)
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    exclude_nodes: list[str] = Field(default_factory=list)
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+class ServingConfig(Strict):
+    backend: str = Field("onnxruntime", description="serving backend (registry name)")
+    variant: Literal["fp32", "int8", "fp16"] = "int8"
+    top_k: int = Field(5, ge=1)
+    max_batch_size: int = Field(32, ge=1)
+    batch_timeout_ms: float = Field(5.0, ge=0.0)
+
+
+class DomainConfig(Strict):
+    """A domain pack: what to recognise, from which data, with which model, and how to serve it."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    classes: list[ClassSpec] = Field(min_length=2)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[ClassSpec]) -> list[ClassSpec]:
+        seen: set[str] = set()
+        for c in v:
+            if c.name in seen:
+                raise ValueError(f"class {c.name!r} is listed twice")
+            seen.add(c.name)
+        return v
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+
+# --- YAML with line numbers -------------------------------------------------------------------
+
+
+def _line_map(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    lines: dict[tuple[Any, ...], int] = {}
+    if node is None:
+        return lines
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            sub = (*path, key.value)
+            lines.update(_line_map(value, sub))
+            lines[sub] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.update(_line_map(item, (*path, i)))
+    return lines
+
+
+def format_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """``training.epochs=3`` -> (["training", "epochs"], 3); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. training.epochs=3")
+    path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[tuple[Any, ...]]:
+    """Apply ``--set`` overrides to raw config data in place; return the paths they touched."""
+    touched: set[tuple[Any, ...]] = set()
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                if not isinstance(part, int) or part >= len(node):
+                    raise ConfigError(f"--set {text!r}: {format_path(tuple(path[: i + 1]))} is no item")
+                node = node[part]
+            else:
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {text!r}: {format_path(tuple(path[:i]))} is no section")
+                node = node.setdefault(part, {})
+        last = path[-1]
+        if isinstance(node, list):
+            if not isinstance(last, int) or last >= len(node):
+                raise ConfigError(f"--set {text!r}: {format_path(tuple(path))} is no item")
+            node[last] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"--set {text!r}: {format_path(tuple(path[:-1]))} is no section")
+        touched.add(tuple(path))
+    return touched
+
+
+def _describe(err: dict[str, Any]) -> str:
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return "unknown field (not part of the schema; check the spelling)"
+    if err["type"] == "missing":
+        return "required field is missing"
+    value = err.get("input")
+    if value is not None and not isinstance(value, dict | list):
+        return f"{msg} (got {value!r})"
+    return msg
+
+
+def validation_to_config_error(
+    exc: ValidationError,
+    source: str,
+    lines: dict[tuple[Any, ...], int] | None = None,
+    overridden: set[tuple[Any, ...]] | None = None,
+) -> ConfigError:
+    lines, overridden = lines or {}, overridden or set()
+    problems, fields = [], {}
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        where = format_path(loc)
+        line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+        prefix = f"{source}:{line}" if line else source
+        origin = " (from --set)" if any(loc[: len(p)] == p for p in overridden) else ""
+        text = _describe(err)
+        problems.append(f"{prefix}: {where}: {text}{origin}")
+        fields[where] = text
+    head = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+    detail = "\n".join("  " + p for p in problems[1:])
+    return ConfigError(head + ("\n" + detail if detail else ""), errors=fields)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> DomainConfig:
+    """Read and validate a ``domain.yaml``, applying ``--set KEY=VALUE`` overrides first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields at the top level")
+    overridden = apply_overrides(data, list(overrides or []))
+    try:
+        return DomainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise validation_to_config_error(exc, str(path), _line_map(node), overridden) from None
+
+
+def check_components(config: DomainConfig, registries: Registries) -> None:
+    """Check that every component the config names is registered; the error names the field."""
+    refs: list[tuple[str, str, str]] = [
+        ("dataset.name", "datasets", config.dataset.name),
+        ("model.backbone", "backbones", config.model.backbone),
+        ("loss.name", "losses", config.loss.name),
+    ]
+    for i, placement in enumerate(config.model.attention):
+        refs.append((f"model.attention[{i}].name", "attention", placement.name))
+    for field_path, kind, name in refs:
+        registry = registries.of(kind)
+        if name not in registry:
+            err: UnknownComponentError = registry.unknown(name)
+            raise ConfigError(f"{config.name}: {field_path}: {err.message}", errors={field_path: err.message})

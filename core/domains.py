@@ -1,0 +1,76 @@
+"""Domain packs: a folder with a ``domain.yaml`` (and a README card), registered by a plugin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import DomainConfig, load_config
+from .errors import ConfigError
+from .registry import Registries, Registry
+
+CONFIG_FILE = "domain.yaml"
+
+
+@dataclass(frozen=True)
+class DomainPack:
+    """A registered domain pack: its name, its folder and its config file."""
+
+    name: str
+    root: Path
+    description: str = ""
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    def load_config(self, overrides: list[str] | None = None) -> DomainConfig:
+        config = load_config(self.config_path, overrides)
+        if config.name != self.name:
+            raise ConfigError(
+                f"{self.config_path}: name: {config.name!r} does not match the registered domain "
+                f"{self.name!r}"
+            )
+        return config
+
+
+def register_domain_dir(registry: Registry[Any], folder: str | Path, name: str | None = None) -> None:
+    """Register the domain pack in ``folder`` (which holds a ``domain.yaml``).
+
+    The name defaults to the folder name. Only the ``description`` is read now; the full config is
+    validated when the domain is used.
+    """
+    root = Path(folder).resolve()
+    path = root / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{root}: a domain pack needs a {CONFIG_FILE}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    pack = DomainPack(name=name or root.name, root=root, description=str(raw.get("description", "")))
+    registry.add(
+        pack.name,
+        lambda: pack,
+        description=pack.description,
+        metadata={"path": str(path), "classes": len(raw.get("classes") or [])},
+    )
+
+
+def resolve_domain(registries: Registries, name_or_path: str) -> DomainPack:
+    """A domain pack by registered name, or by the path of a folder or ``domain.yaml`` file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"} and candidate.is_file():
+        root = candidate.resolve().parent
+        raw = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
+        return DomainPack(name=str(raw.get("name", root.name)), root=root)
+    if (candidate / CONFIG_FILE).is_file() and (os_sep_in(name_or_path) or name_or_path == "."):
+        return DomainPack(name=candidate.resolve().name, root=candidate.resolve())
+    return registries.domains.create(name_or_path)
+
+
+def os_sep_in(text: str) -> bool:
+    return "/" in text or "\\" in text

@@ -1,0 +1,115 @@
+"""The contract between thali and its plugins: every hook, in one module.
+
+A plugin is a module (or object) with functions decorated by :data:`hookimpl` whose names match the
+specs below. Built-in plugins are listed in ``thali.core.plugins.DEFAULT_PLUGINS``; third-party packages
+are found through the entry-point group ``thali``::
+
+    [project.entry-points.thali]
+    my_plugin = "my_package.thali_plugin"
+
+Registration hooks are called once, when the plugin manager is built, in plugin registration order
+(built-ins first, then entry points sorted by name). Each is handed the :class:`~thali.core.registry.Registry`
+of its kind and calls ``registry.add(name, factory, description=..., metadata=...)``. Registering must be
+cheap: import heavy libraries (torch, timm, onnxruntime, albumentations) inside the factory, never at
+module top level, so that ``thali plugins`` answers in about a second and an ONNX-only server never
+loads torch. A name already taken by another plugin is an error naming both plugins.
+
+A plugin that implements a hook name not listed here is rejected when the manager is built (a misspelt
+hook would otherwise be silently ignored).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+PROJECT_NAME = "thali"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+#: Decorate a plugin's hook functions with this: ``from thali.core import hookimpl``.
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def thali_register_datasets(registry: Registry[Any]) -> None:
+    """Register dataset readers.
+
+    Called once when the plugin manager is built. Add one entry per reader. The factory is called as
+    ``factory(root, classes=None, **params)`` with ``root`` the data location (folder or manifest file) and
+    ``params`` the ``dataset.params`` of the domain config; it returns an object with ``classes``
+    (list of class names), ``samples`` (list of ``(path, class_index)``) and ``problems`` (unreadable files
+    found, reported and skipped, never raised mid-epoch).
+    """
+
+
+@hookspec
+def thali_register_backbones(registry: Registry[Any]) -> None:
+    """Register image backbones.
+
+    Called once when the plugin manager is built. The factory is called as
+    ``factory(num_classes=0, pretrained="none", **params)`` and returns a ``torch.nn.Module`` that maps
+    ``(N, 3, H, W)`` images to ``(N, C, h, w)`` feature maps and exposes ``num_features`` (``C``).
+    ``pretrained`` is ``"none"``, a named weight source listed in the entry's ``metadata["weights"]``,
+    or a path to a local checkpoint. Entry metadata must carry the preprocessing the weights expect:
+    ``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation``, ``crop_pct``, plus ``weights`` and
+    ``licence``: it travels with the model into the model package, so nothing downstream hard-codes 224.
+    """
+
+
+@hookspec
+def thali_register_attention(registry: Registry[Any]) -> None:
+    """Register attention modules.
+
+    Called once when the plugin manager is built. The factory is called as
+    ``factory(channels, **params)`` and returns a ``torch.nn.Module`` whose output has the same shape as
+    its ``(N, channels, H, W)`` input. Modules must export to ONNX (opset >= 18): no adaptive max pooling,
+    export-safe activations. The domain config places them on the last feature map or after stages.
+    """
+
+
+@hookspec
+def thali_register_losses(registry: Registry[Any]) -> None:
+    """Register training losses.
+
+    Called once when the plugin manager is built. The factory is called as
+    ``factory(num_classes, class_counts=None, **params)`` (``class_counts``: training images per class,
+    for re-weighting losses; ``params``: the ``loss`` section of the config minus ``name``) and returns a
+    callable ``loss(logits, target) -> scalar tensor``; ``target`` is class indices or, under
+    mixup/cutmix, a ``(N, num_classes)`` probability matrix.
+    """
+
+
+@hookspec
+def thali_register_exporters(registry: Registry[Any]) -> None:
+    """Register model exporters and optimisers (ONNX export, graph optimisation, quantisation, fp16).
+
+    Called once when the plugin manager is built. The factory is called as ``factory(**params)`` with
+    the exporter's section of the ``export`` config and returns an object whose ``run(context)`` writes
+    one model variant and returns a report. Every published variant must pass the accuracy gate.
+    """
+
+
+@hookspec
+def thali_register_serving_backends(registry: Registry[Any]) -> None:
+    """Register serving backends (ONNX Runtime, torch, ...).
+
+    Called once when the plugin manager is built. The factory is called as
+    ``factory(model_path, **params)`` and returns an object with ``predict(batch) -> logits`` for a
+    preprocessed ``float32`` batch ``(N, 3, H, W)`` and ``info() -> dict`` (provider actually used).
+    Serving code must not import training code.
+    """
+
+
+@hookspec
+def thali_register_domains(registry: Registry[Any]) -> None:
+    """Register domain packs.
+
+    Called once when the plugin manager is built. The factory takes no arguments and returns a
+    :class:`thali.core.domains.DomainPack` (name, folder, path of its ``domain.yaml``). Use
+    :func:`thali.core.domains.register_domain_dir` to register a folder that holds a ``domain.yaml``.
+    A domain can reference components registered by any plugin, its own included.
+    """
