@@ -1,0 +1,1 @@
+"""The REST service (Flask-smorest, OpenAPI) that serves several domains at once."""

@@ -1,0 +1,1 @@
+"""The Streamlit UI: talks to the API over HTTP only, never imports torch."""
