@@ -1,0 +1,1 @@
+"""The ``thali`` command line: one module per command group, dispatched from :mod:`.main`."""

@@ -1,0 +1,59 @@
+"""Entry point of the ``thali`` command: global options, dispatch, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from thali.core.errors import ThaliError
+
+from . import config, domains, later, plugins
+from .context import Context
+
+COMMAND_GROUPS = (plugins, domains, config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from thali.core import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="thali",
+        description="Train, optimise and serve image-classification domain packs.",
+    )
+    parser.add_argument("--version", action="version", version=f"thali {__version__}")
+    parser.add_argument(
+        "--block-plugin",
+        action="append",
+        metavar="NAME",
+        help="do not load this plugin (repeatable; also THALI_BLOCK_PLUGINS=a,b)",
+    )
+    parser.add_argument(
+        "--no-autoload",
+        action="store_true",
+        help="skip third-party plugins from entry points (also THALI_DISABLE_PLUGIN_AUTOLOAD=1)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in COMMAND_GROUPS:
+        group.register(sub)
+    later.register(sub, skip=set(sub.choices))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(Context(args)) or 0)
+    except ThaliError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
