@@ -1,0 +1,36 @@
+"""The real ``thali`` console script: output, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from helpers import run_thali
+
+
+def test_domains_and_config_show() -> None:
+    listed = run_thali("domains", "--json")
+    assert listed.returncode == 0, listed.stderr
+    food = next(d for d in json.loads(listed.stdout) if d["name"] == "south_asian_food")
+    assert food["classes"] == 27 and food["plugin"] == "thali.plugins.domain_packs"
+
+    shown = run_thali("config", "show", "south_asian_food", "--set", "training.epochs=3")
+    assert shown.returncode == 0, shown.stderr
+    config = yaml.safe_load(shown.stdout)
+    assert config["training"]["epochs"] == 3
+    assert config["classes"][2] == {"name": "chaat", "display_name": "Chaat", "description": ""}
+
+
+def test_user_mistakes_print_one_line_and_exit_non_zero() -> None:
+    cases = [
+        (("config", "show", "south_asian_fod"), "error: unknown domain 'south_asian_fod'; did you mean"),
+        (("config", "show", "south_asian_food", "--set", "training.epoch=3"), "training.epoch"),
+        (("plugins", "--kind", "backbone"), "error: unknown component kind 'backbone'"),
+        (("train", "south_asian_food"), "error: `thali train` is not available yet"),
+    ]
+    for args, expected in cases:
+        result = run_thali(*args)
+        assert result.returncode != 0, args
+        assert "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("error: "), result.stderr
+        assert expected in result.stderr.splitlines()[0], (args, result.stderr)

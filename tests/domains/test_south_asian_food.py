@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from thali.core import build_plugin_manager, check_components, resolve_domain
+
+
+def test_domain_config_is_valid() -> None:
+    pm = build_plugin_manager(autoload=False)
+    config = resolve_domain(pm.registries, "south_asian_food").load_config()
+    check_components(config, pm.registries)
+    assert len(config.classes) == 27
+    assert config.model.backbone == "tf_efficientnet_lite0"
+
+
+def test_classes_match_the_shared_dataset(datasets_root: Path) -> None:
+    pm = build_plugin_manager(autoload=False)
+    config = resolve_domain(pm.registries, "south_asian_food").load_config()
+    folders = sorted(p.name for p in (datasets_root / "south_asian_food").iterdir() if p.is_dir())
+    assert config.class_names == folders

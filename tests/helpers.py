@@ -1,0 +1,90 @@
+"""Helpers shared by tests: the real thali command and a real third-party plugin distribution."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_datasets() -> Path | None:
+    """$THALI_DATA, else ../shared/datasets beside the checkout."""
+    for candidate in (os.environ.get("THALI_DATA"), REPO.parent / "shared" / "datasets"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+def thali_command() -> list[str]:
+    script = Path(sys.executable).parent / "thali"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("thali")
+    return [found] if found else [sys.executable, "-m", "thali.core.cli"]
+
+
+def run_thali(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``thali`` console script in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [*thali_command(), *args], capture_output=True, text=True, env=full_env, timeout=120
+    )
+
+
+DEMO_PLUGIN = '''
+"""A third-party thali plugin: a loss and a domain pack of its own."""
+from pathlib import Path
+
+from thali.core import hookimpl, register_domain_dir
+
+
+def make_l1(num_classes, class_counts=None, **params):
+    import torch
+
+    def loss(logits, target):
+        onehot = torch.nn.functional.one_hot(target, num_classes).float()
+        return (torch.softmax(logits, -1) - onehot).abs().sum(-1).mean()
+
+    return loss
+
+
+@hookimpl
+def thali_register_losses(registry):
+    registry.add("demo_l1", make_l1, description="L1 between probabilities and one-hot targets")
+
+
+@hookimpl
+def thali_register_domains(registry):
+    register_domain_dir(registry, Path(__file__).parent / "retail_demo")
+'''
+
+DEMO_DOMAIN = """
+name: retail_demo
+description: A demo shelf-product domain from a third-party plugin.
+classes:
+  - {name: cereal, display_name: Cereal box}
+  - {name: soap, display_name: Soap bar}
+model: {backbone: tf_efficientnet_lite0, pretrained: none}
+loss: {name: demo_l1, label_smoothing: 0.0}
+"""
+
+
+def write_demo_distribution(
+    site: Path, plugin_name: str = "demo", package: str = "thali_demo_plugin"
+) -> Path:
+    """Write a real installed distribution (package + dist-info with entry_points.txt) into ``site``."""
+    pkg = site / package
+    (pkg / "retail_demo").mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent(DEMO_PLUGIN))
+    (pkg / "retail_demo" / "domain.yaml").write_text(DEMO_DOMAIN)
+    info = site / f"{package}-0.1.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thali-demo-plugin\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(f"[thali]\n{plugin_name} = {package}\n")
+    (info / "top_level.txt").write_text(f"{package}\n")
+    return site
