@@ -1,0 +1,24 @@
+# A first image: thali installed with CPU-only torch. The deployment issue adds serving on a port.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    NO_ALBUMENTATIONS_UPDATE=1
+
+WORKDIR /opt/thali
+COPY pyproject.toml README.md ./
+COPY core ./core
+COPY plugins ./plugins
+COPY domains ./domains
+COPY registry ./registry
+COPY api ./api
+COPY ui ./ui
+
+# The CPU wheels of torch keep the image about 4 GB smaller than the default CUDA build.
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu . \
+    && useradd --create-home thali
+USER thali
+
+ENTRYPOINT ["thali"]
+CMD ["plugins"]
