@@ -31,7 +31,12 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "thali.plugins.domain_packs",
     "thali.plugins.datasets",
     "thali.plugins.backbones_timm",
+    "thali.plugins.backbone_se_cnn",
     "thali.plugins.attention_se",
+    "thali.plugins.attention_cbam",
+    "thali.plugins.attention_eca",
+    "thali.plugins.attention_coord",
+    "thali.plugins.attention_nonlocal",
     "thali.plugins.losses",
 )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -125,11 +126,28 @@ class Registry(Generic[T]):
         return entry
 
     def get(self, name: str) -> Entry[T]:
-        """The entry for ``name``; an unknown name raises an error listing the closest names."""
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise self.unknown(name) from None
+        """The entry for ``name``; an unknown name raises an error listing the closest names.
+
+        A *family* entry registered as ``"prefix/*"`` answers every ``"prefix/NAME"``: its factory is
+        called with ``NAME`` as first argument (e.g. ``timm/resnet50``).
+        """
+        entry = self._entries.get(name) or self._family_member(name)
+        if entry is None:
+            raise self.unknown(name)
+        return entry
+
+    def _family_member(self, name: str) -> Entry[T] | None:
+        prefix, sep, member = str(name).partition("/")
+        family = self._entries.get(f"{prefix}/*") if sep and member else None
+        if family is None:
+            return None
+        return Entry(
+            name=name,
+            factory=functools.partial(family.factory, member),
+            plugin=family.plugin,
+            description=family.description,
+            metadata=family.metadata,
+        )
 
     def unknown(self, name: str) -> UnknownComponentError:
         """The error for an unknown ``name``, with suggestions."""
@@ -159,7 +177,7 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or (isinstance(name, str) and self._family_member(name) is not None)
 
     def __len__(self) -> int:
         return len(self._entries)

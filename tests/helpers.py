@@ -88,3 +88,28 @@ def write_demo_distribution(
     (info / "entry_points.txt").write_text(f"[thali]\n{plugin_name} = {package}\n")
     (info / "top_level.txt").write_text(f"{package}\n")
     return site
+
+
+def onnx_roundtrip(module: object, example: object, path: Path) -> object:
+    """Export ``module`` with the dynamo exporter (opset 18, dynamic batch) and run it in ONNX Runtime.
+
+    Returns the ONNX Runtime output for ``example`` as a numpy array.
+    """
+    import onnxruntime as ort
+    import torch
+
+    module.eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.onnx.export(
+        module,
+        (example,),
+        dynamo=True,
+        opset_version=18,
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_shapes=({0: batch},),
+        verbose=False,
+    )
+    program.save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": example.numpy()})[0]

@@ -1,0 +1,113 @@
+"""The backbone shape every backbone plugin returns: stem, stages, head, and its preprocessing.
+
+Splitting a backbone into stages is what lets thali place attention after chosen stages, freeze the
+first stages for partial fine-tuning, and run the frozen part once (in ONNX Runtime) to cache features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from thali.core.errors import ConfigError
+
+
+class FeatureBackbone(nn.Module):
+    """``images -> stem -> stages[0..n-1] -> head -> (N, num_features, h, w)``.
+
+    ``stage_channels[i]`` is the channel count after ``stages[i]``. ``preprocess`` holds what the
+    weights expect: ``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation``, ``crop_pct``.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        stages: Sequence[nn.Module],
+        head: nn.Module,
+        *,
+        num_features: int,
+        stage_channels: Sequence[int],
+        preprocess: Mapping[str, Any],
+    ) -> None:
+        super().__init__()
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+        self.head = head
+        self.num_features = int(num_features)
+        self.stage_channels = list(stage_channels)
+        self.preprocess = dict(preprocess)
+
+    def forward_until(self, x: torch.Tensor, n_stages: int) -> torch.Tensor:
+        """Run the stem and the first ``n_stages`` stages."""
+        x = self.stem(x)
+        for stage in self.stages[:n_stages]:
+            x = stage(x)
+        return x
+
+    def forward_from(self, x: torch.Tensor, n_stages: int) -> torch.Tensor:
+        """Run the stages after the first ``n_stages``, then the head."""
+        for stage in self.stages[n_stages:]:
+            x = stage(x)
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_from(self.forward_until(x, len(self.stages)), len(self.stages))
+
+
+def probe_channels(stem: nn.Module, stages: Sequence[nn.Module], size: int = 64) -> list[int]:
+    """Channel count after each stage, found with one small forward pass."""
+    modules = [stem, *stages]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()  # keep BatchNorm running statistics untouched
+    try:
+        with torch.no_grad():
+            x = stem(torch.zeros(1, 3, size, size))
+            out = []
+            for stage in stages:
+                x = stage(x)
+                out.append(int(x.shape[1]))
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+    return out
+
+
+def _read_state(path: Path, hint: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: {path}: no such checkpoint file{hint}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+
+
+def load_checkpoint(path: Path, *candidates: nn.Module, hint: str = "") -> None:
+    """Load a local checkpoint into the first candidate module whose weights it holds in full.
+
+    Accepts timm state dicts and thali checkpoints (``FeatureBackbone`` keys, optionally under
+    ``model`` / ``backbone.``); head and classifier weights of other tasks are ignored.
+    """
+    state = _read_state(path, f" ({hint})" if hint else "")
+    best_missing: list[str] = []
+    for module in candidates:
+        own = module.state_dict()
+        missing = sorted(set(own) - set(state))
+        if not missing:
+            module.load_state_dict({k: state[k] for k in own}, strict=True)
+            return
+        if not best_missing or len(missing) < len(best_missing):
+            best_missing = missing
+    raise ConfigError(
+        f"model.pretrained: {path} does not fit this backbone: {len(best_missing)} weights missing "
+        f"(first: {', '.join(best_missing[:3])})"
+    )
