@@ -142,7 +142,11 @@ class TrainingConfig(Strict):
         "partial",
         description="full fine-tuning; partial: train the last stages; frozen_features: cache features",
     )
-    trainable_stages: int = Field(2, ge=0, description="with mode=partial: last N stages train")
+    trainable_stages: int = Field(2, ge=0, description="partial/frozen_features: the last N stages train")
+    cache_views: int = Field(4, ge=1, description="frozen_features: augmented views cached per image")
+    feature_engine: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto", description="frozen_features: what runs the frozen part (auto: ONNX Runtime on CPU)"
+    )
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1)
     grad_accum_steps: int = Field(1, ge=1)

@@ -28,3 +28,18 @@ def demo_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("THALI_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     monkeypatch.delenv("THALI_BLOCK_PLUGINS", raising=False)
     return site
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ImageFolder (3 colour classes, 10 images each, one broken file)."""
+    from helpers import write_tiny_imagefolder
+
+    return write_tiny_imagefolder(tmp_path_factory.mktemp("tiny") / "images")
+
+
+@pytest.fixture(scope="session")
+def registries() -> object:
+    from thali.core import build_plugin_manager
+
+    return build_plugin_manager(autoload=False).registries

@@ -113,3 +113,42 @@ def onnx_roundtrip(module: object, example: object, path: Path) -> object:
     program.save(str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"input": example.numpy()})[0]
+
+
+TINY_DOMAIN = """
+name: tiny
+classes: [{name: blue}, {name: green}, {name: red}]
+model:
+  backbone: se_cnn
+  pretrained: none
+  params: {width: 8, num_stages: 2, input_size: 32}
+  attention: [{name: se}]
+training: {mode: full, epochs: 2, batch_size: 8, num_workers: 0, seed: 3}
+augmentation: {mixup_alpha: 0.2, mix_prob: 0.5}
+dataset: {split: {val: 0.25, test: 0.0, seed: 1}}
+"""
+
+
+def write_tiny_imagefolder(root: Path, per_class: int = 10, broken: bool = True) -> Path:
+    """Three colour classes of small noisy JPEGs (and one broken file), made here, not copied."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
+    for name, colour in colours.items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 35, (36, 44, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:03d}.jpg")
+    if broken:
+        (root / "red" / "zz_broken.jpg").write_bytes(b"this is not an image")
+    return root
+
+
+def write_tiny_domain(folder: Path, extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "domain.yaml"
+    path.write_text(TINY_DOMAIN + extra)
+    return path

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 from thali.core.errors import ThaliError
 
-from . import config, domains, later, plugins
+from . import config, domains, later, plugins, train
 from .context import Context
 
-COMMAND_GROUPS = (plugins, domains, config)
+COMMAND_GROUPS = (plugins, domains, config, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

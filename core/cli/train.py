@@ -1,0 +1,107 @@
+"""``thali train`` and ``thali evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from thali.core.config import check_components, load_config
+from thali.core.domains import resolve_domain
+from thali.core.errors import ConfigError
+
+from .context import Context, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a domain pack from its config")
+    p.add_argument("domain", help="registered domain name, or a folder / domain.yaml path")
+    p.add_argument("--data", help="data folder or manifest (else dataset.path or $THALI_DATA)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--run-dir", type=Path, help="where the run is written (default runs/DOMAIN/TIME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (or the latest)")
+    p.add_argument("--stop-after-epochs", type=int, metavar="N", help="stop this invocation after N epochs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser("evaluate", help="score a run on an ImageFolder directory")
+    e.add_argument("run", type=Path, help="a training run directory")
+    e.add_argument("--data", required=True, type=Path, help="ImageFolder directory to score")
+    e.add_argument("--json", action="store_true", help="print all metrics as one JSON object")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=run_evaluate)
+
+
+def _latest_run(domain: str) -> Path:
+    runs = sorted((Path("runs") / domain).glob("*/last.pt"))
+    if not runs:
+        raise ConfigError(f"--resume: no run of {domain} under runs/{domain}; pass --run-dir")
+    return runs[-1].parent
+
+
+def run_train(ctx: Context) -> int:
+    from thali.core.training.trainer import TrainOptions, train
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args, pm = ctx.args, ctx.plugins
+    run_dir = args.run_dir
+    if args.resume:  # the run's own resolved config, not today's domain.yaml
+        run_dir = run_dir or _latest_run(resolve_domain(pm.registries, args.domain).name)
+        config = load_config(run_dir / "config.yaml", args.overrides)
+    else:
+        pack = resolve_domain(pm.registries, args.domain)
+        config = pack.load_config(args.overrides)
+        run_dir = run_dir or Path("runs") / pack.name / time.strftime("%Y%m%d-%H%M%S")
+    check_components(config, pm.registries)
+    options = TrainOptions(
+        run_dir=run_dir,
+        data=args.data,
+        resume=args.resume,
+        stop_after_epochs=args.stop_after_epochs,
+        progress=not args.no_progress,
+    )
+    result = train(config, pm.registries, options)
+    if args.json:
+        print_json(result)
+        return 0
+    for note in result["notes"]:
+        print(f"note: {note}")
+    if not result["finished"]:
+        print(f"stopped after {result['epochs_run']} epoch(s); continue with:")
+        print(f"  thali train {args.domain} --resume --run-dir {run_dir}")
+        return 0
+    m = result.get("metrics")
+    if m:
+        v, c = m["val"], m["calibration"]
+        print(
+            f"{config.name}: val top-1 {v['top1']:.3f}  top-5 {v['top5']:.3f}  "
+            f"ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f} (T={c['temperature']:.2f})"
+        )
+    print(f"run: {run_dir}")
+    return 0
+
+
+def run_evaluate(ctx: Context) -> int:
+    from thali.core.training.evaluate import evaluate_run
+
+    args = ctx.args
+    result = evaluate_run(args.run, args.data, ctx.plugins.registries, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"{result['images']} images: top-1 {result['top1']:.3f}  top-5 {result['top5']:.3f}  "
+        f"ECE {result['ece']:.3f}  NLL {result['nll']:.3f}"
+    )
+    for name, stats in result["per_class"].items():
+        if stats["support"]:
+            print(
+                f"  {name:<24} precision {stats['precision']:.2f}  "
+                f"recall {stats['recall']:.2f}  n={stats['support']}"
+            )
+    if result.get("problems"):
+        print(f"note: {result['problems']}")
+    return 0

@@ -1,0 +1,69 @@
+"""``thali evaluate``: score a training run on any ImageFolder directory with the training metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thali.core.config import load_config
+from thali.core.errors import DataError, NotAvailableError
+from thali.core.registry import Registries
+
+from . import checkpoint as ckpt
+from .data import ImageDataset, make_loader, report_problems, verify_images
+from .metrics import summarize
+from .model import build_classifier
+from .transforms import eval_transform
+
+
+def evaluate_run(
+    run_dir: Path, data_dir: Path, registries: Registries, batch_size: int = 32, progress: bool = True
+) -> dict[str, Any]:
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    if not (run_dir / "best.pt").is_file():
+        if (run_dir / "model.onnx").is_file():
+            raise NotAvailableError(f"{run_dir}: evaluating model packages arrives with the registry")
+        raise DataError(f"{run_dir}: not a training run (no best.pt); pass a run directory")
+    config = load_config(run_dir / "config.yaml", ["model.pretrained=none"])
+    classes = config.class_names
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: no such data folder")
+    folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [f for f in folders if f not in classes]
+    if unknown:
+        raise DataError(f"{data_dir}: folders {', '.join(unknown)} are not classes of {config.name}")
+    images = registries.datasets.create("imagefolder", data_dir, classes=folders)
+    samples = [(p, classes.index(folders[label])) for p, label in images.samples]
+    samples, problems = verify_images(samples, progress=progress)
+    model = build_classifier(config, registries)
+    model.load_state_dict(ckpt.load(run_dir / "best.pt")["model"])
+    model.eval()
+    calibration = run_dir / "calibration.json"
+    temperature = json.loads(calibration.read_text())["temperature"] if calibration.is_file() else 1.0
+    loader = make_loader(
+        ImageDataset(samples, eval_transform(model.preprocess)),
+        batch_size,
+        shuffle=False,
+        seed=0,
+        num_workers=0,
+    )
+    from tqdm import tqdm
+
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
+            if batch["images"] is not None:
+                logits.append(model(batch["images"]))
+                labels.append(batch["labels"])
+    if not logits:
+        raise DataError(f"{data_dir}: no readable images")
+    result = summarize(torch.cat(logits).numpy(), torch.cat(labels).numpy(), classes, temperature)
+    result["skipped"] = len(problems)
+    if message := report_problems(problems):
+        result["problems"] = message
+    result["data"] = str(data_dir)
+    result["run"] = str(run_dir)
+    return result

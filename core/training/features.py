@@ -1,0 +1,129 @@
+"""The CPU fast path: run the frozen prefix of the model once per (image, augmented view) and cache
+its feature maps, so training only runs what sits on top (last stages, attention, head).
+
+The prefix runs in ONNX Runtime when available (4-5x faster than torch eager on a CPU), else torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import ImageDataset, make_loader
+
+log = logging.getLogger("thali.features")
+
+
+@dataclass
+class CachedFeatures:
+    features: torch.Tensor  # (rows, C, h, w) float16
+    labels: torch.Tensor
+    indices: torch.Tensor  # dataset index of each row
+    views: torch.Tensor  # augmented view of each row
+    skipped: int
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, prefix: nn.Module, device: torch.device) -> None:
+        self.prefix, self.device = prefix.eval(), device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.prefix(images.to(self.device)).float().cpu()
+
+
+class OnnxEngine:
+    name = "onnxruntime"
+
+    def __init__(self, prefix: nn.Module, example: torch.Tensor) -> None:
+        import onnxruntime as ort
+
+        self._dir = tempfile.TemporaryDirectory(prefix="thali-prefix-")
+        path = Path(self._dir.name) / "prefix.onnx"
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter's optimiser is chatty
+            program = torch.onnx.export(
+                prefix.eval(),
+                (example,),
+                dynamo=True,
+                opset_version=18,
+                input_names=["input"],
+                output_names=["features"],
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+            )
+        program.save(str(path))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            expected = prefix(example).numpy()
+        got = self.session.run(None, {"input": example.numpy()})[0]
+        if not np.allclose(got, expected, atol=1e-3, rtol=1e-3):
+            raise RuntimeError(f"ONNX prefix differs from torch (max {np.abs(got - expected).max():.2e})")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"input": images.numpy()})[0])
+
+
+def make_engine(prefix: nn.Module, example: torch.Tensor, device: torch.device, choice: str) -> Any:
+    if choice == "torch" or device.type != "cpu":
+        return TorchEngine(prefix, device)
+    try:
+        return OnnxEngine(prefix, example)
+    except Exception as exc:
+        if choice == "onnxruntime":
+            raise
+        log.warning("frozen part runs in torch: ONNX Runtime export failed (%s)", exc)
+        return TorchEngine(prefix, device)
+
+
+def compute_features(
+    engine: Any,
+    dataset: ImageDataset,
+    *,
+    views: int,
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    desc: str,
+) -> CachedFeatures:
+    """Features of every image for each view: ``(views * n, C, h, w)`` float16, with the label, the
+    dataset index and the view of each row; images that fail to decode are skipped and counted."""
+    from tqdm import tqdm
+
+    chunks, labels, indices, view_ids, skipped = [], [], [], [], 0
+    total = views * len(dataset)
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for view in range(views):
+            loader = make_loader(
+                dataset, batch_size, shuffle=False, seed=seed * 1000 + view, num_workers=num_workers
+            )
+            for batch in loader:
+                skipped += batch["skipped"]
+                bar.update(batch["skipped"])
+                if batch["images"] is None:
+                    continue
+                chunks.append(engine(batch["images"]).to(torch.float16))
+                labels.append(batch["labels"])
+                indices.append(batch["indices"])
+                view_ids.append(torch.full_like(batch["indices"], view))
+                bar.update(len(batch["labels"]))
+    if not chunks:
+        raise RuntimeError("no image could be read")
+    return CachedFeatures(
+        torch.cat(chunks), torch.cat(labels), torch.cat(indices), torch.cat(view_ids), skipped
+    )

@@ -1,0 +1,128 @@
+"""Classification metrics and probability calibration, numpy only (shared by training, export gates
+and evaluation): top-k, per-class precision/recall, confusion matrix, ECE, temperature scaling."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, logits.shape[1])
+    top = np.argsort(-logits, axis=1)[:, :k]
+    return float(np.mean(np.any(top == labels[:, None], axis=1))) if len(labels) else 0.0
+
+
+def confusion_matrix(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows: true class, columns: predicted class."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (labels, preds), 1)
+    return cm
+
+
+def per_class_report(cm: np.ndarray, classes: Sequence[str]) -> dict[str, dict[str, float]]:
+    out = {}
+    for i, name in enumerate(classes):
+        tp, support, predicted = cm[i, i], cm[i].sum(), cm[:, i].sum()
+        out[name] = {
+            "precision": float(tp / predicted) if predicted else 0.0,
+            "recall": float(tp / support) if support else 0.0,
+            "support": int(support),
+        }
+    return out
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins."""
+    if not len(labels):
+        return 0.0
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in itertools.pairwise(edges):
+        mask = (confidence > lo) & (confidence <= hi)
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(ece)
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    probs = softmax(logits, temperature)
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi: float = 20.0) -> float:
+    """The temperature minimising validation NLL (golden-section search over log T)."""
+    if not len(labels):
+        return 1.0
+    a, b = math.log(lo), math.log(hi)
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = nll(logits, labels, math.exp(c)), nll(logits, labels, math.exp(d))
+    for _ in range(60):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = nll(logits, labels, math.exp(c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = nll(logits, labels, math.exp(d))
+    return float(math.exp((a + b) / 2))
+
+
+def summarize(
+    logits: np.ndarray, labels: np.ndarray, classes: Sequence[str], temperature: float = 1.0
+) -> dict[str, Any]:
+    """Everything ``metrics.json`` and ``thali evaluate`` report for one set of logits."""
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    cm = confusion_matrix(logits.argmax(axis=1), labels, len(classes))
+    probs = softmax(logits, temperature)
+    return {
+        "images": len(labels),
+        "top1": topk_accuracy(logits, labels, 1),
+        "top5": topk_accuracy(logits, labels, 5),
+        "nll": nll(logits, labels, temperature),
+        "ece": expected_calibration_error(probs, labels),
+        "temperature": float(temperature),
+        "per_class": per_class_report(cm, classes),
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def confusion_image(cm: np.ndarray, classes: Sequence[str], cell: int = 22) -> np.ndarray:
+    """Row-normalised confusion matrix as an RGB image (HWC uint8) with class names."""
+    from PIL import Image, ImageDraw
+
+    n = len(classes)
+    margin = 8 + 6 * max((len(c) for c in classes), default=1)
+    size = margin + n * cell + 4
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    rows = cm.sum(axis=1, keepdims=True).clip(min=1)
+    norm = cm / rows
+    for i in range(n):
+        draw.text((2, margin + i * cell + cell // 3), classes[i][: margin // 6], fill="black")
+        for j in range(n):
+            v = float(norm[i, j])
+            shade = int(255 * (1 - v))
+            x0, y0 = margin + j * cell, margin + i * cell
+            colour = (shade, shade, 255) if i == j else (255, shade, shade)
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=colour, outline=(230, 230, 230))
+            if cm[i, j]:
+                draw.text((x0 + 3, y0 + cell // 3), str(int(cm[i, j])), fill="black" if v < 0.6 else "white")
+    for j in range(n):  # column labels: class index
+        draw.text((margin + j * cell + 5, margin - 14), str(j), fill="black")
+    return np.asarray(img)

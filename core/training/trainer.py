@@ -1,0 +1,459 @@
+"""The trainer: one domain config in, a run directory out.
+
+``run_dir`` holds ``config.yaml`` (resolved), ``split.json``, ``last.pt`` (every epoch), ``best.pt``,
+``metrics.json`` (top-1, top-5, per-class precision/recall, confusion matrix, ECE before and after
+temperature scaling), ``calibration.json`` and TensorBoard events under ``tb/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from thali.core.config import DomainConfig
+from thali.core.errors import DataError
+from thali.core.registry import Registries
+
+from . import checkpoint as ckpt
+from .data import (
+    ImageDataset,
+    make_loader,
+    read_samples,
+    read_split,
+    report_problems,
+    resolve_data_root,
+    write_split,
+)
+from .data import stratified_split as split_samples
+from .features import compute_features, make_engine
+from .metrics import confusion_image, fit_temperature, summarize
+from .mix import mix_batch
+from .model import Classifier, build_classifier
+from .optim import ModelEma, build_optimizer, build_scheduler
+from .transforms import eval_transform, train_transform
+
+log = logging.getLogger("thali.train")
+
+
+@dataclass
+class TrainOptions:
+    run_dir: Path
+    data: str | None = None
+    resume: bool = False
+    stop_after_epochs: int | None = None  # end this invocation early; continue later with resume
+    progress: bool = True
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_hint: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    backend = "nccl" if torch.cuda.is_available() and device_hint != "cpu" else "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend)
+    return Dist(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _device(choice: str, dist: Dist) -> torch.device:
+    if choice == "auto":
+        return torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _autocast(device: torch.device, choice: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use a GradScaler)."""
+    if choice == "off" or (choice == "auto" and device.type != "cuda"):
+        return None, False
+    if choice == "fp16" or (choice == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16, device.type == "cuda"
+    return torch.bfloat16, False
+
+
+class Trainer:
+    def __init__(self, config: DomainConfig, registries: Registries, options: TrainOptions) -> None:
+        self.config, self.registries, self.options = config, registries, options
+        self.run_dir = Path(options.run_dir)
+        self.dist = _init_distributed(config.training.device)
+        self.device = _device(config.training.device, self.dist)
+        self.classes = config.class_names
+        self.notes: list[str] = []
+
+    # --- setup ------------------------------------------------------------------------------------
+
+    def _data(self) -> None:
+        split_file = self.run_dir / "split.json"
+        root = resolve_data_root(self.config, self.options.data)
+        if self.options.resume and split_file.is_file():
+            self.split = read_split(split_file, root)
+            return
+        samples, problems = read_samples(
+            self.registries, self.config, root, progress=self.options.progress and self.dist.main
+        )
+        if message := report_problems(problems):
+            self.notes.append(message)
+            if self.dist.main:
+                (self.run_dir / "problems.txt").write_text(
+                    "".join(f"{p}\t{why}\n" for p, why in problems), encoding="utf-8"
+                )
+        s = self.config.dataset.split
+        self.split = split_samples(samples, s.val, s.test, s.seed)
+        if not self.split.train or not self.split.val:
+            raise DataError(f"{root}: too few images for a train/val split ({len(samples)} readable)")
+        if self.dist.main:
+            write_split(split_file, self.split, root, self.classes)
+
+    def _model(self) -> None:
+        self.model: Classifier = build_classifier(self.config, self.registries).to(self.device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.preprocess = self.model.preprocess
+        counts = self.split.class_counts(len(self.classes))
+        loss = self.config.loss
+        self.loss_fn = self.registries.losses.create(
+            loss.name,
+            len(self.classes),
+            class_counts=counts,
+            label_smoothing=loss.label_smoothing,
+            **loss.params,
+        ).to(self.device)
+        self.cached = self.config.training.mode == "frozen_features"
+        self.wrapped: nn.Module = self.model
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def _cache(self) -> None:
+        t = self.config.training
+        prefix = self.model.prefix()
+        size = self.preprocess["input_size"]
+        engine = make_engine(prefix, torch.zeros(2, *size), self.device, t.feature_engine)
+        common = {
+            "batch_size": max(t.batch_size, 32),
+            "num_workers": t.num_workers,
+            "progress": self.options.progress and self.dist.main,
+        }
+        train_ds = ImageDataset(self.split.train, train_transform(self.config.augmentation, self.preprocess))
+        val_ds = ImageDataset(self.split.val, eval_transform(self.preprocess))
+        started = time.perf_counter()
+        self.train_feats = compute_features(
+            engine,
+            train_ds,
+            views=t.cache_views,
+            seed=t.seed,
+            desc=f"caching train ({engine.name})",
+            **common,
+        )
+        self.val_feats = compute_features(
+            engine, val_ds, views=1, seed=t.seed, desc=f"caching val ({engine.name})", **common
+        )
+        self.cache_seconds = time.perf_counter() - started
+        self.notes.append(f"cached frozen features with {engine.name} in {self.cache_seconds:.0f} s")
+
+    # --- batches ----------------------------------------------------------------------------------
+
+    def _train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        t = self.config.training
+        seed = t.seed + epoch
+        if self.cached:
+            cache = self.train_feats
+            g = torch.Generator().manual_seed(seed)
+            # one random cached view per image and epoch
+            choice = torch.randint(t.cache_views, (len(self.split.train),), generator=g)
+            rows = torch.nonzero(cache.views == choice[cache.indices]).flatten()
+            rows = rows[torch.randperm(len(rows), generator=g)]
+            if self.dist.world > 1:
+                rows = rows[self.dist.rank :: self.dist.world]
+            for start in range(0, len(rows), t.batch_size):
+                r = rows[start : start + t.batch_size]
+                yield cache.features[r].float(), cache.labels[r]
+            return
+        dataset = ImageDataset(self.split.train, train_transform(self.config.augmentation, self.preprocess))
+        sampler = None
+        if self.dist.world > 1:
+            sampler = torch.utils.data.distributed.DistributedSampler(dataset, seed=t.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        loader = make_loader(
+            dataset, t.batch_size, shuffle=True, seed=seed, num_workers=t.num_workers, sampler=sampler
+        )
+        for batch in loader:
+            self.skipped += batch["skipped"]
+            if batch["images"] is not None:
+                yield batch["images"], batch["labels"]
+
+    def _steps_per_epoch(self) -> int:
+        t = self.config.training
+        batches = math.ceil(len(self.split.train) / max(1, self.dist.world) / t.batch_size)
+        return max(1, math.ceil(batches / t.grad_accum_steps))
+
+    # --- loop -------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        t = self.config.training
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.main:
+            (self.run_dir / "config.yaml").write_text(
+                yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
+            )
+        ckpt.seed_everything(t.seed)
+        self._data()
+        self._model()
+        if self.cached:
+            self._cache()
+        optimizer = build_optimizer(self.model, self.config.optimizer)
+        steps = self._steps_per_epoch()
+        scheduler = build_scheduler(
+            optimizer, self.config.schedule, steps, t.epochs, self.config.optimizer.lr
+        )
+        amp_dtype, use_scaler = _autocast(self.device, t.mixed_precision)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        ema = ModelEma(self.model, t.ema.decay) if t.ema.enabled else None
+        state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": []}
+        if self.options.resume:
+            saved = ckpt.load(self.run_dir / "last.pt")
+            self.model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+            if ema and saved.get("ema"):
+                ema.load_state_dict(saved["ema"])
+            state = saved["state"]
+            ckpt.set_rng_state(saved["rng"])
+        writer = None
+        if self.dist.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.run_dir / "tb"))
+        self.skipped = 0
+        started, ran = time.perf_counter(), 0
+        images_seen, train_seconds = 0, 0.0
+        for epoch in range(state["epoch"], t.epochs):
+            if self.options.stop_after_epochs is not None and ran >= self.options.stop_after_epochs:
+                break
+            ckpt.seed_everything(t.seed + epoch)
+            self.wrapped.train()
+            mix_gen = torch.Generator().manual_seed(t.seed * 7919 + epoch)
+            epoch_start = time.perf_counter()
+            loss_sum, correct, seen = 0.0, 0, 0
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=len(self.split.train) // self.dist.world,
+                desc=f"epoch {epoch + 1}/{t.epochs}",
+                unit="img",
+                disable=not (self.options.progress and self.dist.main),
+                leave=False,
+            )
+            batches = list(self._train_batches(epoch)) if self.cached else self._train_batches(epoch)
+            for i, (images, labels) in enumerate(batches):
+                images = images.to(self.device, memory_format=torch.channels_last)
+                labels = labels.to(self.device)
+                inputs, target = mix_batch(
+                    images, labels, len(self.classes), self.config.augmentation, mix_gen
+                )
+                with torch.autocast(
+                    self.device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)
+                ):
+                    if self.cached:
+                        logits = (
+                            self.wrapped.module.forward_cached(inputs)
+                            if self.dist.world > 1
+                            else self.model.forward_cached(inputs)
+                        )
+                    else:
+                        logits = self.wrapped(inputs)
+                    loss = self.loss_fn(logits.float(), target) / t.grad_accum_steps
+                scaler.scale(loss).backward()
+                if (i + 1) % t.grad_accum_steps == 0:
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    if ema:
+                        ema.update(self.model)
+                loss_sum += float(loss.detach()) * t.grad_accum_steps * len(labels)
+                correct += int((logits.argmax(1) == labels).sum())
+                seen += len(labels)
+                elapsed = time.perf_counter() - epoch_start
+                bar.update(len(labels))
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", ips=f"{seen / elapsed:.1f}"
+                )
+            if seen % (t.batch_size * t.grad_accum_steps) and any(
+                p.grad is not None for p in self.model.parameters()
+            ):
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if ema:
+                    ema.update(self.model)
+            bar.close()
+            seconds = time.perf_counter() - epoch_start
+            images_seen += seen
+            train_seconds += seconds
+            ran += 1
+            eval_model = ema.module if ema else self.model
+            logits, labels = self._predict(eval_model, "val")
+            val = summarize(logits, labels, self.classes)
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / max(1, seen),
+                "train_top1": correct / max(1, seen),
+                "val_loss": val["nll"],
+                "val_top1": val["top1"],
+                "val_top5": val["top5"],
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": seen / max(seconds, 1e-9),
+            }
+            state["history"].append(record)
+            metric = record[t.early_stopping.metric]
+            better = state["best"] is None or (
+                metric > state["best"] + t.early_stopping.min_delta
+                if t.early_stopping.metric == "val_top1"
+                else metric < state["best"] - t.early_stopping.min_delta
+            )
+            if better:
+                state.update(best=metric, best_epoch=epoch + 1, bad_epochs=0)
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch + 1
+            if self.dist.main:
+                self._log_epoch(writer, record, val)
+                payload = {
+                    "model": self.model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "ema": ema.state_dict() if ema else None,
+                    "state": state,
+                    "rng": ckpt.rng_state(),
+                    "classes": self.classes,
+                    "preprocess": self.preprocess,
+                }
+                ckpt.save_atomic(payload, self.run_dir / "last.pt")
+                if better:
+                    best = {
+                        "model": eval_model.state_dict(),
+                        "classes": self.classes,
+                        "preprocess": self.preprocess,
+                        "epoch": epoch + 1,
+                    }
+                    ckpt.save_atomic(best, self.run_dir / "best.pt")
+                log.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 4) for k, v in record.items()}))
+            if t.early_stopping.enabled and state["bad_epochs"] >= t.early_stopping.patience:
+                self.notes.append(f"early stop after epoch {epoch + 1} (best epoch {state['best_epoch']})")
+                state["epoch"] = t.epochs
+                break
+        if writer:
+            writer.close()
+        finished = state["epoch"] >= t.epochs
+        result: dict[str, Any] = {"finished": finished, "epochs_run": ran, "state": state}
+        result["train_images_per_s"] = images_seen / train_seconds if train_seconds else None
+        result["wall_seconds"] = time.perf_counter() - started
+        if finished and self.dist.main:
+            result.update(self._final_metrics())
+        if self.skipped:
+            self.notes.append(f"skipped {self.skipped} images that failed to decode during training")
+        result["notes"] = self.notes
+        if self.dist.world > 1:
+            torch.distributed.barrier()
+        return result
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _predict(self, model: nn.Module, which: str) -> tuple[np.ndarray, np.ndarray]:
+        model.eval()
+        out, labels = [], []
+        if self.cached and which == "val":
+            cache = self.val_feats
+            for start in range(0, len(cache.labels), 256):
+                chunk = cache.features[start : start + 256].float().to(self.device)
+                out.append(model.forward_cached(chunk).float().cpu())
+            return torch.cat(out).numpy(), cache.labels.numpy()
+        samples = getattr(self.split, which)
+        loader = make_loader(
+            ImageDataset(samples, eval_transform(self.preprocess)),
+            self.config.training.batch_size,
+            shuffle=False,
+            seed=0,
+            num_workers=self.config.training.num_workers,
+        )
+        for batch in loader:
+            if batch["images"] is not None:
+                out.append(
+                    model(batch["images"].to(self.device, memory_format=torch.channels_last)).float().cpu()
+                )
+                labels.append(batch["labels"])
+        return torch.cat(out).numpy(), torch.cat(labels).numpy()
+
+    def _log_epoch(self, writer: Any, record: dict[str, float], val: dict[str, Any]) -> None:
+        step = int(record["epoch"])
+        for key, tag in (
+            ("train_loss", "loss/train"),
+            ("val_loss", "loss/val"),
+            ("train_top1", "top1/train"),
+            ("val_top1", "top1/val"),
+            ("val_top5", "top5/val"),
+            ("lr", "lr"),
+            ("images_per_s", "images_per_s"),
+        ):
+            writer.add_scalar(tag, record[key], step)
+        for name, stats in val["per_class"].items():
+            writer.add_scalar(f"class_accuracy/{name}", stats["recall"], step)
+        cm = np.asarray(val["confusion_matrix"])
+        writer.add_image("confusion_matrix/val", confusion_image(cm, self.classes), step, dataformats="HWC")
+        writer.flush()
+
+    def _final_metrics(self) -> dict[str, Any]:
+        best = ckpt.load(self.run_dir / "best.pt")
+        self.model.load_state_dict(best["model"])
+        logits, labels = self._predict(self.model, "val")
+        temperature = fit_temperature(logits, labels)
+        raw = summarize(logits, labels, self.classes)
+        calibrated = summarize(logits, labels, self.classes, temperature)
+        metrics: dict[str, Any] = {
+            "domain": self.config.name,
+            "best_epoch": best["epoch"],
+            "val": calibrated,
+            "calibration": {
+                "temperature": temperature,
+                "ece_before": raw["ece"],
+                "ece_after": calibrated["ece"],
+                "nll_before": raw["nll"],
+                "nll_after": calibrated["nll"],
+            },
+        }
+        if self.split.test:
+            test_logits, test_labels = self._predict(self.model, "test")
+            metrics["test"] = summarize(test_logits, test_labels, self.classes, temperature)
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (self.run_dir / "calibration.json").write_text(json.dumps({"temperature": temperature}, indent=1))
+        return {"metrics": metrics}
+
+
+def train(config: DomainConfig, registries: Registries, options: TrainOptions) -> dict[str, Any]:
+    """Train ``config`` into ``options.run_dir``; see :class:`Trainer`."""
+    return Trainer(config, registries, options).fit()

@@ -1,0 +1,68 @@
+"""Image transforms with albumentations: training augmentation from config, evaluation from the
+backbone's preprocessing metadata (resize shorter side to size / crop_pct, centre crop, normalise)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import cv2
+
+from thali.core.config import AugmentationConfig
+
+INTERPOLATION = {
+    "bicubic": cv2.INTER_CUBIC,
+    "bilinear": cv2.INTER_LINEAR,
+    "nearest": cv2.INTER_NEAREST,
+    "area": cv2.INTER_AREA,
+}
+
+
+def _size(preprocess: Mapping[str, Any]) -> tuple[int, int]:
+    _, h, w = preprocess["input_size"]
+    return int(h), int(w)
+
+
+def eval_transform(preprocess: Mapping[str, Any]) -> Any:
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+
+    h, w = _size(preprocess)
+    interp = INTERPOLATION.get(str(preprocess.get("interpolation", "bilinear")), cv2.INTER_LINEAR)
+    resize = round(min(h, w) / float(preprocess.get("crop_pct", 0.875)))
+    return A.Compose(
+        [
+            A.SmallestMaxSize(max_size=resize, interpolation=interp),
+            A.CenterCrop(height=h, width=w),
+            A.Normalize(mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]), max_pixel_value=255.0),
+            ToTensorV2(),
+        ]
+    )
+
+
+def train_transform(aug: AugmentationConfig, preprocess: Mapping[str, Any], seed: int | None = None) -> Any:
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+
+    h, w = _size(preprocess)
+    interp = INTERPOLATION.get(str(preprocess.get("interpolation", "bilinear")), cv2.INTER_LINEAR)
+    steps: list[Any] = [
+        A.RandomResizedCrop(size=(h, w), scale=tuple(aug.random_resized_crop_scale), interpolation=interp)
+    ]
+    if aug.horizontal_flip:
+        steps.append(A.HorizontalFlip(p=aug.horizontal_flip))
+    if aug.vertical_flip:
+        steps.append(A.VerticalFlip(p=aug.vertical_flip))
+    if aug.rotate_degrees:
+        steps.append(A.Rotate(limit=aug.rotate_degrees, border_mode=cv2.BORDER_REFLECT_101, p=0.5))
+    if aug.brightness_contrast:
+        b = aug.brightness_contrast
+        steps.append(A.RandomBrightnessContrast(brightness_limit=b, contrast_limit=b, p=0.5))
+    if aug.color_jitter:
+        c = aug.color_jitter
+        steps.append(A.ColorJitter(brightness=c, contrast=c, saturation=c, hue=min(0.5, c / 4), p=0.5))
+    steps += [
+        A.Normalize(mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]), max_pixel_value=255.0),
+        ToTensorV2(),
+    ]
+    return A.Compose(steps, seed=seed)

@@ -1,0 +1,130 @@
+"""Real training runs on tiny generated images: resume, TensorBoard, metrics, fast path, evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import run_thali, write_tiny_domain
+
+from thali.core import load_config
+from thali.core.training.trainer import TrainOptions, train
+
+
+def _train(
+    run_dir: Path, tiny_data: Path, registries: object, config_dir: Path, *overrides: str, **kw: object
+):
+    config = load_config(write_tiny_domain(config_dir), list(overrides))
+    return train(config, registries, TrainOptions(run_dir=run_dir, data=str(tiny_data), progress=False, **kw))
+
+
+def test_kill_and_resume_ends_with_the_same_weights(
+    tmp_path: Path, tiny_data: Path, registries: object
+) -> None:
+    import torch
+
+    straight = _train(tmp_path / "straight", tiny_data, registries, tmp_path / "cfg")
+    assert straight["finished"] and straight["epochs_run"] == 2
+
+    first = _train(tmp_path / "resumed", tiny_data, registries, tmp_path / "cfg", stop_after_epochs=1)
+    assert not first["finished"] and first["epochs_run"] == 1
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["state"]["epoch"] == 1
+    second = _train(tmp_path / "resumed", tiny_data, registries, tmp_path / "cfg", resume=True)
+    assert second["finished"] and second["epochs_run"] == 1
+
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert a["state"]["history"][-1]["val_loss"] == b["state"]["history"][-1]["val_loss"]
+
+
+def test_metrics_tensorboard_and_broken_image_note(
+    tmp_path: Path, tiny_data: Path, registries: object
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = _train(tmp_path / "run", tiny_data, registries, tmp_path / "cfg")
+    assert any("skipped 1 unreadable images" in n and "zz_broken.jpg" in n for n in result["notes"])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {"top1", "top5", "ece", "per_class", "confusion_matrix"} <= set(metrics["val"])
+    assert set(metrics["val"]["per_class"]["red"]) == {"precision", "recall", "support"}
+    assert {"temperature", "ece_before", "ece_after"} <= set(metrics["calibration"])
+    assert (tmp_path / "run" / "split.json").is_file() and (tmp_path / "run" / "best.pt").is_file()
+
+    events = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"images": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss/train", "loss/val", "top1/val", "top5/val", "lr", "class_accuracy/red"} <= scalars
+    assert [e.step for e in events.Scalars("top1/val")] == [1, 2]
+    images = events.Images("confusion_matrix/val")
+    assert len(images) == 2 and images[0].width > 60 and images[0].encoded_image_string[:4] == b"\x89PNG"
+
+
+def test_frozen_feature_fast_path_trains(tmp_path: Path, tiny_data: Path, registries: object) -> None:
+    result = _train(
+        tmp_path / "fast",
+        tiny_data,
+        registries,
+        tmp_path / "cfg",
+        "training.mode=frozen_features",
+        "training.trainable_stages=1",
+        "training.cache_views=2",
+        "training.epochs=4",
+        "optimizer.lr=0.01",
+    )
+    assert result["finished"]
+    assert any("cached frozen features with onnxruntime" in n for n in result["notes"])
+    history = result["state"]["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_cli_train_then_evaluate_json(tmp_path: Path, tiny_data: Path) -> None:
+    domain = write_tiny_domain(tmp_path / "cfg")
+    run_dir = tmp_path / "cli-run"
+    stopped = run_thali(
+        "train", str(domain), "--data", str(tiny_data), "--run-dir", str(run_dir), "--no-progress",
+        "--stop-after-epochs", "1",
+    )  # fmt: skip
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"--resume --run-dir {run_dir}" in stopped.stdout
+    resumed = run_thali("train", "tiny", "--resume", "--run-dir", str(run_dir), "--data", str(tiny_data))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "tiny: val top-1" in resumed.stdout
+
+    evaluated = run_thali("evaluate", str(run_dir), "--data", str(tiny_data), "--json", "--no-progress")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert {"top1", "top5", "ece", "per_class"} <= set(result)
+    assert result["images"] == 30 and result["skipped"] == 1
+
+    wrong = run_thali("evaluate", str(tmp_path), "--data", str(tiny_data))
+    assert wrong.returncode != 0 and wrong.stderr.startswith("error: ") and "Traceback" not in wrong.stderr
+
+
+def test_torchrun_two_processes_gloo(tmp_path: Path, tiny_data: Path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        torchrun = Path(shutil.which("torchrun") or "torchrun")
+    domain = write_tiny_domain(tmp_path / "cfg")
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "thali.core.cli",
+            "train", str(domain), "--data", str(tiny_data), "--run-dir", str(run_dir),
+            "--set", "training.epochs=1", "--set", "training.device=cpu", "--no-progress",
+        ],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in run_dir.glob("*.pt")) == ["best.pt", "last.pt"]
+    import torch
+
+    saved = torch.load(run_dir / "last.pt", weights_only=False)
+    assert saved["state"]["epoch"] == 1
+    assert not any(k.startswith("module.") for k in saved["model"])
