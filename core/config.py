@@ -312,8 +312,31 @@ def validation_to_config_error(
     return ConfigError(head + ("\n" + detail if detail else ""), errors=fields)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> DomainConfig:
-    """Read and validate a ``domain.yaml``, applying ``--set KEY=VALUE`` overrides first."""
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``; nested mappings merge, everything else is replaced."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_preset(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a preset is a mapping of config fields")
+    return data
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, presets: list[Path] | None = None
+) -> DomainConfig:
+    """Read and validate a ``domain.yaml``: presets merge over it, then ``--set KEY=VALUE``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -325,11 +348,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> DomainC
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of fields at the top level")
+    for preset in presets or []:
+        data = deep_merge(data, _read_preset(preset))
+    source = str(path) + "".join(f" + {p.name}" for p in presets or [])
     overridden = apply_overrides(data, list(overrides or []))
     try:
         return DomainConfig.model_validate(data)
     except ValidationError as exc:
-        raise validation_to_config_error(exc, str(path), _line_map(node), overridden) from None
+        lines = _line_map(node) if not presets else {}  # line numbers only mean something unmerged
+        raise validation_to_config_error(exc, source, lines, overridden) from None
 
 
 def check_components(config: DomainConfig, registries: Registries) -> None:

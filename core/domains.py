@@ -27,8 +27,22 @@ class DomainPack:
     def config_path(self) -> Path:
         return self.root / CONFIG_FILE
 
-    def load_config(self, overrides: list[str] | None = None) -> DomainConfig:
-        config = load_config(self.config_path, overrides)
+    def presets(self) -> list[str]:
+        """Names of the presets in the pack's ``presets/`` folder."""
+        return sorted(p.stem for p in (self.root / "presets").glob("*.yaml"))
+
+    def preset_path(self, name: str) -> Path:
+        path = self.root / "presets" / f"{name}.yaml"
+        if not path.is_file():
+            known = ", ".join(self.presets()) or "none"
+            raise ConfigError(f"--preset: {self.name} has no preset {name!r}; presets: {known}")
+        return path
+
+    def load_config(
+        self, overrides: list[str] | None = None, presets: list[str] | None = None
+    ) -> DomainConfig:
+        paths = [self.preset_path(name) for name in presets or []]
+        config = load_config(self.config_path, overrides, paths)
         if config.name != self.name:
             raise ConfigError(
                 f"{self.config_path}: name: {config.name!r} does not match the registered domain "
@@ -56,7 +70,7 @@ def register_domain_dir(registry: Registry[Any], folder: str | Path, name: str |
         pack.name,
         lambda: pack,
         description=pack.description,
-        metadata={"path": str(path), "classes": len(raw.get("classes") or [])},
+        metadata={"path": str(path), "classes": len(raw.get("classes") or []), "presets": pack.presets()},
     )
 
 

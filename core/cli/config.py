@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             metavar="KEY=VALUE",
             help="override a field, e.g. --set training.epochs=3 (repeatable)",
         )
+        q.add_argument("--preset", action="append", default=[], help="merge a preset of the domain pack")
         if name == "show":
             q.add_argument("--json", action="store_true", help="print JSON instead of YAML")
         q.set_defaults(func=run_show if name == "show" else run_validate)
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def resolved(ctx: Context) -> DomainConfig:
     pm = ctx.plugins
     pack = resolve_domain(pm.registries, ctx.args.domain)
-    config = pack.load_config(ctx.args.overrides)
+    config = pack.load_config(ctx.args.overrides, ctx.args.preset)
     check_components(config, pm.registries)
     return config
 

@@ -22,6 +22,7 @@ def run(ctx: Context) -> int:
             "classes": e.metadata.get("classes"),
             "description": e.description,
             "path": e.metadata.get("path"),
+            "presets": list(e.metadata.get("presets", [])),
         }
         for e in entries
     ]
@@ -35,4 +36,6 @@ def run(ctx: Context) -> int:
     for r in rows:
         print(f"{r['name']:<{width}}  {r['classes']:>3} classes  {r['description']}")
         print(f"{'':<{width}}  from {r['plugin']}: {r['path']}")
+        if r["presets"]:
+            print(f"{'':<{width}}  presets: {', '.join(r['presets'])}")
     return 0

@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("domain", help="registered domain name, or a folder / domain.yaml path")
     p.add_argument("--data", help="data folder or manifest (else dataset.path or $THALI_DATA)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--preset", action="append", default=[], help="merge a preset of the domain pack")
     p.add_argument("--run-dir", type=Path, help="where the run is written (default runs/DOMAIN/TIME)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (or the latest)")
     p.add_argument("--stop-after-epochs", type=int, metavar="N", help="stop this invocation after N epochs")
@@ -53,7 +54,7 @@ def run_train(ctx: Context) -> int:
         config = load_config(run_dir / "config.yaml", args.overrides)
     else:
         pack = resolve_domain(pm.registries, args.domain)
-        config = pack.load_config(args.overrides)
+        config = pack.load_config(args.overrides, args.preset)
         run_dir = run_dir or Path("runs") / pack.name / time.strftime("%Y%m%d-%H%M%S")
     check_components(config, pm.registries)
     options = TrainOptions(

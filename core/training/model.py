@@ -106,7 +106,8 @@ def build_classifier(
     """Build the model a domain config describes (weights from ``model.pretrained``)."""
     num_classes = num_classes or len(config.classes)
     m = config.model
-    backbone = registries.backbones.create(m.backbone, pretrained=m.pretrained, **m.params)
+    params = {**m.params, **({"drop_path_rate": m.drop_path_rate} if m.drop_path_rate else {})}
+    backbone = registries.backbones.create(m.backbone, pretrained=m.pretrained, **params)
     if not isinstance(backbone, FeatureBackbone):
         raise ConfigError(f"model.backbone: {m.backbone!r} does not return a FeatureBackbone")
     n_stages = len(backbone.stages)

@@ -38,7 +38,8 @@ from .data import (
 )
 from .data import stratified_split as split_samples
 from .features import compute_features, make_engine
-from .metrics import confusion_image, fit_temperature, summarize
+from .logbook import write_epoch
+from .metrics import fit_temperature, summarize
 from .mix import mix_batch
 from .model import Classifier, build_classifier
 from .optim import ModelEma, build_optimizer, build_scheduler
@@ -92,6 +93,17 @@ def _autocast(device: torch.device, choice: str) -> tuple[torch.dtype | None, bo
     return torch.bfloat16, False
 
 
+class CachedHead(nn.Module):
+    """The trainable part of a frozen-features model as a module of its own (for DDP)."""
+
+    def __init__(self, model: Classifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_cached(features)
+
+
 class Trainer:
     def __init__(self, config: DomainConfig, registries: Registries, options: TrainOptions) -> None:
         self.config, self.registries, self.options = config, registries, options
@@ -139,10 +151,10 @@ class Trainer:
             **loss.params,
         ).to(self.device)
         self.cached = self.config.training.mode == "frozen_features"
-        self.wrapped: nn.Module = self.model
-        if self.dist.world > 1:
+        self.wrapped: nn.Module = CachedHead(self.model) if self.cached else self.model
+        if self.dist.world > 1:  # DDP must see the forward that runs, to synchronise gradients
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.wrapped = nn.parallel.DistributedDataParallel(self.wrapped, device_ids=ids)
 
     def _cache(self) -> None:
         t = self.config.training
@@ -251,66 +263,9 @@ class Trainer:
         for epoch in range(state["epoch"], t.epochs):
             if self.options.stop_after_epochs is not None and ran >= self.options.stop_after_epochs:
                 break
-            ckpt.seed_everything(t.seed + epoch)
-            self.wrapped.train()
-            mix_gen = torch.Generator().manual_seed(t.seed * 7919 + epoch)
-            epoch_start = time.perf_counter()
-            loss_sum, correct, seen = 0.0, 0, 0
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=len(self.split.train) // self.dist.world,
-                desc=f"epoch {epoch + 1}/{t.epochs}",
-                unit="img",
-                disable=not (self.options.progress and self.dist.main),
-                leave=False,
+            loss_sum, correct, seen, seconds = self._train_epoch(
+                epoch, optimizer, scheduler, scaler, ema, amp_dtype
             )
-            batches = list(self._train_batches(epoch)) if self.cached else self._train_batches(epoch)
-            for i, (images, labels) in enumerate(batches):
-                images = images.to(self.device, memory_format=torch.channels_last)
-                labels = labels.to(self.device)
-                inputs, target = mix_batch(
-                    images, labels, len(self.classes), self.config.augmentation, mix_gen
-                )
-                with torch.autocast(
-                    self.device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)
-                ):
-                    if self.cached:
-                        logits = (
-                            self.wrapped.module.forward_cached(inputs)
-                            if self.dist.world > 1
-                            else self.model.forward_cached(inputs)
-                        )
-                    else:
-                        logits = self.wrapped(inputs)
-                    loss = self.loss_fn(logits.float(), target) / t.grad_accum_steps
-                scaler.scale(loss).backward()
-                if (i + 1) % t.grad_accum_steps == 0:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    if ema:
-                        ema.update(self.model)
-                loss_sum += float(loss.detach()) * t.grad_accum_steps * len(labels)
-                correct += int((logits.argmax(1) == labels).sum())
-                seen += len(labels)
-                elapsed = time.perf_counter() - epoch_start
-                bar.update(len(labels))
-                bar.set_postfix(
-                    loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", ips=f"{seen / elapsed:.1f}"
-                )
-            if seen % (t.batch_size * t.grad_accum_steps) and any(
-                p.grad is not None for p in self.model.parameters()
-            ):
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                if ema:
-                    ema.update(self.model)
-            bar.close()
-            seconds = time.perf_counter() - epoch_start
             images_seen += seen
             train_seconds += seconds
             ran += 1
@@ -340,7 +295,7 @@ class Trainer:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch + 1
             if self.dist.main:
-                self._log_epoch(writer, record, val)
+                write_epoch(writer, record, val, self.classes)
                 payload = {
                     "model": self.model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -381,6 +336,55 @@ class Trainer:
             torch.distributed.barrier()
         return result
 
+    def _step(self, optimizer: Any, scheduler: Any, scaler: Any, ema: ModelEma | None) -> None:
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if ema:
+            ema.update(self.model)
+
+    def _train_epoch(
+        self, epoch: int, optimizer: Any, scheduler: Any, scaler: Any, ema: ModelEma | None, amp_dtype: Any
+    ) -> tuple[float, int, int, float]:
+        """One pass over the training data; returns (loss sum, correct, images, seconds)."""
+        from tqdm import tqdm
+
+        t = self.config.training
+        ckpt.seed_everything(t.seed + epoch)  # an epoch depends on (seed, epoch) only: exact resume
+        self.wrapped.train()
+        mix_gen = torch.Generator().manual_seed(t.seed * 7919 + epoch)
+        started = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(
+            total=len(self.split.train) // self.dist.world,
+            desc=f"epoch {epoch + 1}/{t.epochs}",
+            unit="img",
+            disable=not (self.options.progress and self.dist.main),
+            leave=False,
+        )
+        autocast = torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype))
+        for i, (images, labels) in enumerate(self._train_batches(epoch)):
+            images = images.to(self.device, memory_format=torch.channels_last)
+            labels = labels.to(self.device)
+            inputs, target = mix_batch(images, labels, len(self.classes), self.config.augmentation, mix_gen)
+            with autocast:
+                logits = self.wrapped(inputs)
+                loss = self.loss_fn(logits.float(), target) / t.grad_accum_steps
+            scaler.scale(loss).backward()
+            if (i + 1) % t.grad_accum_steps == 0:
+                self._step(optimizer, scheduler, scaler, ema)
+            loss_sum += float(loss.detach()) * t.grad_accum_steps * len(labels)
+            correct += int((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+            bar.update(len(labels))
+            rate = seen / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", ips=f"{rate:.1f}")
+        if any(p.grad is not None for p in self.model.parameters()):  # a partial accumulation
+            self._step(optimizer, scheduler, scaler, ema)
+        bar.close()
+        return loss_sum, correct, seen, time.perf_counter() - started
+
     # --- evaluation -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -408,24 +412,6 @@ class Trainer:
                 )
                 labels.append(batch["labels"])
         return torch.cat(out).numpy(), torch.cat(labels).numpy()
-
-    def _log_epoch(self, writer: Any, record: dict[str, float], val: dict[str, Any]) -> None:
-        step = int(record["epoch"])
-        for key, tag in (
-            ("train_loss", "loss/train"),
-            ("val_loss", "loss/val"),
-            ("train_top1", "top1/train"),
-            ("val_top1", "top1/val"),
-            ("val_top5", "top5/val"),
-            ("lr", "lr"),
-            ("images_per_s", "images_per_s"),
-        ):
-            writer.add_scalar(tag, record[key], step)
-        for name, stats in val["per_class"].items():
-            writer.add_scalar(f"class_accuracy/{name}", stats["recall"], step)
-        cm = np.asarray(val["confusion_matrix"])
-        writer.add_image("confusion_matrix/val", confusion_image(cm, self.classes), step, dataformats="HWC")
-        writer.flush()
 
     def _final_metrics(self) -> dict[str, Any]:
         best = ckpt.load(self.run_dir / "best.pt")

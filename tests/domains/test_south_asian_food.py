@@ -18,3 +18,21 @@ def test_classes_match_the_shared_dataset(datasets_root: Path) -> None:
     config = resolve_domain(pm.registries, "south_asian_food").load_config()
     folders = sorted(p.name for p in (datasets_root / "south_asian_food").iterdir() if p.is_dir())
     assert config.class_names == folders
+
+
+def test_gpu_presets_for_b3_and_b4() -> None:
+    pm = build_plugin_manager(autoload=False)
+    pack = resolve_domain(pm.registries, "south_asian_food")
+    assert pack.presets() == ["efficientnet_b3_gpu", "efficientnet_b4_gpu"]
+    for preset, backbone in (
+        ("efficientnet_b3_gpu", "efficientnet_b3"),
+        ("efficientnet_b4_gpu", "efficientnet_b4"),
+    ):
+        config = pack.load_config(presets=[preset])
+        check_components(config, pm.registries)
+        assert (config.model.backbone, config.model.pretrained, config.training.mode) == (
+            backbone,
+            "hub",
+            "full",
+        )
+        assert len(config.classes) == 27  # the rest of domain.yaml is kept
