@@ -241,17 +241,10 @@ class Trainer:
         amp_dtype, use_scaler = _autocast(self.device, t.mixed_precision)
         scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         ema = ModelEma(self.model, t.ema.decay) if t.ema.enabled else None
+        parts = ckpt.TrainingParts(self.model, optimizer, scheduler, scaler, ema)
         state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": []}
         if self.options.resume:
-            saved = ckpt.load(self.run_dir / "last.pt")
-            self.model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            scaler.load_state_dict(saved["scaler"])
-            if ema and saved.get("ema"):
-                ema.load_state_dict(saved["ema"])
-            state = saved["state"]
-            ckpt.set_rng_state(saved["rng"])
+            state = parts.restore(self.run_dir / "last.pt")
         writer = None
         if self.dist.main:
             from torch.utils.tensorboard import SummaryWriter
@@ -283,12 +276,9 @@ class Trainer:
                 "images_per_s": seen / max(seconds, 1e-9),
             }
             state["history"].append(record)
-            metric = record[t.early_stopping.metric]
-            better = state["best"] is None or (
-                metric > state["best"] + t.early_stopping.min_delta
-                if t.early_stopping.metric == "val_top1"
-                else metric < state["best"] - t.early_stopping.min_delta
-            )
+            metric, stop = record[t.early_stopping.metric], t.early_stopping
+            sign = 1.0 if stop.metric == "val_top1" else -1.0
+            better = state["best"] is None or sign * (metric - state["best"]) > stop.min_delta
             if better:
                 state.update(best=metric, best_epoch=epoch + 1, bad_epochs=0)
             else:
@@ -296,18 +286,7 @@ class Trainer:
             state["epoch"] = epoch + 1
             if self.dist.main:
                 write_epoch(writer, record, val, self.classes)
-                payload = {
-                    "model": self.model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "ema": ema.state_dict() if ema else None,
-                    "state": state,
-                    "rng": ckpt.rng_state(),
-                    "classes": self.classes,
-                    "preprocess": self.preprocess,
-                }
-                ckpt.save_atomic(payload, self.run_dir / "last.pt")
+                parts.save(self.run_dir / "last.pt", state, classes=self.classes, preprocess=self.preprocess)
                 if better:
                     best = {
                         "model": eval_model.state_dict(),
