@@ -96,21 +96,10 @@ def onnx_roundtrip(module: object, example: object, path: Path) -> object:
     Returns the ONNX Runtime output for ``example`` as a numpy array.
     """
     import onnxruntime as ort
-    import torch
 
-    module.eval()
-    batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.onnx.export(
-        module,
-        (example,),
-        dynamo=True,
-        opset_version=18,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_shapes=({0: batch},),
-        verbose=False,
-    )
-    program.save(str(path))
+    from thali.core.training.onnx import export_onnx
+
+    export_onnx(module, example, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"input": example.numpy()})[0]
 

@@ -6,8 +6,6 @@ The prefix runs in ONNX Runtime when available (4-5x faster than torch eager on 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ import torch
 from torch import nn
 
 from .data import ImageDataset, make_loader
+from .onnx import export_onnx
 
 log = logging.getLogger("thali.features")
 
@@ -51,19 +50,7 @@ class OnnxEngine:
 
         self._dir = tempfile.TemporaryDirectory(prefix="thali-prefix-")
         path = Path(self._dir.name) / "prefix.onnx"
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter's optimiser is chatty
-            program = torch.onnx.export(
-                prefix.eval(),
-                (example,),
-                dynamo=True,
-                opset_version=18,
-                input_names=["input"],
-                output_names=["features"],
-                dynamic_shapes=({0: batch},),
-                verbose=False,
-            )
-        program.save(str(path))
+        export_onnx(prefix, example, path, output_name="features")
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
