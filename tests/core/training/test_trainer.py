@@ -128,3 +128,22 @@ def test_torchrun_two_processes_gloo(tmp_path: Path, tiny_data: Path) -> None:
     saved = torch.load(run_dir / "last.pt", weights_only=False)
     assert saved["state"]["epoch"] == 1
     assert not any(k.startswith("module.") for k in saved["model"])
+
+
+def test_partial_fine_tuning_only_updates_the_last_stages(
+    tmp_path: Path, tiny_data: Path, registries: object
+) -> None:
+    import torch
+
+    from thali.core.training.model import build_classifier
+
+    overrides = ["training.mode=partial", "training.trainable_stages=1", "training.epochs=1"]
+    result = _train(tmp_path / "partial", tiny_data, registries, tmp_path / "cfg", *overrides)
+    assert result["finished"]
+    config = load_config(tmp_path / "cfg" / "domain.yaml", overrides)
+    torch.manual_seed(config.training.seed)
+    initial = build_classifier(config, registries).state_dict()
+    trained = torch.load(tmp_path / "partial" / "last.pt", weights_only=False)["model"]
+    assert torch.equal(initial["backbone.stem.0.weight"], trained["backbone.stem.0.weight"])
+    assert torch.equal(initial["backbone.stages.0.0.0.weight"], trained["backbone.stages.0.0.0.weight"])
+    assert not torch.equal(initial["backbone.stages.1.0.0.weight"], trained["backbone.stages.1.0.0.weight"])
