@@ -51,24 +51,33 @@ def build_scheduler(
 
 
 class ModelEma:
-    """Exponential moving average of a model's weights (buffers copied as they are)."""
+    """Exponential moving average of a model's weights (buffers copied as they are).
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so that a short run
+    is not dominated by the initial weights (a fixed 0.998 would still hold 2/3 of a freshly
+    initialised head after 200 steps).
+    """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.module = copy.deepcopy(model).eval()
         self.decay = decay
+        self.updates = 0
         for p in self.module.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for ema_v, v in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
             if ema_v.dtype.is_floating_point:
-                ema_v.mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
+                ema_v.mul_(d).add_(v.detach(), alpha=1.0 - d)
             else:
                 ema_v.copy_(v)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.module.state_dict()
+        return {"module": self.module.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state)
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])

@@ -61,5 +61,20 @@ def test_sgd_step_accumulation_ema_and_bf16_train(
     assert result["finished"]
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert "momentum_buffer" in next(iter(saved["optimizer"]["state"].values()))
-    raw, ema = saved["model"]["fc.weight"], saved["ema"]["fc.weight"]
-    assert not torch.equal(raw, ema)
+    raw, ema = saved["model"]["fc.weight"], saved["ema"]["module"]["fc.weight"]
+    assert not torch.equal(raw, ema) and saved["ema"]["updates"] > 0
+
+
+def test_ema_warms_up_and_tracks_the_model() -> None:
+    import torch
+
+    from thali.core.training.optim import ModelEma
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = ModelEma(model, decay=0.998)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(200):
+        ema.update(model)
+    assert float(ema.module.weight[0, 0]) > 0.9  # a fixed 0.998 would give 1 - 0.998**200 = 0.33
