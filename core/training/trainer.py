@@ -286,7 +286,7 @@ class Trainer:
             state["epoch"] = epoch + 1
             if self.dist.main:
                 write_epoch(writer, record, val, self.classes)
-                parts.save(self.run_dir / "last.pt", state, classes=self.classes, preprocess=self.preprocess)
+                # best.pt first: a kill between the two writes then replays this epoch on --resume
                 if better:
                     best = {
                         "model": eval_model.state_dict(),
@@ -295,6 +295,7 @@ class Trainer:
                         "epoch": epoch + 1,
                     }
                     ckpt.save_atomic(best, self.run_dir / "best.pt")
+                parts.save(self.run_dir / "last.pt", state, classes=self.classes, preprocess=self.preprocess)
                 log.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 4) for k, v in record.items()}))
             if t.early_stopping.enabled and state["bad_epochs"] >= t.early_stopping.patience:
                 self.notes.append(f"early stop after epoch {epoch + 1} (best epoch {state['best_epoch']})")

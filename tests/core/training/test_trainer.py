@@ -147,3 +147,38 @@ def test_partial_fine_tuning_only_updates_the_last_stages(
     assert torch.equal(initial["backbone.stem.0.weight"], trained["backbone.stem.0.weight"])
     assert torch.equal(initial["backbone.stages.0.0.0.weight"], trained["backbone.stages.0.0.0.weight"])
     assert not torch.equal(initial["backbone.stages.1.0.0.weight"], trained["backbone.stages.1.0.0.weight"])
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
+    tmp_path: Path, tiny_data: Path, registries: object
+) -> None:
+    import signal
+    import time
+
+    import torch
+    from helpers import thali_command
+
+    straight = _train(tmp_path / "straight", tiny_data, registries, tmp_path / "cfg", "training.epochs=4")
+    assert straight["finished"]
+
+    domain = tmp_path / "cfg" / "domain.yaml"
+    run_dir = tmp_path / "killed"
+    args = ["train", str(domain), "--data", str(tiny_data), "--run-dir", str(run_dir), "--no-progress"]
+    proc = subprocess.Popen(
+        [*thali_command(), *args, "--set", "training.epochs=4"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (run_dir / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    killed_at = torch.load(run_dir / "last.pt", weights_only=False)["state"]["epoch"]
+    assert 1 <= killed_at < 4, "the run was killed before its end"
+
+    resumed = run_thali("train", str(domain), "--resume", "--run-dir", str(run_dir), "--data", str(tiny_data))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
+    b = torch.load(run_dir / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(value, b[key]) for key, value in a.items())
