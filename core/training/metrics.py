@@ -108,21 +108,23 @@ def confusion_image(cm: np.ndarray, classes: Sequence[str], cell: int = 22) -> n
 
     n = len(classes)
     margin = 8 + 6 * max((len(c) for c in classes), default=1)
-    size = margin + n * cell + 4
-    img = Image.new("RGB", (size, size), "white")
+    top = max(margin, 48)  # room for the legend and the column indices
+    img = Image.new("RGB", (max(margin + n * cell + 4, 340), top + n * cell + 4), "white")
     draw = ImageDraw.Draw(img)
     rows = cm.sum(axis=1, keepdims=True).clip(min=1)
     norm = cm / rows
     for i in range(n):
-        draw.text((2, margin + i * cell + cell // 3), classes[i][: margin // 6], fill="black")
+        draw.text((2, top + i * cell + cell // 3), classes[i][: margin // 6], fill="black")
         for j in range(n):
             v = float(norm[i, j])
             shade = int(255 * (1 - v))
-            x0, y0 = margin + j * cell, margin + i * cell
+            x0, y0 = margin + j * cell, top + i * cell
             colour = (shade, shade, 255) if i == j else (255, shade, shade)
             draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=colour, outline=(230, 230, 230))
             if cm[i, j]:
                 draw.text((x0 + 3, y0 + cell // 3), str(int(cm[i, j])), fill="black" if v < 0.6 else "white")
     for j in range(n):  # column labels: class index
-        draw.text((margin + j * cell + 5, margin - 14), str(j), fill="black")
+        draw.text((margin + j * cell + 5, top - 14), str(j), fill="black")
+    draw.text((2, 2), "rows: true class; columns: predicted class (index)", fill="black")
+    draw.text((2, 16), "blue: correct, red: confused (shade = share of the row)", fill="black")
     return np.asarray(img)
