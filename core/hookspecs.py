@@ -87,9 +87,10 @@ def thali_register_losses(registry: Registry[Any]) -> None:
 def thali_register_exporters(registry: Registry[Any]) -> None:
     """Register model exporters and optimisers (ONNX export, graph optimisation, quantisation, fp16).
 
-    Called once when the plugin manager is built. The factory is called as ``factory(**params)`` with
-    the exporter's section of the ``export`` config and returns an object whose ``run(context)`` writes
-    one model variant and returns a report. Every published variant must pass the accuracy gate.
+    Called once when the plugin manager is built. The factory is called as ``factory(**params)`` and
+    returns an object whose ``run(context)`` takes a :class:`thali.core.export.ExportContext`, writes
+    one model variant into ``context.out_dir``, records it in ``context.artifacts`` and returns a
+    report (a JSON-able dict). Every published variant must pass the accuracy gate.
     """
 
 

@@ -38,6 +38,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "thali.plugins.attention_coord",
     "thali.plugins.attention_nonlocal",
     "thali.plugins.losses",
+    "thali.plugins.exporter_onnx",
 )
 
 
