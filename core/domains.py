@@ -61,10 +61,7 @@ def register_domain_dir(registry: Registry[Any], folder: str | Path, name: str |
     path = root / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{root}: a domain pack needs a {CONFIG_FILE}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = _read_raw(path)
     pack = DomainPack(name=name or root.name, root=root, description=str(raw.get("description", "")))
     registry.add(
         pack.name,
@@ -79,12 +76,19 @@ def resolve_domain(registries: Registries, name_or_path: str) -> DomainPack:
     candidate = Path(name_or_path)
     if candidate.suffix in {".yaml", ".yml"} and candidate.is_file():
         root = candidate.resolve().parent
-        raw = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
-        return DomainPack(name=str(raw.get("name", root.name)), root=root)
-    if (candidate / CONFIG_FILE).is_file() and (os_sep_in(name_or_path) or name_or_path == "."):
+        return DomainPack(name=str(_read_raw(candidate).get("name", root.name)), root=root)
+    looks_like_path = "/" in name_or_path or "\\" in name_or_path or name_or_path == "."
+    if looks_like_path and (candidate / CONFIG_FILE).is_file():
         return DomainPack(name=candidate.resolve().name, root=candidate.resolve())
     return registries.domains.create(name_or_path)
 
 
-def os_sep_in(text: str) -> bool:
-    return "/" in text or "\\" in text
+def _read_raw(path: Path) -> dict[str, Any]:
+    """The YAML mapping of a domain config, unvalidated (for its name and description)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields at the top level")
+    return raw

@@ -7,6 +7,7 @@ or the path of a local checkpoint. Metadata is a static table so registering doe
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -136,15 +137,9 @@ def _opaque(model: Any, preprocess: dict[str, Any]) -> Any:
     )
 
 
-def _named(model_name: str) -> Any:
-    def factory(num_classes: int = 0, pretrained: str = "none", **params: Any) -> Any:
-        return build_timm(model_name, pretrained, **params)
-
-    factory.__name__ = f"build_{model_name}"
-    return factory
-
-
 def _any_timm(model_name: str, num_classes: int = 0, pretrained: str = "none", **params: Any) -> Any:
+    """The backbone factory contract for timm model ``model_name`` (``num_classes`` is unused:
+    thali puts its own head on the feature maps)."""
     return build_timm(model_name, pretrained, **params)
 
 
@@ -153,7 +148,7 @@ def thali_register_backbones(registry: Registry[Any]) -> None:
     for name, (size, crop, mean, std, weights) in _MODELS.items():
         registry.add(
             name,
-            _named(name),
+            functools.partial(_any_timm, name),
             description=f"timm {name}",
             metadata={
                 "input_size": (3, size, size),
