@@ -159,15 +159,24 @@ class TrainingConfig(Strict):
 
 
 class GateConfig(Strict):
+    """Accuracy gate of every variant against the fp32 model, on the validation split."""
+
     max_top1_drop: float = Field(1.0, ge=0.0, description="percentage points against fp32")
     max_class_drop: float = Field(5.0, ge=0.0, description="percentage points, any one class")
+    class_noise_images: int = Field(
+        1, ge=0, description="a class losing no more than this many images (net) never fails the gate"
+    )
 
 
 class ExportConfig(Strict):
     opset: int = Field(18, ge=18)
-    variants: list[Literal["fp32", "int8", "fp16", "int8_dynamic"]] = ["fp32", "int8", "fp16"]
+    variants: list[str] = Field(
+        default_factory=lambda: ["fp32", "int8", "fp16"],
+        description="fp32 is always made; others are exporter names (int8, fp16, int8_dynamic, plugins')",
+    )
     calibration_images: int = Field(256, ge=1)
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    reduce_range: Literal["auto", True, False] = "auto"
     exclude_nodes: list[str] = Field(default_factory=list)
     gate: GateConfig = Field(default_factory=GateConfig)
 
@@ -368,6 +377,9 @@ def check_components(config: DomainConfig, registries: Registries) -> None:
     ]
     for i, placement in enumerate(config.model.attention):
         refs.append((f"model.attention[{i}].name", "attention", placement.name))
+    for i, variant in enumerate(config.export.variants):
+        if variant != "fp32":
+            refs.append((f"export.variants[{i}]", "exporters", variant))
     for field_path, kind, name in refs:
         registry = registries.of(kind)
         if name not in registry:

@@ -1,14 +1,33 @@
 """The exporter contract: what exporter plugins share while turning a trained model into variants.
 
-Exporters run in order (``onnx`` first); each reads what earlier ones left in ``artifacts`` and writes
-one variant, then adds a report (parity, node counts, sizes) to ``reports``.
+Exporters are registered by name (``thali_register_exporters``) and run in order: ``onnx`` writes the
+raw export, ``ort_optimize`` the graph-optimised fp32 model, then one exporter per variant named in
+``export.variants`` (``int8``, ``fp16``, ``int8_dynamic`` or a plugin's own). Each exporter reads what
+earlier ones left in ``artifacts``, writes its file into ``work_dir`` and returns a report (parity, node
+counts, sizes, settings). A *variant* exporter sets ``produces`` to the variant name and stores its
+file as ``artifacts[produces]``; the export engine then gates it on the validation split and only
+copies it to ``out_dir`` when it passes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+#: File name of each built-in variant inside an export (and a model package).
+VARIANT_FILES: dict[str, str] = {
+    "fp32": "model.onnx",
+    "int8": "model.int8.onnx",
+    "fp16": "model.fp16.onnx",
+    "int8_dynamic": "model.int8_dynamic.onnx",
+}
+
+
+def variant_file(variant: str) -> str:
+    """``model.onnx`` for fp32, ``model.<variant>.onnx`` for every other variant (plugins' too)."""
+    return VARIANT_FILES.get(variant, f"model.{variant}.onnx")
 
 
 @dataclass
@@ -16,13 +35,38 @@ class ExportContext:
     """Shared state of one export.
 
     ``model``: the trained classifier (torch, eval mode). ``example``: a float32 ``(N, 3, H, W)`` batch
-    of real, preprocessed images used for tracing and for parity checks. ``artifacts`` maps variant
-    names (``fp32_raw``, ``fp32``, ``int8``, ``fp16``) to files in ``out_dir``.
+    of real, preprocessed images used for tracing and for parity checks. ``settings``: the domain's
+    ``export`` config section (calibration size and method, excluded nodes, gate), or ``None`` for the
+    defaults. ``calibration``: a callable returning an iterator of preprocessed float32 numpy batches of
+    *training* images, for static quantisation. ``work_dir``: where exporters write (defaults to
+    ``out_dir``). ``artifacts`` maps ``fp32_raw``, ``fp32`` and variant names to files;
+    ``warnings`` collects what the user must read (printed by the CLI).
     """
 
     model: Any
     example: Any
     out_dir: Path
     opset: int = 18
+    settings: Any = None
+    calibration: Callable[[], Iterator[Any]] | None = None
+    work_dir: Path | None = None
     artifacts: dict[str, Path] = field(default_factory=dict)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        """Where exporters write their files."""
+        return Path(self.work_dir or self.out_dir)
+
+    def setting(self, name: str, default: Any) -> Any:
+        return getattr(self.settings, name, default) if self.settings is not None else default
+
+
+class Exporter(Protocol):
+    """What ``registry.create(name)`` returns for an exporter: ``produces`` is the variant name it
+    writes (``None`` for the steps that make the fp32 model) and ``run`` returns its report."""
+
+    produces: str | None
+
+    def run(self, context: ExportContext) -> dict[str, Any]: ...

@@ -39,6 +39,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "thali.plugins.attention_nonlocal",
     "thali.plugins.losses",
     "thali.plugins.exporter_onnx",
+    "thali.plugins.exporter_int8",
+    "thali.plugins.exporter_fp16",
 )
 
 

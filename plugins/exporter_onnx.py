@@ -46,13 +46,15 @@ def node_count(path: Path) -> int:
 
 
 class OnnxExport:
+    produces = None
+
     def __init__(self, tolerance: float = 1e-3) -> None:
         self.tolerance = tolerance
 
     def run(self, context: ExportContext) -> dict[str, Any]:
         from thali.core.training.onnx import export_onnx
 
-        path = context.out_dir / "model.raw.onnx"
+        path = context.folder / "model.raw.onnx"
         context.model.eval()
         export_onnx(context.model, context.example, path, output_name=OUTPUT, opset=context.opset)
         report = {"path": str(path), "opset": context.opset, "nodes": node_count(path)}
@@ -67,13 +69,15 @@ class OnnxExport:
 
 
 class OrtOptimize:
+    produces = None
+
     def run(self, context: ExportContext) -> dict[str, Any]:
         import onnxruntime as ort
 
         source = context.artifacts.get("fp32_raw")
         if source is None:
             raise ThaliError("ort_optimize needs the onnx exporter to run first")
-        path = context.out_dir / "model.onnx"
+        path = context.folder / "model.onnx"
         _session(
             source,
             graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 from thali.core.errors import ThaliError
 
-from . import config, domains, later, plugins, train
+from . import config, domains, export, later, plugins, train
 from .context import Context
 
-COMMAND_GROUPS = (plugins, domains, config, train)
+COMMAND_GROUPS = (plugins, domains, config, train, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

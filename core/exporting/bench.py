@@ -1,0 +1,303 @@
+"""``thali bench MODEL``: torch eager fp32 and every ONNX variant of an export, side by side in one run.
+
+Per row: latency p50/p95 at batch 1, throughput at batch ``batch``, file size, top-1 on the run's
+validation split, and the execution provider that really ran the nodes (read from ONNX Runtime's
+profiler, because a session asked for CUDA silently falls back to CPU for what CUDA cannot run).
+Timings are interleaved round-robin across rows, so a noisy machine slows every row alike; ratios
+are against torch eager and against ONNX Runtime fp32 on the same provider.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from thali.core.errors import DataError
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+SHORT = {
+    "TensorrtExecutionProvider": "TensorRT",
+    "CUDAExecutionProvider": "CUDA",
+    "CPUExecutionProvider": "CPU",
+}
+
+
+@dataclass
+class Row:
+    name: str  # "torch eager fp32", "onnxruntime int8", ...
+    engine: str  # torch | onnxruntime
+    variant: str
+    provider: str
+    run: Callable[[np.ndarray], np.ndarray]
+    file_bytes: int | None = None
+    nodes_by_provider: dict[str, int] = field(default_factory=dict)
+    latency: list[float] = field(default_factory=list)
+    batch_times: list[float] = field(default_factory=list)
+    top1: float | None = None
+
+
+def _torch_rows(run_dir: Path, registries: Any, device: str) -> Row:
+    import torch
+
+    from thali.core.config import load_config
+    from thali.core.training import checkpoint as ckpt
+    from thali.core.training.model import build_classifier
+
+    config = load_config(run_dir / "config.yaml", ["model.pretrained=none"])
+    model = build_classifier(config, registries)
+    model.load_state_dict(ckpt.load(run_dir / "best.pt")["model"])
+    model = model.eval().to(device)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(x).to(device))
+            return out.float().cpu().numpy()
+
+    return Row(f"torch eager fp32 ({device})", "torch", "fp32", "cuda" if device != "cpu" else "cpu", run)
+
+
+def _placement(path: Path, provider: str, sample: np.ndarray) -> dict[str, int]:
+    """Nodes per execution provider in one profiled run."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "thali-bench-profile")
+    session = ort.InferenceSession(str(path), options, providers=_providers(provider))
+    session.run(None, {session.get_inputs()[0].name: sample})
+    profile = Path(session.end_profiling())
+    counts: Counter[str] = Counter()
+    try:
+        for event in json.loads(profile.read_text()):
+            if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
+                counts[event.get("args", {}).get("provider", "?")] += 1
+    finally:
+        profile.unlink(missing_ok=True)
+    return dict(counts)
+
+
+def _providers(provider: str) -> list[str]:
+    return [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+
+
+def _onnx_row(path: Path, variant: str, provider: str, sample: np.ndarray) -> Row:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=_providers(provider))
+    name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: x})[0]
+
+    row = Row(
+        f"onnxruntime {variant} ({SHORT.get(provider, provider)})", "onnxruntime", variant, provider, run
+    )
+    row.file_bytes = path.stat().st_size
+    row.nodes_by_provider = _placement(path, provider, sample)
+    return row
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def bench_model(
+    model_dir: Path,
+    registries: Any,
+    *,
+    data: str | Path | None = None,
+    batch: int = 32,
+    latency_runs: int = 50,
+    throughput_runs: int = 5,
+    providers: Sequence[str] | None = None,
+    torch_eager: bool = True,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Benchmark the export in ``model_dir``; returns the JSON-ready result (see :func:`markdown`)."""
+    import onnxruntime as ort
+    from tqdm import tqdm
+
+    from thali.core.export import variant_file
+    from thali.core.training.transforms import eval_transform
+
+    from .data import load_validation, split_root
+    from .gate import score
+
+    model_dir = Path(model_dir)
+    meta_path = model_dir / "export.json"
+    if not meta_path.is_file():
+        raise DataError(f"{model_dir}: not an export (no export.json); run `thali export RUN_DIR` first")
+    meta = json.loads(meta_path.read_text())
+    run_dir = Path(meta["lineage"]["run"])
+    if not (run_dir / "split.json").is_file():
+        raise DataError(f"{run_dir}: the training run of this export is gone; its validation split is needed")
+    preprocess = json.loads((model_dir / "preprocess.json").read_text())
+    transform = eval_transform(preprocess)
+    val = load_validation(run_dir, split_root(run_dir, data), transform)
+    images, labels = val.images[:limit], val.labels[:limit]
+    if len(images) < batch:
+        reps = -(-batch // len(images))
+        batch_input = np.concatenate([images] * reps)[:batch]
+    else:
+        batch_input = images[:batch]
+    single = images[:1]
+
+    available = ort.get_available_providers()
+    wanted = [p for p in (providers or PREFERRED_PROVIDERS) if p in available]
+    missing = [p for p in (providers or PREFERRED_PROVIDERS) if p not in available]
+    variants = [v for v in meta["variants"] if (model_dir / variant_file(v)).is_file()]
+
+    rows: list[Row] = []
+    notes: list[str] = [f"{p} is not available in this onnxruntime build" for p in missing]
+    setup = tqdm(desc="bench: loading", total=len(variants) * len(wanted) + 1, disable=not progress)
+    if torch_eager:
+        if (run_dir / "best.pt").is_file():
+            import torch
+
+            rows.append(_torch_rows(run_dir, registries, "cpu"))
+            if torch.cuda.is_available():
+                rows.append(_torch_rows(run_dir, registries, "cuda"))
+        else:
+            notes.append(f"torch eager skipped: {run_dir}/best.pt is gone")
+    setup.update()
+    for variant in variants:
+        for provider in wanted:
+            try:
+                rows.append(_onnx_row(model_dir / variant_file(variant), variant, provider, single))
+            except Exception as exc:  # a provider that cannot build this model: say so, keep going
+                notes.append(f"{variant} on {provider}: session failed: {str(exc).splitlines()[0][:200]}")
+            setup.update()
+    setup.close()
+
+    total = len(rows) * (3 + latency_runs + throughput_runs + 1)
+    bar = tqdm(desc="bench: timing", total=total, disable=not progress)
+    for row in rows:  # warm-up: first runs allocate, pack weights, pick kernels
+        for x in (single, batch_input, single):
+            row.run(x)
+            bar.update()
+    # Interleaved in blocks: every row is timed in every round, so drift on a noisy machine hits all
+    # rows alike; the pause before each block lets the previous row's spinning threads go idle.
+    rounds = max(1, min(5, throughput_runs))
+    for r in range(rounds):
+        for row in rows:
+            time.sleep(0.05)
+            row.run(single)
+            for _ in range(latency_runs // rounds + (r < latency_runs % rounds)):
+                start = time.perf_counter()
+                row.run(single)
+                row.latency.append(time.perf_counter() - start)
+                bar.update()
+            for _ in range(throughput_runs // rounds + (r < throughput_runs % rounds)):
+                start = time.perf_counter()
+                row.run(batch_input)
+                row.batch_times.append(time.perf_counter() - start)
+                bar.update()
+    classes = json.loads((model_dir / "labels.json").read_text())["classes"]
+    names = [c["name"] for c in classes]
+    for row in rows:
+        logits = np.concatenate([row.run(images[i : i + batch]) for i in range(0, len(images), batch)])
+        row.top1 = float(score(logits, labels, names, 1.0)["top1"])
+        bar.update()
+    bar.close()
+    return _result(model_dir, meta, rows, notes, batch, len(images), latency_runs, throughput_runs)
+
+
+def _result(
+    model_dir: Path,
+    meta: dict[str, Any],
+    rows: list[Row],
+    notes: list[str],
+    batch: int,
+    val_images: int,
+    latency_runs: int,
+    throughput_runs: int,
+) -> dict[str, Any]:
+    import platform
+
+    import onnxruntime as ort
+
+    def throughput(row: Row) -> float:
+        return batch / float(np.median(row.batch_times))
+
+    torch_cpu = next((r for r in rows if r.engine == "torch" and r.provider == "cpu"), None)
+    fp32_by_provider = {r.provider: r for r in rows if r.engine == "onnxruntime" and r.variant == "fp32"}
+    out_rows = []
+    for row in rows:
+        ref = fp32_by_provider.get(row.provider) if row.engine == "onnxruntime" else None
+        entry: dict[str, Any] = {
+            "name": row.name,
+            "engine": row.engine,
+            "variant": row.variant,
+            "provider_requested": row.provider,
+            "nodes_by_provider": row.nodes_by_provider,
+            "file_mb": round(row.file_bytes / 1e6, 2) if row.file_bytes else None,
+            "latency_ms_p50": round(1000 * _percentile(row.latency, 50), 2),
+            "latency_ms_p95": round(1000 * _percentile(row.latency, 95), 2),
+            "throughput_img_s": round(throughput(row), 1),
+            "top1": round(row.top1, 4) if row.top1 is not None else None,
+            "x_torch_eager": round(throughput(row) / throughput(torch_cpu), 2) if torch_cpu else None,
+            "x_ort_fp32": round(throughput(row) / throughput(ref), 2) if ref else None,
+        }
+        if row.nodes_by_provider:
+            entry["provider_used"] = max(row.nodes_by_provider, key=row.nodes_by_provider.get)
+            entry["fell_back_to_cpu"] = row.provider != "CPUExecutionProvider" and bool(
+                row.nodes_by_provider.get("CPUExecutionProvider")
+            )
+        if ref is not None and ref.top1 is not None and row.top1 is not None:
+            entry["top1_drop_vs_fp32"] = round(100 * (ref.top1 - row.top1), 2)
+        out_rows.append(entry)
+    return {
+        "model": str(model_dir),
+        "domain": meta.get("domain"),
+        "batch": batch,
+        "validation_images": val_images,
+        "latency_runs": latency_runs,
+        "throughput_runs": throughput_runs,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "onnxruntime": ort.__version__,
+            "available_providers": ort.get_available_providers(),
+        },
+        "rows": out_rows,
+        "notes": notes,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The bench result as a markdown table with ratios."""
+    lines = [
+        f"**{result['domain']}** — {result['validation_images']} validation images, batch {result['batch']}, "
+        f"{result['machine']['cpu_count']} CPU cores, onnxruntime {result['machine']['onnxruntime']}",
+        "",
+        "| engine | ran on (nodes) | file MB | p50 ms (b1) | p95 ms (b1) | img/s (b"
+        f"{result['batch']}) | x torch eager | x ORT fp32 | top-1 | Δ top-1 vs fp32 (pts) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def fmt(value: Any, spec: str = "") -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in result["rows"]:
+        placed = (
+            ", ".join(f"{SHORT.get(k, k)} {v}" for k, v in r["nodes_by_provider"].items())
+            or r["provider_requested"]
+        )
+        top1 = fmt(None if r["top1"] is None else 100 * r["top1"], ".1f")
+        lines.append(
+            f"| {r['name']} | {placed} | {fmt(r['file_mb'])} | {r['latency_ms_p50']:.1f} | "
+            f"{r['latency_ms_p95']:.1f} | {r['throughput_img_s']:.0f} | {fmt(r['x_torch_eager'], '.2f')} | "
+            f"{fmt(r['x_ort_fp32'], '.2f')} | {top1} | {fmt(r.get('top1_drop_vs_fp32'), '.2f')} |"
+        )
+    lines += [f"\nnote: {n}" for n in result["notes"]]
+    return "\n".join(lines) + "\n"

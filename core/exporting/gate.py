@@ -1,0 +1,78 @@
+"""The accuracy gate: every variant is scored on the validation split in ONNX Runtime and compared with
+the fp32 model. It fails when top-1 drops more than ``max_top1_drop`` points, or when any class drops
+more than ``max_class_drop`` points *and* loses more than ``class_noise_images`` images (net): on a
+class of 7 validation images one flipped image is 14 points, which says nothing about the variant."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from thali.core.training.metrics import summarize
+
+
+def run_onnx(
+    path: Path, images: np.ndarray, batch_size: int = 32, providers: Sequence[str] = ()
+) -> np.ndarray:
+    """Logits of an ONNX model over ``images`` (CPU unless ``providers`` says otherwise)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=list(providers) or ["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    out = [
+        session.run(None, {name: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(out).astype(np.float32)
+
+
+def score(
+    logits: np.ndarray, labels: np.ndarray, classes: Sequence[str], temperature: float
+) -> dict[str, Any]:
+    """The training metrics (top-1, top-5, per-class, ECE, NLL) plus per-class accuracy and hits."""
+    result = summarize(logits, labels, list(classes), temperature)
+    hits = logits.argmax(1) == labels
+    result["class_accuracy"] = {
+        name: float(hits[labels == i].mean()) if (labels == i).any() else None
+        for i, name in enumerate(classes)
+    }
+    result["class_hits"] = {name: int(hits[labels == i].sum()) for i, name in enumerate(classes)}
+    return result
+
+
+def gate(candidate: dict[str, Any], reference: dict[str, Any], thresholds: Any) -> dict[str, Any]:
+    """Compare a variant's scores with the fp32 scores; ``passed`` and, when it fails, ``reasons``."""
+    max_top1 = float(getattr(thresholds, "max_top1_drop", 1.0))
+    max_class = float(getattr(thresholds, "max_class_drop", 5.0))
+    noise = int(getattr(thresholds, "class_noise_images", 1))
+    top1_drop = 100.0 * (reference["top1"] - candidate["top1"])
+    reasons: list[str] = []
+    if top1_drop > max_top1 + 1e-9:
+        reasons.append(
+            f"top-1 {100 * candidate['top1']:.2f}% is {top1_drop:.2f} points below fp32 "
+            f"{100 * reference['top1']:.2f}% (allowed: {max_top1:g})"
+        )
+    worst: dict[str, Any] = {"class": None, "drop": 0.0, "lost": 0}
+    for name, ref_acc in reference["class_accuracy"].items():
+        got = candidate["class_accuracy"].get(name)
+        if ref_acc is None or got is None:
+            continue
+        drop = 100.0 * (ref_acc - got)
+        lost = reference["class_hits"][name] - candidate["class_hits"][name]
+        if drop > worst["drop"]:
+            worst = {"class": name, "drop": round(drop, 2), "lost": lost}
+        if drop > max_class + 1e-9 and lost > noise:
+            reasons.append(
+                f"class {name!r} drops {drop:.1f} points ({lost} of "
+                f"{reference['per_class'][name]['support']} images lost; allowed: {max_class:g} points "
+                f"or {noise} image(s))"
+            )
+    return {
+        "passed": not reasons,
+        "top1_drop": round(top1_drop, 3),
+        "worst_class": worst,
+        "thresholds": {"max_top1_drop": max_top1, "max_class_drop": max_class, "class_noise_images": noise},
+        "reasons": reasons,
+    }
