@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--limit", type=int, help="score top-1 on the first N validation images only")
     b.add_argument("--provider", action="append", help="ONNX Runtime provider(s) (default: all present)")
     b.add_argument("--no-torch", action="store_true", help="skip the torch eager rows")
+    b.add_argument("--synthetic", action="store_true", help="time on random input (no data needed, no top-1)")
     b.add_argument(
         "--out", type=Path, help="folder for bench.json and bench.md (default runs/bench/DOMAIN-TIME)"
     )
@@ -94,6 +95,7 @@ def run_bench(ctx: Context) -> int:
         providers=args.provider,
         torch_eager=not args.no_torch,
         limit=args.limit,
+        synthetic=args.synthetic,
         progress=not args.no_progress,
     )
     out = args.out or Path("runs") / "bench" / f"{result['domain']}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -120,6 +120,7 @@ def bench_model(
     providers: Sequence[str] | None = None,
     torch_eager: bool = True,
     limit: int | None = None,
+    synthetic: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Benchmark the export in ``model_dir``; returns the JSON-ready result (see :func:`markdown`)."""
@@ -138,12 +139,19 @@ def bench_model(
         raise DataError(f"{model_dir}: not an export (no export.json); run `thali export RUN_DIR` first")
     meta = json.loads(meta_path.read_text())
     run_dir = Path(meta["lineage"]["run"])
-    if not (run_dir / "split.json").is_file():
-        raise DataError(f"{run_dir}: the training run of this export is gone; its validation split is needed")
     preprocess = json.loads((model_dir / "preprocess.json").read_text())
-    transform = eval_transform(preprocess)
-    val = load_validation(run_dir, split_root(run_dir, data), transform)
-    images, labels = val.images[:limit], val.labels[:limit]
+    labels: np.ndarray | None = None
+    if synthetic:
+        rng = np.random.default_rng(0)
+        images = rng.standard_normal((max(batch, 8), *preprocess["input_size"])).astype(np.float32)
+    else:
+        if not (run_dir / "split.json").is_file():
+            raise DataError(
+                f"{run_dir}: the training run of this export is gone, and with it the validation split; "
+                "pass --synthetic to time on random input without top-1"
+            )
+        val = load_validation(run_dir, split_root(run_dir, data), eval_transform(preprocess))
+        images, labels = val.images[:limit], val.labels[:limit]
     if len(images) < batch:
         reps = -(-batch // len(images))
         batch_input = np.concatenate([images] * reps)[:batch]
@@ -158,6 +166,8 @@ def bench_model(
 
     rows: list[Row] = []
     notes: list[str] = [f"{p} is not available in this onnxruntime build" for p in missing]
+    if synthetic:
+        notes.append("synthetic input: timings only, no top-1")
     setup = tqdm(desc="bench: loading", total=len(variants) * len(wanted) + 1, disable=not progress)
     if torch_eager:
         if (run_dir / "best.pt").is_file():
@@ -204,11 +214,13 @@ def bench_model(
     classes = json.loads((model_dir / "labels.json").read_text())["classes"]
     names = [c["name"] for c in classes]
     for row in rows:
-        logits = np.concatenate([row.run(images[i : i + batch]) for i in range(0, len(images), batch)])
-        row.top1 = float(score(logits, labels, names, 1.0)["top1"])
+        if labels is not None:
+            logits = np.concatenate([row.run(images[i : i + batch]) for i in range(0, len(images), batch)])
+            row.top1 = float(score(logits, labels, names, 1.0)["top1"])
         bar.update()
     bar.close()
-    return _result(model_dir, meta, rows, notes, batch, len(images), latency_runs, throughput_runs)
+    scored = 0 if labels is None else len(labels)
+    return _result(model_dir, meta, rows, notes, batch, scored, latency_runs, throughput_runs)
 
 
 def _result(
