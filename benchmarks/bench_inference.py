@@ -81,4 +81,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from thali.core.errors import ThaliError
+
+    try:
+        sys.exit(main())
+    except ThaliError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)

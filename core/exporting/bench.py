@@ -289,7 +289,13 @@ def _result(
 def markdown(result: dict[str, Any]) -> str:
     """The bench result as a markdown table with ratios."""
     lines = [
-        f"**{result['domain']}** — {result['validation_images']} validation images, batch {result['batch']}, "
+        f"**{result['domain']}** — "
+        + (
+            f"{result['validation_images']} validation images"
+            if result["validation_images"]
+            else "synthetic input"
+        )
+        + f", batch {result['batch']}, "
         f"{result['machine']['cpu_count']} CPU cores, onnxruntime {result['machine']['onnxruntime']}",
         "",
         "| engine | ran on (nodes) | file MB | p50 ms (b1) | p95 ms (b1) | img/s (b"
