@@ -53,6 +53,7 @@ class SplitConfig(Strict):
 class DatasetConfig(Strict):
     name: str = Field("imagefolder", description="dataset reader (registry name)")
     path: str | None = Field(None, description="data folder or manifest; else --data or $THALI_DATA")
+    licence: str = Field("", description="the data's licence or terms; copied into every model card")
     split: SplitConfig = Field(default_factory=SplitConfig)
     params: dict[str, Any] = Field(default_factory=dict)
 

@@ -86,3 +86,26 @@ class NotAvailableError(ThaliError):
     code = "not_available"
     http_status = 501
     exit_code = 4
+
+
+class ModelRegistryError(ThaliError):
+    """The model registry refused an operation (unknown domain/version/alias, or a conflict)."""
+
+    code = "model_registry_error"
+    http_status = 409
+    exit_code = 2
+
+
+class NotFoundError(ModelRegistryError):
+    """No such domain, version or alias in the model registry."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class IntegrityError(ModelRegistryError):
+    """A stored model package does not match its checksums: damaged or tampered with; never loaded."""
+
+    code = "integrity_error"
+    http_status = 500
+    exit_code = 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -12,6 +13,8 @@ from . import config, domains, export, later, plugins, train
 from .context import Context
 
 COMMAND_GROUPS = (plugins, domains, config, train, export)
+# Command groups that live in rooms downstream of core (core never imports them at module level).
+DOWNSTREAM_GROUPS = ("thali.registry.cli",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.register(sub)
+    for name in DOWNSTREAM_GROUPS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # an installation without that room: its commands say "not available"
+            continue
+        module.register(sub)
     later.register(sub, skip=set(sub.choices))
     return parser
 
