@@ -43,3 +43,37 @@ def registries() -> object:
     from thali.core import build_plugin_manager
 
     return build_plugin_manager(autoload=False).registries
+
+
+# A tiny model that really learns the three colours (top-1 1.0), so exports and gates have something
+# to lose; wider than the tiny default so int8 has weights to shrink.
+TRAINED_TINY = [
+    "model.params={width: 16, num_stages: 3, input_size: 32}",
+    "training.epochs=6",
+    "augmentation.mix_prob=0",
+    "optimizer.lr=0.01",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, registries: object) -> Path:
+    """A finished training run of the tiny domain (best.pt, split.json, config.yaml, ...)."""
+    from helpers import write_tiny_domain
+
+    from thali.core import load_config
+    from thali.core.training.trainer import TrainOptions, train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    config = load_config(write_tiny_domain(root / "cfg"), TRAINED_TINY)
+    train(config, registries, TrainOptions(run_dir=root / "run", data=str(tiny_data), progress=False))
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run: Path, registries: object) -> Path:
+    """``thali export`` of the tiny run (fp32 + int8), made once per session."""
+    from thali.core.exporting.pipeline import export_run
+
+    out = tiny_run.parent / "export_for_registry"
+    export_run(tiny_run, registries, out_dir=out, overrides=["export.variants=[fp32, int8]"], progress=False)
+    return out

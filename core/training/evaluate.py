@@ -25,7 +25,9 @@ def evaluate_run(
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     if not (run_dir / "best.pt").is_file():
         if (run_dir / "model.onnx").is_file():
-            raise NotAvailableError(f"{run_dir}: evaluating model packages arrives with the registry")
+            raise NotAvailableError(
+                f"{run_dir}: `thali evaluate` scores training runs; use `thali bench` for exports"
+            )
         raise DataError(f"{run_dir}: not a training run (no best.pt); pass a run directory")
     config = load_config(run_dir / "config.yaml", ["model.pretrained=none"])
     classes = config.class_names

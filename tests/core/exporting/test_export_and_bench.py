@@ -8,29 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_thali, write_tiny_domain
+from helpers import run_thali
 
-from thali.core import build_plugin_manager, hookimpl, load_config
+from thali.core import build_plugin_manager, hookimpl
 from thali.core.export import ExportContext
 from thali.core.exporting.gate import gate
 from thali.core.exporting.pipeline import export_run
-from thali.core.training.trainer import TrainOptions, train
-
-WIDER = [
-    "model.params={width: 16, num_stages: 3, input_size: 32}",
-    "training.epochs=6",
-    "augmentation.mix_prob=0",
-    "optimizer.lr=0.01",
-]  # learns the three colours (top-1 1.0), so a damaged variant has something to lose
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, registries: Any) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    config = load_config(write_tiny_domain(root / "cfg"), WIDER)
-    run = root / "run"
-    train(config, registries, TrainOptions(run_dir=run, data=str(tiny_data), progress=False))
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,239 @@
+"""The model registry on a local folder, fsspec's memory store and a real S3 endpoint (moto's server on
+127.0.0.1 through s3fs): publish / resolve / promote, aliases, integrity, concurrency, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import thali_command
+
+from thali.core.errors import ConfigError, IntegrityError, ModelRegistryError, NotFoundError
+from thali.registry import ModelRegistry
+
+DOMAIN = "tiny"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """moto's standalone S3 server as a separate process on 127.0.0.1, with one bucket."""
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "thali", "AWS_SECRET_ACCESS_KEY": "thali", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail(f"moto server did not start on {url}")
+                time.sleep(0.2)
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="models")
+        yield {"endpoint_url": url, "env": env}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        log.close()
+
+
+def _store(kind: str, tmp_path: Path, s3: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    if kind == "local":
+        return str(tmp_path / "registry"), {}
+    if kind == "memory":
+        return f"memory://thali-{uuid.uuid4().hex}", {}
+    assert s3 is not None
+    return f"s3://models/{uuid.uuid4().hex}", {"endpoint_url": s3["endpoint_url"]}
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ModelRegistry:
+    s3 = request.getfixturevalue("s3_endpoint") if request.param == "s3" else None
+    url, options = _store(request.param, tmp_path, s3)
+    return ModelRegistry(url, storage_options=options, cache_dir=tmp_path / "cache")
+
+
+def test_publish_resolve_promote_round_trip(store: ModelRegistry, tiny_export: Path) -> None:
+    import onnxruntime as ort
+
+    first = store.publish(tiny_export, aliases=["staging"])
+    second = store.publish(tiny_export)
+    assert (first["domain"], first["version"], second["version"]) == (DOMAIN, 1, 2)
+    assert store.domains() == [DOMAIN] and store.versions(DOMAIN) == [1, 2]
+    assert store.aliases(DOMAIN) == {"staging": 1}
+
+    assert store.promote(DOMAIN, 2, "production") == 2
+    package = store.resolve(DOMAIN, "production")
+    assert package.version == 2 and package.aliases == ["production"]
+    assert package.class_names == ["blue", "green", "red"]
+    assert set(package.variants) == {"fp32", "int8"} and package.preprocess["input_size"] == [3, 32, 32]
+    assert {"temperature", "unknown_threshold"} <= set(package.calibration)
+    card = package.card
+    assert card["version"] == 2 and card["metrics"]["int8"]["gate"]["passed"]
+    assert len(card["dataset"]["fingerprint"]) == 64 and card["dataset"]["licence"]
+    assert card["config"]["name"] == DOMAIN and card["lineage"]["checkpoint_sha256"]
+    assert {"thali_version", "created_at"} <= set(card)
+    assert set(package.files) == {
+        "model.onnx",
+        "model.int8.onnx",
+        "labels.json",
+        "preprocess.json",
+        "calibration.json",
+        "card.json",
+    }  # fmt: skip; each verified against checksums.json
+    session = ort.InferenceSession(str(package.model_path("int8")), providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[0].name == "logits"
+    assert store.resolve(DOMAIN, "latest").version == 2 and store.resolve(DOMAIN, 1).aliases == ["staging"]
+
+    with pytest.raises(ModelRegistryError, match="alias staging points to"):
+        store.remove(DOMAIN, 1)
+    store.promote(DOMAIN, 2, "staging")
+    assert store.remove(DOMAIN, 1) == 1 and store.versions(DOMAIN) == [2]
+    assert store.publish(tiny_export)["version"] == 3
+    store.remove(DOMAIN, 3)
+    assert store.publish(tiny_export)["version"] == 4, "a removed number is never given out again"
+
+    with pytest.raises(NotFoundError, match=r"no alias 'prod'.*production"):
+        store.resolve(DOMAIN, "prod")
+    with pytest.raises(NotFoundError, match="no version 7"):
+        store.promote(DOMAIN, 7, "production")
+    with pytest.raises(ConfigError, match="alias 'Bad Name'"):
+        store.promote(DOMAIN, 2, "Bad Name")
+    with pytest.raises(NotFoundError, match="no model of domain 'food'"):
+        store.resolve("food", "latest")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_file_is_refused(damage: str, tmp_path: Path, tiny_export: Path) -> None:
+    store = ModelRegistry(tmp_path / "registry", cache_dir=tmp_path / "cache")
+    store.publish(tiny_export, aliases=["production"])
+    target = tmp_path / "registry" / DOMAIN / "versions" / "1" / "model.onnx"
+    data = bytearray(target.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(bytes(data[:-100]))
+    else:
+        target.unlink()
+    expected = "is missing" if damage == "delete" else "does not match its checksum"
+    with pytest.raises(IntegrityError, match=rf"tiny v1: model.onnx {expected}"):
+        store.resolve(DOMAIN, "production")
+
+
+def test_a_flipped_byte_on_s3_is_refused(
+    s3_endpoint: dict[str, Any], tmp_path: Path, tiny_export: Path
+) -> None:
+    url, options = _store("s3", tmp_path, s3_endpoint)
+    store = ModelRegistry(url, storage_options=options, cache_dir=tmp_path / "cache")
+    store.publish(tiny_export)
+    store.resolve(DOMAIN, 1)  # fills the local cache with verified files
+    key = store._path(DOMAIN, "versions", 1, "model.onnx")
+    data = bytearray(store.fs.cat_file(key))
+    data[100] ^= 0x80
+    store.fs.pipe_file(key, bytes(data))
+    with pytest.raises(IntegrityError, match=r"model\.onnx does not match its checksum"):
+        store.resolve(DOMAIN, 1)
+
+
+def _publisher(url: str, export: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*thali_command(), "publish", str(export), "--registry", url, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_concurrent_publishers_get_distinct_versions(
+    kind: str, tmp_path: Path, tiny_export: Path, request
+) -> None:
+    s3 = request.getfixturevalue("s3_endpoint") if kind == "s3" else None
+    url, options = _store(kind, tmp_path, s3)
+    env = {"THALI_REGISTRY_OPTIONS": json.dumps(options), **(s3["env"] if s3 else {})}
+    processes = [_publisher(url, tiny_export, env) for _ in range(4)]
+    versions = []
+    for process in processes:
+        out, err = process.communicate(timeout=180)
+        assert process.returncode == 0, err
+        versions.append(json.loads(out)["version"])
+    assert sorted(versions) == [1, 2, 3, 4]
+    store = ModelRegistry(url, storage_options=options, cache_dir=tmp_path / "cache")
+    assert store.versions(DOMAIN) == [1, 2, 3, 4]
+    for version in versions:
+        assert store.resolve(DOMAIN, version).version == version
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_reader_polling_during_publishes_never_sees_a_partial_version(
+    kind: str, tmp_path: Path, tiny_export: Path, request
+) -> None:
+    s3 = request.getfixturevalue("s3_endpoint") if kind == "s3" else None
+    url, options = _store(kind, tmp_path, s3)
+    env = {"THALI_REGISTRY_OPTIONS": json.dumps(options), **(s3["env"] if s3 else {})}
+    reader = ModelRegistry(url, storage_options=options, cache_dir=tmp_path / "cache")
+    publishers = [_publisher(url, tiny_export, env) for _ in range(3)]
+    polls, seen = 0, set()
+    while any(p.poll() is None for p in publishers) or polls == 0:
+        for version in reader.versions(DOMAIN):
+            package = reader.resolve(DOMAIN, version)  # raises if any file were missing or partial
+            assert package.version == version and len(package.files) == 6
+            seen.add(version)
+        polls += 1
+    for p in publishers:
+        assert p.wait(timeout=60) == 0, p.stderr.read() if p.stderr else ""
+    assert reader.versions(DOMAIN) == [1, 2, 3]
+    assert polls > 3
+
+
+def test_registry_cli(tmp_path: Path, tiny_export: Path) -> None:
+    from helpers import run_thali
+
+    env = {"THALI_REGISTRY": str(tmp_path / "registry")}
+    published = run_thali("publish", str(tiny_export), "--alias", "staging", env=env)
+    assert published.returncode == 0 and "published tiny v1 (alias staging)" in published.stdout
+    assert run_thali("publish", str(tiny_export), env=env).returncode == 0
+    promoted = run_thali("registry", "promote", "tiny", "2", "--alias", "production", env=env)
+    assert promoted.stdout.strip() == "tiny: production -> v2"
+    listing = run_thali("registry", "list", env=env)
+    assert listing.stdout.strip() == "tiny: v1 (staging)  v2 (production)"
+    shown = json.loads(run_thali("registry", "show", "tiny", "production", "--json", env=env).stdout)
+    assert (
+        shown["version"] == 2 and shown["aliases"] == ["production"] and "model.int8.onnx" in shown["files"]
+    )
+    refused = run_thali("registry", "rm", "tiny", "2", env=env)
+    assert refused.returncode != 0 and refused.stderr.startswith("error: tiny v2 is what alias production")
+    missing = run_thali("registry", "show", "tiny", "9", env=env)
+    assert (
+        missing.returncode != 0 and "versions: 1, 2" in missing.stderr and "Traceback" not in missing.stderr
+    )
+    assert run_thali("registry", "promote", "tiny", "2", "--alias", "staging", env=env).returncode == 0
+    removed = run_thali("registry", "rm", "tiny", "1", "--registry", str(tmp_path / "registry"))
+    assert removed.returncode == 0 and removed.stdout.strip() == "removed tiny v1"
+    not_export = run_thali("publish", str(tmp_path), env=env)
+    assert not_export.returncode != 0 and "not an export" in not_export.stderr
