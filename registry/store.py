@@ -72,9 +72,7 @@ class ModelRegistry:
         except (ImportError, ValueError) as exc:
             raise ConfigError(f"registry {self.url}: {exc}") from exc
         self.root = root.rstrip("/")
-        self.local = "file" in _protocols(self.fs)
-        if self.local:
-            self.fs.makedirs(self.root, exist_ok=True)
+        self.local = "file" in _protocols(self.fs)  # folders are made on the first write, not here
         key = hashlib.sha1(self.url.encode()).hexdigest()[:12]
         base = Path(cache_dir or os.environ.get("THALI_CACHE", Path.home() / ".cache" / "thali"))
         self.cache = base / "registry" / key
