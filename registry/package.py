@@ -74,8 +74,8 @@ def _card(export_dir: Path, export: dict[str, Any], version: int) -> dict[str, A
     }
 
 
-def package_files(export_dir: Path, version: int) -> dict[str, bytes]:
-    """Every file of the package for ``version`` (checksums.json last), read from an export folder."""
+def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The export's report and its model and metadata files, checked to be what `thali export` wrote."""
     export_dir = Path(export_dir)
     meta_path = export_dir / "export.json"
     if not meta_path.is_file():
@@ -84,24 +84,28 @@ def package_files(export_dir: Path, version: int) -> dict[str, bytes]:
         )
     export = json.loads(meta_path.read_text())
     files: dict[str, bytes] = {}
+    recorded = {entry["file"]: entry.get("sha256") for entry in export["variants"].values()}
     for name in [*_variant_files(export).values(), *METADATA]:
         path = export_dir / name
         if not path.is_file():
             raise ModelRegistryError(f"{export_dir}: {name} is missing; export again")
         files[name] = path.read_bytes()
-    files[CARD] = json.dumps(_card(export_dir, export, version), indent=1, default=str).encode()
+        if recorded.get(name) and sha256_bytes(files[name]) != recorded[name]:
+            raise ModelRegistryError(
+                f"{export_dir}: {name} is not the file `thali export` wrote (sha256 changed); export again"
+            )
+    return export, files
+
+
+def package_files(
+    export_dir: Path, export: dict[str, Any], files: dict[str, bytes], version: int
+) -> dict[str, bytes]:
+    """Every file of the package for ``version``: the export's files, card.json, checksums.json last."""
+    files = dict(files)
+    files[CARD] = json.dumps(_card(Path(export_dir), export, version), indent=1, default=str).encode()
     checksums = {name: sha256_bytes(data) for name, data in files.items()}
     files[CHECKSUMS] = json.dumps({"algorithm": "sha256", "files": checksums}, indent=1).encode()
     return files
-
-
-def domain_of(export_dir: Path) -> str:
-    meta_path = Path(export_dir) / "export.json"
-    if not meta_path.is_file():
-        raise ModelRegistryError(
-            f"{export_dir}: not an export (no export.json); run `thali export RUN_DIR` first"
-        )
-    return str(json.loads(meta_path.read_text())["domain"])
 
 
 @dataclass

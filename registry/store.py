@@ -29,7 +29,7 @@ from typing import Any
 
 from thali.core.errors import ConfigError, IntegrityError, ModelRegistryError, NotFoundError
 
-from .package import CHECKSUMS, ModelPackage, domain_of, package_files, sha256_bytes
+from .package import CHECKSUMS, ModelPackage, package_files, read_export, sha256_bytes
 
 REGISTRY_ENV = "THALI_REGISTRY"
 OPTIONS_ENV = "THALI_REGISTRY_OPTIONS"
@@ -246,9 +246,10 @@ class ModelRegistry:
     def publish(self, export_dir: str | Path, aliases: Iterable[str] = ()) -> dict[str, Any]:
         """Add ``export_dir`` as the next version of its domain; returns ``{domain, version, files}``."""
         aliases = [_check_alias(a) for a in aliases]
-        domain = domain_of(Path(export_dir))
+        export, contents = read_export(Path(export_dir))  # checked before a number is taken
+        domain = str(export["domain"])
         version = self._claim(domain)
-        files = package_files(Path(export_dir), version)
+        files = package_files(Path(export_dir), export, contents, version)
         base = self._path(domain, "versions", version)
         try:
             for name, data in files.items():

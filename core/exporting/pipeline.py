@@ -193,7 +193,11 @@ def export_run(
         fp32_size = (package / variant_file("fp32")).stat().st_size
         for entry in results.values():
             size = (package / entry["file"]).stat().st_size
-            entry.update(size_bytes=size, size_ratio_vs_fp32=round(fp32_size / size, 2))
+            entry.update(
+                size_bytes=size,
+                size_ratio_vs_fp32=round(fp32_size / size, 2),
+                sha256=sha256(package / entry["file"]),
+            )
         threshold = unknown_threshold(reference_logits, val.labels, temperature)
         (package / "labels.json").write_text(json.dumps(labels_spec(config), indent=1))
         (package / "preprocess.json").write_text(json.dumps(preprocess_spec(model.preprocess), indent=1))

@@ -144,6 +144,19 @@ def test_a_damaged_file_is_refused(damage: str, tmp_path: Path, tiny_export: Pat
         store.resolve(DOMAIN, "production")
 
 
+def test_a_model_changed_after_export_is_not_published(tmp_path: Path, tiny_export: Path) -> None:
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    with open(export / "model.int8.onnx", "ab") as handle:
+        handle.write(b"\0")
+    store = ModelRegistry(tmp_path / "registry", cache_dir=tmp_path / "cache")
+    with pytest.raises(ModelRegistryError, match=r"model\.int8\.onnx is not the file `thali export` wrote"):
+        store.publish(export)
+    assert store.versions(DOMAIN) == [] and store.publish(tiny_export)["version"] == 1  # no number used up
+
+
 def test_a_flipped_byte_on_s3_is_refused(
     s3_endpoint: dict[str, Any], tmp_path: Path, tiny_export: Path
 ) -> None:
