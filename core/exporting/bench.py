@@ -160,6 +160,11 @@ def bench_model(
     single = images[:1]
 
     available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available and hasattr(ort, "preload_dlls"):
+        try:  # CUDA and cuDNN from the nvidia-* pip packages (what torch uses), before any session
+            ort.preload_dlls()
+        except Exception as exc:  # the session will say what is missing; keep the reason
+            print(f"note: onnxruntime.preload_dlls failed: {exc}")
     wanted = [p for p in (providers or PREFERRED_PROVIDERS) if p in available]
     missing = [p for p in (providers or PREFERRED_PROVIDERS) if p not in available]
     variants = [v for v in meta["variants"] if (model_dir / variant_file(v)).is_file()]
