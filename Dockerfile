@@ -19,6 +19,9 @@ COPY ui ./ui
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu . \
     && useradd --create-home thali
 USER thali
+# The model registry: a folder in the image by default; mount a volume here, or point THALI_REGISTRY
+# at an object store (s3://bucket/models with the `s3` extra) to share it between servers.
+ENV THALI_REGISTRY=/home/thali/model-registry
 
 ENTRYPOINT ["thali"]
 CMD ["plugins"]
