@@ -27,7 +27,7 @@ DEFAULT_RUN = REPO / "runs" / "bench" / "e_full_se_attention_ema"
 def main() -> int:
     from thali.core import build_plugin_manager
     from thali.core.domains import resolve_domain
-    from thali.core.exporting.bench import bench_model, markdown
+    from thali.core.exporting.bench import bench_model, write_bench
     from thali.core.exporting.pipeline import export_run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -71,10 +71,7 @@ def main() -> int:
         throughput_runs=args.throughput_runs,
         synthetic=args.synthetic,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (args.out / "bench.md").write_text(table)
+    table = write_bench(result, args.out)
     print(table)
     print(f"written: {args.out / 'bench.json'}, {args.out / 'bench.md'}")
     return 0

@@ -333,13 +333,16 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_preset(path: Path) -> dict[str, Any]:
+def read_mapping(
+    path: Path, expected: str = "expected a mapping of fields at the top level"
+) -> dict[str, Any]:
+    """The YAML mapping in ``path``, unvalidated; a parse error or a non-mapping is a ConfigError."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a preset is a mapping of config fields")
+        raise ConfigError(f"{path}: {expected}")
     return data
 
 
@@ -359,7 +362,7 @@ def load_config(
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of fields at the top level")
     for preset in presets or []:
-        data = deep_merge(data, _read_preset(preset))
+        data = deep_merge(data, read_mapping(preset, "a preset is a mapping of config fields"))
     source = str(path) + "".join(f" + {p.name}" for p in presets or [])
     overridden = apply_overrides(data, list(overrides or []))
     try:

@@ -6,9 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import DomainConfig, load_config
+from .config import DomainConfig, load_config, read_mapping
 from .errors import ConfigError
 from .registry import Registries, Registry
 
@@ -61,7 +59,7 @@ def register_domain_dir(registry: Registry[Any], folder: str | Path, name: str |
     path = root / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{root}: a domain pack needs a {CONFIG_FILE}")
-    raw = _read_raw(path)
+    raw = read_mapping(path)
     pack = DomainPack(name=name or root.name, root=root, description=str(raw.get("description", "")))
     registry.add(
         pack.name,
@@ -76,19 +74,8 @@ def resolve_domain(registries: Registries, name_or_path: str) -> DomainPack:
     candidate = Path(name_or_path)
     if candidate.suffix in {".yaml", ".yml"} and candidate.is_file():
         root = candidate.resolve().parent
-        return DomainPack(name=str(_read_raw(candidate).get("name", root.name)), root=root)
+        return DomainPack(name=str(read_mapping(candidate).get("name", root.name)), root=root)
     looks_like_path = "/" in name_or_path or "\\" in name_or_path or name_or_path == "."
     if looks_like_path and (candidate / CONFIG_FILE).is_file():
         return DomainPack(name=candidate.resolve().name, root=candidate.resolve())
     return registries.domains.create(name_or_path)
-
-
-def _read_raw(path: Path) -> dict[str, Any]:
-    """The YAML mapping of a domain config, unvalidated (for its name and description)."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields at the top level")
-    return raw

@@ -3,10 +3,10 @@
 Exporters are registered by name (``thali_register_exporters``) and run in order: ``onnx`` writes the
 raw export, ``ort_optimize`` the graph-optimised fp32 model, then one exporter per variant named in
 ``export.variants`` (``int8``, ``fp16``, ``int8_dynamic`` or a plugin's own). Each exporter reads what
-earlier ones left in ``artifacts``, writes its file into ``work_dir`` and returns a report (parity, node
+earlier ones left in ``artifacts``, writes its file into ``out_dir`` and returns a report (parity, node
 counts, sizes, settings). A *variant* exporter sets ``produces`` to the variant name and stores its
 file as ``artifacts[produces]``; the export engine then gates it on the validation split and only
-copies it to ``out_dir`` when it passes.
+copies it into the export folder when it passes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from .config import ExportConfig
 
 #: File name of each built-in variant inside an export (and a model package).
 VARIANT_FILES: dict[str, str] = {
@@ -36,31 +38,22 @@ class ExportContext:
 
     ``model``: the trained classifier (torch, eval mode). ``example``: a float32 ``(N, 3, H, W)`` batch
     of real, preprocessed images used for tracing and for parity checks. ``settings``: the domain's
-    ``export`` config section (calibration size and method, excluded nodes, gate), or ``None`` for the
-    defaults. ``calibration``: a callable returning an iterator of preprocessed float32 numpy batches of
-    *training* images, for static quantisation. ``work_dir``: where exporters write (defaults to
-    ``out_dir``). ``artifacts`` maps ``fp32_raw``, ``fp32`` and variant names to files;
-    ``warnings`` collects what the user must read (printed by the CLI).
+    ``export`` config section (calibration size and method, excluded nodes, gate; defaults if not
+    given). ``calibration``: a callable returning an iterator of preprocessed float32 numpy batches of
+    *training* images, for static quantisation. ``out_dir``: where exporters write (a working folder;
+    the engine copies what passes into the export). ``artifacts`` maps ``fp32_raw``, ``fp32`` and
+    variant names to files; ``warnings`` collects what the user must read (printed by the CLI).
     """
 
     model: Any
     example: Any
     out_dir: Path
     opset: int = 18
-    settings: Any = None
+    settings: ExportConfig = field(default_factory=ExportConfig)
     calibration: Callable[[], Iterator[Any]] | None = None
-    work_dir: Path | None = None
     artifacts: dict[str, Path] = field(default_factory=dict)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def folder(self) -> Path:
-        """Where exporters write their files."""
-        return Path(self.work_dir or self.out_dir)
-
-    def setting(self, name: str, default: Any) -> Any:
-        return getattr(self.settings, name, default) if self.settings is not None else default
 
 
 class Exporter(Protocol):

@@ -28,7 +28,7 @@ class Float16:
         if source is None:
             raise ThaliError("fp16 export needs the onnx exporter to run first")
         model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
-        path = context.folder / variant_file(self.produces)
+        path = context.out_dir / variant_file(self.produces)
         onnx.save(model, str(path))
         context.artifacts[self.produces] = path
         report = {"path": str(path), "keep_io_types": True}

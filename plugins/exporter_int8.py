@@ -49,8 +49,6 @@ def choose_reduce_range(setting: str | bool = "auto", cpuinfo: str | None = None
     """``auto``: 7-bit weights on x86 CPUs without VNNI, full 8 bits elsewhere."""
     if isinstance(setting, bool):
         return setting
-    if str(setting).lower() in ("true", "false"):
-        return str(setting).lower() == "true"
     machine = platform.machine().lower()
     if cpuinfo is None and machine not in ("x86_64", "amd64", "i686", "x86"):
         return False
@@ -107,9 +105,6 @@ class _Reader:
         self.images += len(batch)
         return {INPUT: batch}
 
-    def rewind(self) -> None:  # pragma: no cover - part of the reader protocol, unused here
-        raise NotImplementedError
-
 
 def _preprocessed(context: ExportContext) -> Path:
     """The raw export after ``quant_pre_process`` (made once per export, shared by int8 variants)."""
@@ -120,7 +115,7 @@ def _preprocessed(context: ExportContext) -> Path:
     source = context.artifacts.get("fp32_raw")
     if source is None:
         raise ThaliError("int8 export needs the onnx exporter to run first")
-    path = context.folder / "model.quant_pre.onnx"
+    path = context.out_dir / "model.quant_pre.onnx"
     try:
         quant_pre_process(str(source), str(path))
     except Exception as exc:  # ORT's symbolic shape inference gives up on some graphs: use ONNX's
@@ -140,17 +135,15 @@ class StaticInt8:
         if context.calibration is None:
             raise ThaliError("static int8 needs calibration images (training images of the domain)")
         source = _preprocessed(context)
-        method = str(context.setting("calibration_method", "minmax"))
+        method = context.settings.calibration_method
         methods = {
             "minmax": CalibrationMethod.MinMax,
             "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile,
         }
-        if method not in methods:
-            raise ConfigError(f"export.calibration_method: {method!r} is not one of {', '.join(methods)}")
-        reduce_range = choose_reduce_range(context.setting("reduce_range", "auto"))
-        excluded = select_nodes(onnx.load(str(source)), context.setting("exclude_nodes", []))
-        path = context.folder / variant_file(self.produces)
+        reduce_range = choose_reduce_range(context.settings.reduce_range)
+        excluded = select_nodes(onnx.load(str(source)), context.settings.exclude_nodes)
+        path = context.out_dir / variant_file(self.produces)
         reader = _Reader(iter(context.calibration()))
         quantize_static(
             str(source),
@@ -194,7 +187,7 @@ class DynamicInt8:
         print(f"warning: {self.WARNING}")
         context.warnings.append(self.WARNING)
         source = _preprocessed(context)
-        path = context.folder / variant_file(self.produces)
+        path = context.out_dir / variant_file(self.produces)
         quantize_dynamic(str(source), str(path), weight_type=QuantType.QUInt8, per_channel=False)
         context.artifacts[self.produces] = path
         report = {"path": str(path), "warning": self.WARNING}

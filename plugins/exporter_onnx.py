@@ -54,7 +54,7 @@ class OnnxExport:
     def run(self, context: ExportContext) -> dict[str, Any]:
         from thali.core.training.onnx import export_onnx
 
-        path = context.folder / "model.raw.onnx"
+        path = context.out_dir / "model.raw.onnx"
         context.model.eval()
         export_onnx(context.model, context.example, path, output_name=OUTPUT, opset=context.opset)
         report = {"path": str(path), "opset": context.opset, "nodes": node_count(path)}
@@ -77,7 +77,7 @@ class OrtOptimize:
         source = context.artifacts.get("fp32_raw")
         if source is None:
             raise ThaliError("ort_optimize needs the onnx exporter to run first")
-        path = context.folder / "model.onnx"
+        path = context.out_dir / "model.onnx"
         _session(
             source,
             graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

@@ -139,26 +139,31 @@ class ModelRegistry:
 
     def resolve_version(self, domain: str, ref: int | str) -> int:
         """A version number from ``3``, ``"3"``, ``"v3"``, ``"latest"`` or an alias name."""
+        return self._locate(domain, ref)[0]
+
+    def _locate(self, domain: str, ref: int | str) -> tuple[int, list[str]]:
+        """The version ``ref`` names, and the aliases pointing to it (one listing of each)."""
         versions = self.versions(domain)
         if not versions:
             known = ", ".join(self.domains()) or "none yet"
             raise NotFoundError(f"no model of domain {domain!r} in {self.url} (domains: {known})")
+        aliases = self.aliases(domain)
         text = str(ref).strip().lower()
         if text == "latest":
-            return versions[-1]
-        if text.lstrip("v").isdigit():
+            number = versions[-1]
+        elif text.lstrip("v").isdigit():
             number = int(text.lstrip("v"))
             if number not in versions:
                 listed = ", ".join(map(str, versions))
                 raise NotFoundError(f"{domain} has no version {number} in {self.url}; versions: {listed}")
-            return number
-        aliases = self.aliases(domain)
-        if text not in aliases:
+        elif text not in aliases:
             names = ", ".join(aliases) or "none yet"
             raise NotFoundError(f"{domain} has no alias {text!r} in {self.url}; aliases: {names}")
-        if aliases[text] not in versions:
+        elif aliases[text] not in versions:
             raise NotFoundError(f"{domain}: alias {text!r} points to version {aliases[text]}, which is gone")
-        return aliases[text]
+        else:
+            number = aliases[text]
+        return number, [name for name, v in aliases.items() if v == number]
 
     def _checksums(self, domain: str, version: int) -> dict[str, str]:
         try:
@@ -170,27 +175,26 @@ class ModelRegistry:
             raise IntegrityError(f"{domain} v{version}: checksums.json is unreadable ({exc})") from exc
 
     def show(self, domain: str, ref: int | str) -> dict[str, Any]:
-        version = self.resolve_version(domain, ref)
+        version, aliases = self._locate(domain, ref)
         checksums = self._checksums(domain, version)
         card = json.loads(self.fs.cat_file(self._path(domain, "versions", version, "card.json")))
-        aliases = [name for name, v in self.aliases(domain).items() if v == version]
         sizes = {name: self.fs.size(self._path(domain, "versions", version, name)) for name in checksums}
         return {"domain": domain, "version": version, "aliases": aliases, "files": sizes, "card": card}
 
     def resolve(self, domain: str, ref: int | str = "latest") -> ModelPackage:
-        """The package of ``domain`` at a version or alias, every file verified against its sha256."""
-        version = self.resolve_version(domain, ref)
+        """The package of ``domain`` at a version or alias, every file verified against its sha256.
+
+        On a local store the files are used where they are; from a remote store the verified bytes
+        are written to the local cache."""
+        version, aliases = self._locate(domain, ref)
         checksums = self._checksums(domain, version)
-        folder = (
-            Path(self._path(domain, "versions", version))
-            if self.local
-            else self.cache / domain / str(version)
-        )
+        base = self._path(domain, "versions", version)
+        folder = Path(base) if self.local else self.cache / domain / str(version)
         files: dict[str, Path] = {}
+        contents: dict[str, bytes] = {}
         for name, expected in checksums.items():
-            remote = self._path(domain, "versions", version, name)
             try:
-                data = self.fs.cat_file(remote)
+                data = self.fs.cat_file(f"{base}/{name}")
             except FileNotFoundError as exc:
                 raise IntegrityError(
                     f"{domain} v{version}: {name} is missing from the store; not loading"
@@ -201,17 +205,17 @@ class ModelRegistry:
                     f"{domain} v{version}: {name} does not match its checksum (sha256 {actual[:12]}…, "
                     f"expected {expected[:12]}…, {len(data)} bytes): damaged or tampered with; not loading"
                 )
-            local = folder / name
+            files[name] = folder / name
             if not self.local:
-                local.parent.mkdir(parents=True, exist_ok=True)
-                if not (local.is_file() and sha256_bytes(local.read_bytes()) == expected):
-                    temp = local.with_name(f".{name}.{uuid.uuid4().hex}")
-                    temp.write_bytes(data)
-                    os.replace(temp, local)
-            files[name] = local
+                folder.mkdir(parents=True, exist_ok=True)
+                temp = folder / f".{name}.{uuid.uuid4().hex}"
+                temp.write_bytes(data)
+                os.replace(temp, files[name])
+            if name.endswith(".json"):
+                contents[name] = data
 
         def load(name: str) -> dict[str, Any]:
-            return json.loads(files[name].read_bytes()) if name in files else {}
+            return json.loads(contents[name]) if name in contents else {}
 
         return ModelPackage(
             domain=domain,
@@ -222,7 +226,7 @@ class ModelRegistry:
             preprocess=load("preprocess.json"),
             calibration=load("calibration.json"),
             card=load("card.json"),
-            aliases=[a for a, v in self.aliases(domain).items() if v == version],
+            aliases=aliases,
         )
 
     # -- writing -------------------------------------------------------------------------------
@@ -277,8 +281,7 @@ class ModelRegistry:
         text = str(version).lower().lstrip("v")
         if not text.isdigit():
             raise ConfigError(f"registry rm takes a version number, not {version!r}")
-        number = self.resolve_version(domain, int(text))
-        pointing = [name for name, v in self.aliases(domain).items() if v == number]
+        number, pointing = self._locate(domain, int(text))
         if pointing:
             raise ModelRegistryError(
                 f"{domain} v{number} is what alias {', '.join(pointing)} points to; move the alias first "

@@ -82,7 +82,7 @@ def run_export(ctx: Context) -> int:
 
 
 def run_bench(ctx: Context) -> int:
-    from thali.core.exporting.bench import bench_model, markdown
+    from thali.core.exporting.bench import bench_model, write_bench
 
     args = ctx.args
     result = bench_model(
@@ -99,10 +99,7 @@ def run_bench(ctx: Context) -> int:
         progress=not args.no_progress,
     )
     out = args.out or Path("runs") / "bench" / f"{result['domain']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result)
-    (out / "bench.md").write_text(table)
+    table = write_bench(result, out)
     result["written"] = {"json": str(out / "bench.json"), "markdown": str(out / "bench.md")}
     if args.json:
         print_json(result)

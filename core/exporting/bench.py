@@ -44,44 +44,16 @@ class Row:
     top1: float | None = None
 
 
-def _torch_rows(run_dir: Path, registries: Any, device: str) -> Row:
+def _torch_row(model: Any, device: str) -> Row:
     import torch
 
-    from thali.core.config import load_config
-    from thali.core.training import checkpoint as ckpt
-    from thali.core.training.model import build_classifier
-
-    config = load_config(run_dir / "config.yaml", ["model.pretrained=none"])
-    model = build_classifier(config, registries)
-    model.load_state_dict(ckpt.load(run_dir / "best.pt")["model"])
-    model = model.eval().to(device)
+    model = model.to(device)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = model(torch.from_numpy(x).to(device))
-            return out.float().cpu().numpy()
+            return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
 
-    return Row(f"torch eager fp32 ({device})", "torch", "fp32", "cuda" if device != "cpu" else "cpu", run)
-
-
-def _placement(path: Path, provider: str, sample: np.ndarray) -> dict[str, int]:
-    """Nodes per execution provider in one profiled run."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "thali-bench-profile")
-    session = ort.InferenceSession(str(path), options, providers=_providers(provider))
-    session.run(None, {session.get_inputs()[0].name: sample})
-    profile = Path(session.end_profiling())
-    counts: Counter[str] = Counter()
-    try:
-        for event in json.loads(profile.read_text()):
-            if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
-                counts[event.get("args", {}).get("provider", "?")] += 1
-    finally:
-        profile.unlink(missing_ok=True)
-    return dict(counts)
+    return Row(f"torch eager fp32 ({device})", "torch", "fp32", device, run)
 
 
 def _providers(provider: str) -> list[str]:
@@ -89,20 +61,30 @@ def _providers(provider: str) -> list[str]:
 
 
 def _onnx_row(path: Path, variant: str, provider: str, sample: np.ndarray) -> Row:
+    """One session per row: its first run is profiled to read which provider ran each node; ONNX
+    Runtime stops profiling at ``end_profiling``, so the timed runs that follow are not slowed."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=_providers(provider))
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "thali-bench-profile")
+    session = ort.InferenceSession(str(path), options, providers=_providers(provider))
     name = session.get_inputs()[0].name
+    session.run(None, {name: sample})
+    profile = Path(session.end_profiling())
+    placement: Counter[str] = Counter()
+    try:
+        for event in json.loads(profile.read_text()):
+            if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
+                placement[event.get("args", {}).get("provider", "?")] += 1
+    finally:
+        profile.unlink(missing_ok=True)
 
     def run(x: np.ndarray) -> np.ndarray:
         return session.run(None, {name: x})[0]
 
-    row = Row(
-        f"onnxruntime {variant} ({SHORT.get(provider, provider)})", "onnxruntime", variant, provider, run
-    )
-    row.file_bytes = path.stat().st_size
-    row.nodes_by_provider = _placement(path, provider, sample)
-    return row
+    label = f"onnxruntime {variant} ({SHORT.get(provider, provider)})"
+    return Row(label, "onnxruntime", variant, provider, run, path.stat().st_size, dict(placement))
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -128,10 +110,11 @@ def bench_model(
     from tqdm import tqdm
 
     from thali.core.export import variant_file
+    from thali.core.training.evaluate import load_run
+    from thali.core.training.metrics import topk_accuracy
     from thali.core.training.transforms import eval_transform
 
-    from .data import load_validation, split_root
-    from .gate import score
+    from .data import load_validation, run_split
 
     model_dir = Path(model_dir)
     meta_path = model_dir / "export.json"
@@ -150,7 +133,7 @@ def bench_model(
                 f"{run_dir}: the training run of this export is gone, and with it the validation split; "
                 "pass --synthetic to time on random input without top-1"
             )
-        val = load_validation(run_dir, split_root(run_dir, data), eval_transform(preprocess))
+        val = load_validation(run_split(run_dir, data)[0], eval_transform(preprocess))
         images, labels = val.images[:limit], val.labels[:limit]
     if len(images) < batch:
         reps = -(-batch // len(images))
@@ -176,11 +159,14 @@ def bench_model(
     setup = tqdm(desc="bench: loading", total=len(variants) * len(wanted) + 1, disable=not progress)
     if torch_eager:
         if (run_dir / "best.pt").is_file():
+            import copy
+
             import torch
 
-            rows.append(_torch_rows(run_dir, registries, "cpu"))
+            model = load_run(run_dir, registries).model
+            rows.append(_torch_row(model, "cpu"))
             if torch.cuda.is_available():
-                rows.append(_torch_rows(run_dir, registries, "cuda"))
+                rows.append(_torch_row(copy.deepcopy(model), "cuda"))
         else:
             notes.append(f"torch eager skipped: {run_dir}/best.pt is gone")
     setup.update()
@@ -216,12 +202,10 @@ def bench_model(
                 row.run(batch_input)
                 row.batch_times.append(time.perf_counter() - start)
                 bar.update()
-    classes = json.loads((model_dir / "labels.json").read_text())["classes"]
-    names = [c["name"] for c in classes]
     for row in rows:
         if labels is not None:
             logits = np.concatenate([row.run(images[i : i + batch]) for i in range(0, len(images), batch)])
-            row.top1 = float(score(logits, labels, names, 1.0)["top1"])
+            row.top1 = topk_accuracy(logits, labels, 1)
         bar.update()
     bar.close()
     scored = 0 if labels is None else len(labels)
@@ -324,3 +308,12 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [f"\nnote: {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def write_bench(result: dict[str, Any], out: Path) -> str:
+    """Write ``bench.json`` and ``bench.md`` into ``out``; returns the markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    (out / "bench.md").write_text(table)
+    return table

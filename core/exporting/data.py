@@ -4,6 +4,7 @@ and a deterministic sample of training images (int8 calibration), preprocessed l
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from thali.core.errors import DataError
-from thali.core.training.data import Sample, load_rgb, read_split, report_problems, verify_images
+from thali.core.training.data import Sample, Split, load_rgb, read_split, report_problems, verify_images
 
 
 @dataclass
@@ -24,19 +25,18 @@ class ValidationSet:
     problems: str | None
 
 
-def split_root(run_dir: Path, data: str | Path | None) -> Path:
-    """The data folder of a run: ``--data`` if given, else the root recorded in ``split.json``."""
-    import json
-
-    split = run_dir / "split.json"
-    if not split.is_file():
+def run_split(run_dir: Path, data: str | Path | None) -> tuple[Split, Path]:
+    """The run's split with paths under its data folder: ``--data`` if given, else the root recorded
+    in ``split.json``."""
+    path = run_dir / "split.json"
+    if not path.is_file():
         raise DataError(f"{run_dir}: no split.json; is this a training run directory?")
-    root = Path(data) if data else Path(json.loads(split.read_text())["root"])
+    root = Path(data) if data else Path(json.loads(path.read_text())["root"])
     if not root.is_dir():
         raise DataError(
             f"{root}: the run's data folder is not here; pass --data DIR (the folder the run was trained on)"
         )
-    return root
+    return read_split(path, root), root
 
 
 def fingerprint(run_dir: Path) -> str:
@@ -49,23 +49,21 @@ def _preprocess(samples: Sequence[Sample], transform: Any) -> tuple[np.ndarray, 
     return np.stack(images).astype(np.float32), np.array([label for _, label in samples], dtype=np.int64)
 
 
-def load_validation(run_dir: Path, root: Path, transform: Any, progress: bool = False) -> ValidationSet:
-    split = read_split(run_dir / "split.json", root)
+def load_validation(split: Split, transform: Any, progress: bool = False) -> ValidationSet:
     if not split.val:
-        raise DataError(f"{run_dir}: the run has no validation split, so variants cannot be gated")
+        raise DataError("the run has no validation split, so variants cannot be gated")
     good, problems = verify_images(split.val, progress=progress)
     if not good:
-        raise DataError(f"{root}: none of the {len(split.val)} validation images could be read")
+        raise DataError(f"none of the {len(split.val)} validation images could be read")
     images, labels = _preprocess(good, transform)
     return ValidationSet(images, labels, len(problems), report_problems(problems, "validation images"))
 
 
 def calibration_batches(
-    run_dir: Path, root: Path, transform: Any, count: int, seed: int = 0, batch_size: int = 16
+    split: Split, transform: Any, count: int, seed: int = 0, batch_size: int = 16
 ) -> Iterator[np.ndarray]:
-    """``count`` training images chosen with ``seed`` (stratified by shuffling), in batches; unreadable
-    files are skipped."""
-    train = list(read_split(run_dir / "split.json", root).train)
+    """``count`` training images chosen with ``seed``, in batches; unreadable files are skipped."""
+    train = list(split.train)
     random.Random(seed).shuffle(train)
     chosen, _ = verify_images(train[: min(count, len(train))])
     for start in range(0, len(chosen), batch_size):

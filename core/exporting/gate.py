@@ -11,8 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from thali.core.training.metrics import summarize
-
 
 def run_onnx(
     path: Path, images: np.ndarray, batch_size: int = 32, providers: Sequence[str] = ()
@@ -28,22 +26,9 @@ def run_onnx(
     return np.concatenate(out).astype(np.float32)
 
 
-def score(
-    logits: np.ndarray, labels: np.ndarray, classes: Sequence[str], temperature: float
-) -> dict[str, Any]:
-    """The training metrics (top-1, top-5, per-class, ECE, NLL) plus per-class accuracy and hits."""
-    result = summarize(logits, labels, list(classes), temperature)
-    hits = logits.argmax(1) == labels
-    result["class_accuracy"] = {
-        name: float(hits[labels == i].mean()) if (labels == i).any() else None
-        for i, name in enumerate(classes)
-    }
-    result["class_hits"] = {name: int(hits[labels == i].sum()) for i, name in enumerate(classes)}
-    return result
-
-
 def gate(candidate: dict[str, Any], reference: dict[str, Any], thresholds: Any) -> dict[str, Any]:
-    """Compare a variant's scores with the fp32 scores; ``passed`` and, when it fails, ``reasons``."""
+    """Compare a variant's scores with the fp32 scores (both from ``metrics.summarize``: ``top1`` and
+    ``per_class`` recall = class accuracy, with support); ``passed`` and, when it fails, ``reasons``."""
     max_top1 = float(getattr(thresholds, "max_top1_drop", 1.0))
     max_class = float(getattr(thresholds, "max_class_drop", 5.0))
     noise = int(getattr(thresholds, "class_noise_images", 1))
@@ -55,19 +40,19 @@ def gate(candidate: dict[str, Any], reference: dict[str, Any], thresholds: Any) 
             f"{100 * reference['top1']:.2f}% (allowed: {max_top1:g})"
         )
     worst: dict[str, Any] = {"class": None, "drop": 0.0, "lost": 0}
-    for name, ref_acc in reference["class_accuracy"].items():
-        got = candidate["class_accuracy"].get(name)
-        if ref_acc is None or got is None:
+    for name, ref in reference["per_class"].items():
+        support = ref["support"]
+        if not support or name not in candidate["per_class"]:
             continue
-        drop = 100.0 * (ref_acc - got)
-        lost = reference["class_hits"][name] - candidate["class_hits"][name]
+        got = candidate["per_class"][name]["recall"]
+        drop = 100.0 * (ref["recall"] - got)
+        lost = round(ref["recall"] * support) - round(got * support)
         if drop > worst["drop"]:
             worst = {"class": name, "drop": round(drop, 2), "lost": lost}
         if drop > max_class + 1e-9 and lost > noise:
             reasons.append(
-                f"class {name!r} drops {drop:.1f} points ({lost} of "
-                f"{reference['per_class'][name]['support']} images lost; allowed: {max_class:g} points "
-                f"or {noise} image(s))"
+                f"class {name!r} drops {drop:.1f} points ({lost} of {support} images lost; "
+                f"allowed: {max_class:g} points or {noise} image(s))"
             )
     return {
         "passed": not reasons,

@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from thali.core.config import DomainConfig, check_components, load_config
-from thali.core.errors import ConfigError, DataError, ThaliError
+from thali.core.config import DomainConfig, check_components
+from thali.core.errors import ConfigError, ThaliError
 from thali.core.export import ExportContext, variant_file
 from thali.core.registry import Registries
 
-from .data import calibration_batches, fingerprint, load_validation, split_root
-from .gate import gate, run_onnx, score
+from .data import calibration_batches, fingerprint, load_validation, run_split
+from .gate import gate, run_onnx
 
 FP32_STEPS = ("onnx", "ort_optimize")
 
@@ -97,34 +97,28 @@ def export_run(
     from tqdm import tqdm
 
     from thali.core import __version__
-    from thali.core.training import checkpoint as ckpt
-    from thali.core.training.model import build_classifier
+    from thali.core.training.evaluate import load_run
+    from thali.core.training.metrics import summarize
     from thali.core.training.transforms import eval_transform
 
     run_dir = Path(run_dir)
-    if not (run_dir / "best.pt").is_file():
-        raise DataError(f"{run_dir}: not a training run (no best.pt); pass the folder `thali train` wrote")
-    config = load_config(run_dir / "config.yaml", ["model.pretrained=none", *overrides])
+    run = load_run(run_dir, registries, overrides)
+    config, model, temperature = run.config, run.model, run.temperature
     check_components(config, registries)
     settings = config.export
     variants = list(dict.fromkeys(v for v in settings.variants if v != "fp32"))
     out_dir = Path(out_dir or run_dir / "export")
-    root = split_root(run_dir, data)
+    split, root = run_split(run_dir, data)
+    classes = config.class_names
 
     bar = tqdm(total=3 + 2 * len(variants), desc="export", unit="step", disable=not progress)
 
     def step(text: str) -> None:
         bar.set_postfix_str(text)
 
-    step("loading model and validation images")
-    model = build_classifier(config, registries)
-    model.load_state_dict(ckpt.load(run_dir / "best.pt")["model"])
-    model.eval()
+    step("loading validation images")
     transform = eval_transform(model.preprocess)
-    val = load_validation(run_dir, root, transform)
-    calibration = run_dir / "calibration.json"
-    temperature = json.loads(calibration.read_text())["temperature"] if calibration.is_file() else 1.0
-    classes = config.class_names
+    val = load_validation(split, transform)
     bar.update()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -135,69 +129,63 @@ def export_run(
         context = ExportContext(
             model=model,
             example=torch.from_numpy(val.images[_spread(len(val.images), 16)]),
-            out_dir=package,
+            out_dir=work,
             opset=settings.opset,
             settings=settings,
             calibration=lambda: calibration_batches(
-                run_dir, root, transform, settings.calibration_images, seed=config.training.seed
+                split, transform, settings.calibration_images, seed=config.training.seed
             ),
-            work_dir=work,
         )
         for name in FP32_STEPS:
             step(name)
             context.reports[name] = registries.exporters.create(name).run(context)
             bar.update()
-        fp32_path = context.artifacts["fp32"]
         step("scoring fp32 on the validation split")
-        reference_logits = run_onnx(fp32_path, val.images)
-        reference = score(reference_logits, val.labels, classes, temperature)
-        shutil.copy2(fp32_path, package / variant_file("fp32"))
-        results: dict[str, Any] = {
+        reference_logits = run_onnx(context.artifacts["fp32"], val.images)
+        reference = summarize(reference_logits, val.labels, classes, temperature)
+        accepted: dict[str, Any] = {
             "fp32": {
-                "file": variant_file("fp32"),
                 "report": context.reports["ort_optimize"],
                 "metrics": reference,
+                "path": context.artifacts["fp32"],
             }
         }
-        rejected: dict[str, list[str]] = {}
+        rejected: dict[str, dict[str, Any]] = {}
         for variant in variants:
             step(variant)
             exporter = registries.exporters.create(variant)
-            produced_name = getattr(exporter, "produces", None) or variant
             try:
                 context.reports[variant] = exporter.run(context)
             except ConfigError:
                 raise
             except ThaliError as exc:
-                rejected[variant] = [f"the exporter failed: {exc.message}"]
+                rejected[variant] = {"reasons": [f"the exporter failed: {exc.message}"]}
                 bar.update(2)
                 continue
             bar.update()
             step(f"gating {variant}")
-            produced = context.artifacts[produced_name]
-            scores = score(run_onnx(produced, val.images), val.labels, classes, temperature)
+            produced = context.artifacts[getattr(exporter, "produces", None) or variant]
+            scores = summarize(run_onnx(produced, val.images), val.labels, classes, temperature)
             verdict = gate(scores, reference, settings.gate)
             bar.update()
+            entry = {"report": context.reports[variant], "metrics": scores, "gate": verdict, "path": produced}
             if verdict["passed"]:
-                shutil.copy2(produced, package / variant_file(variant))
-                results[variant] = {
-                    "file": variant_file(variant),
-                    "report": context.reports[variant],
-                    "metrics": scores,
-                    "gate": verdict,
-                }
+                accepted[variant] = entry
             else:
-                rejected[variant] = verdict["reasons"]
-                results.setdefault("_rejected", {})[variant] = {"metrics": scores, "gate": verdict}
-        rejected_details = results.pop("_rejected", {})
-        fp32_size = (package / variant_file("fp32")).stat().st_size
-        for entry in results.values():
-            size = (package / entry["file"]).stat().st_size
-            entry.update(
-                size_bytes=size,
-                size_ratio_vs_fp32=round(fp32_size / size, 2),
-                sha256=sha256(package / entry["file"]),
-            )
+                rejected[variant] = {"reasons": verdict["reasons"], "metrics": scores, "gate": verdict}
+        fp32_size = accepted["fp32"]["path"].stat().st_size
+        results: dict[str, Any] = {}
+        for variant, entry in accepted.items():
+            target = package / variant_file(variant)
+            shutil.copy2(entry.pop("path"), target)
+            size = target.stat().st_size
+            results[variant] = {
+                "file": target.name,
+                **entry,
+                "size_bytes": size,
+                "size_ratio_vs_fp32": round(fp32_size / size, 2),
+                "sha256": sha256(target),
+            }
         threshold = unknown_threshold(reference_logits, val.labels, temperature)
         (package / "labels.json").write_text(json.dumps(labels_spec(config), indent=1))
         (package / "preprocess.json").write_text(json.dumps(preprocess_spec(model.preprocess), indent=1))
@@ -223,10 +211,7 @@ def export_run(
             "parity": {k: context.reports["onnx"][k] for k in ("max_abs_logit_diff", "top1_agreement")},
             "steps": {name: context.reports[name] for name in FP32_STEPS},
             "variants": results,
-            "rejected": {
-                name: {"reasons": reasons, **rejected_details.get(name, {})}
-                for name, reasons in rejected.items()
-            },
+            "rejected": rejected,
             "warnings": context.warnings + ([val.problems] if val.problems else []),
         }
         (package / "export.json").write_text(json.dumps(report, indent=1, default=float))

@@ -3,33 +3,56 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from thali.core.config import load_config
+from thali.core.config import DomainConfig, load_config
 from thali.core.errors import DataError, NotAvailableError
 from thali.core.registry import Registries
 
 from . import checkpoint as ckpt
 from .data import ImageDataset, make_loader, report_problems, verify_images
 from .metrics import summarize
-from .model import build_classifier
+from .model import Classifier, build_classifier
 from .transforms import eval_transform
+
+
+@dataclass
+class TrainedRun:
+    """What a finished run holds for scoring and export: its resolved config, the best model (eval
+    mode) and the temperature fitted on validation (1.0 if the run has none)."""
+
+    config: DomainConfig
+    model: Classifier
+    temperature: float
+
+
+def load_run(run_dir: Path, registries: Registries, overrides: Sequence[str] = ()) -> TrainedRun:
+    """Rebuild the model of a training run from its ``config.yaml`` and ``best.pt``."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "best.pt").is_file():
+        if (run_dir / "model.onnx").is_file():
+            raise NotAvailableError(f"{run_dir}: this is an export; score exports with `thali bench`")
+        raise DataError(f"{run_dir}: not a training run (no best.pt); pass the folder `thali train` wrote")
+    config = load_config(run_dir / "config.yaml", ["model.pretrained=none", *overrides])
+    model = build_classifier(config, registries)
+    model.load_state_dict(ckpt.load(run_dir / "best.pt")["model"])
+    model.eval()
+    calibration = run_dir / "calibration.json"
+    temperature = json.loads(calibration.read_text())["temperature"] if calibration.is_file() else 1.0
+    return TrainedRun(config, model, float(temperature))
 
 
 def evaluate_run(
     run_dir: Path, data_dir: Path, registries: Registries, batch_size: int = 32, progress: bool = True
 ) -> dict[str, Any]:
     run_dir, data_dir = Path(run_dir), Path(data_dir)
-    if not (run_dir / "best.pt").is_file():
-        if (run_dir / "model.onnx").is_file():
-            raise NotAvailableError(
-                f"{run_dir}: `thali evaluate` scores training runs; use `thali bench` for exports"
-            )
-        raise DataError(f"{run_dir}: not a training run (no best.pt); pass a run directory")
-    config = load_config(run_dir / "config.yaml", ["model.pretrained=none"])
+    run = load_run(run_dir, registries)
+    config, model, temperature = run.config, run.model, run.temperature
     classes = config.class_names
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: no such data folder")
@@ -40,11 +63,6 @@ def evaluate_run(
     images = registries.datasets.create("imagefolder", data_dir, classes=folders)
     samples = [(p, classes.index(folders[label])) for p, label in images.samples]
     samples, problems = verify_images(samples, progress=progress)
-    model = build_classifier(config, registries)
-    model.load_state_dict(ckpt.load(run_dir / "best.pt")["model"])
-    model.eval()
-    calibration = run_dir / "calibration.json"
-    temperature = json.loads(calibration.read_text())["temperature"] if calibration.is_file() else 1.0
     loader = make_loader(
         ImageDataset(samples, eval_transform(model.preprocess)),
         batch_size,

@@ -172,6 +172,13 @@ def test_a_flipped_byte_on_s3_is_refused(
         store.resolve(DOMAIN, 1)
 
 
+def _shared_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[str, dict, dict]:
+    """A store several processes can reach: its URL, storage options, and the environment for them."""
+    s3 = request.getfixturevalue("s3_endpoint") if kind == "s3" else None
+    url, options = _store(kind, tmp_path, s3)
+    return url, options, {"THALI_REGISTRY_OPTIONS": json.dumps(options), **(s3["env"] if s3 else {})}
+
+
 def _publisher(url: str, export: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*thali_command(), "publish", str(export), "--registry", url, "--json"],
@@ -186,9 +193,7 @@ def _publisher(url: str, export: Path, env: dict[str, str]) -> subprocess.Popen[
 def test_concurrent_publishers_get_distinct_versions(
     kind: str, tmp_path: Path, tiny_export: Path, request
 ) -> None:
-    s3 = request.getfixturevalue("s3_endpoint") if kind == "s3" else None
-    url, options = _store(kind, tmp_path, s3)
-    env = {"THALI_REGISTRY_OPTIONS": json.dumps(options), **(s3["env"] if s3 else {})}
+    url, options, env = _shared_store(kind, tmp_path, request)
     processes = [_publisher(url, tiny_export, env) for _ in range(4)]
     versions = []
     for process in processes:
@@ -206,9 +211,7 @@ def test_concurrent_publishers_get_distinct_versions(
 def test_a_reader_polling_during_publishes_never_sees_a_partial_version(
     kind: str, tmp_path: Path, tiny_export: Path, request
 ) -> None:
-    s3 = request.getfixturevalue("s3_endpoint") if kind == "s3" else None
-    url, options = _store(kind, tmp_path, s3)
-    env = {"THALI_REGISTRY_OPTIONS": json.dumps(options), **(s3["env"] if s3 else {})}
+    url, options, env = _shared_store(kind, tmp_path, request)
     reader = ModelRegistry(url, storage_options=options, cache_dir=tmp_path / "cache")
     publishers = [_publisher(url, tiny_export, env) for _ in range(3)]
     polls, seen = 0, set()
