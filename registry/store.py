@@ -9,7 +9,8 @@ Layout under the registry URL::
 Publishing is atomic for readers because a version exists only once its ``checksums.json`` does, and
 that file is written last in one piece (one PUT on object stores, write-then-rename on a local disk).
 Concurrent publishers never share a number because each takes it by creating ``claims/<N>``
-exclusively (``O_EXCL`` locally, ``If-None-Match: *`` on S3; the store must support it). Loading reads
+exclusively (``O_EXCL`` locally, ``If-None-Match: *`` on S3; other stores must make
+``pipe_file(mode="create")`` atomic). Loading reads
 every file and checks its sha256 before anything is handed out.
 """
 
@@ -98,8 +99,17 @@ class ModelRegistry:
             self.fs.pipe_file(path, data)
 
     def _create_exclusive(self, path: str, data: bytes) -> None:
+        """Create ``path`` only if it does not exist, atomically; FileExistsError otherwise.
+
+        On a disk this is ``O_CREAT | O_EXCL``: fsspec's generic ``mode="create"`` checks, then
+        writes, and two processes can both pass the check (seen in the concurrency test). Object
+        stores get ``mode="create"`` (s3fs sends ``If-None-Match: *``, which the store enforces)."""
         if self.local:
             self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            return
         try:
             self.fs.pipe_file(path, data, mode="create")
         except TypeError:  # an fsspec filesystem without create mode
