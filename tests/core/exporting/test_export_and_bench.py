@@ -117,6 +117,8 @@ def test_bench_reports_rows_ratios_and_providers(exported: dict[str, Any], tmp_p
     bench = json.loads(result.stdout)
     rows = {r["name"]: r for r in bench["rows"]}
     assert "torch eager fp32 (cpu)" in rows and "onnxruntime fp32 (CPU)" in rows
+    assert rows["torch eager fp32 (cpu)"]["x_torch_eager"] == 1.0  # ratios are against plain eager
+    assert rows["torch eager fp32 channels_last (cpu)"]["top1"] == rows["torch eager fp32 (cpu)"]["top1"]
     assert {r["variant"] for r in bench["rows"] if r["engine"] == "onnxruntime"} == set(exported["variants"])
     for row in bench["rows"]:
         assert row["latency_ms_p50"] > 0 and row["latency_ms_p95"] >= row["latency_ms_p50"]
