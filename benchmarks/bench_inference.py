@@ -26,6 +26,7 @@ DEFAULT_RUN = REPO / "runs" / "bench" / "e_full_se_attention_ema"
 
 def main() -> int:
     from thali.core import build_plugin_manager
+    from thali.core.cli.export import print_summary
     from thali.core.domains import resolve_domain
     from thali.core.exporting.bench import bench_model, write_bench
     from thali.core.exporting.pipeline import export_run
@@ -55,13 +56,7 @@ def main() -> int:
             data=args.data,
             overrides=[f"export={json.dumps(settings)}"],
         )
-        for name, variant in report["variants"].items():
-            gate = variant.get("gate")
-            verdict = f"passed, top-1 drop {gate['top1_drop']:.2f} pts" if gate else "reference"
-            top1 = 100 * variant["metrics"]["top1"]
-            print(f"{name:<6} {variant['size_bytes'] / 1e6:6.2f} MB  top-1 {top1:.2f}%  {verdict}")
-        for name, info in report["rejected"].items():
-            print(f"{name:<6} rejected: {'; '.join(info['reasons'])}")
+        print_summary(report)
     result = bench_model(
         export_dir,
         registries,

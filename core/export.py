@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .config import ExportConfig
+from .errors import ThaliError
 
 #: File name of each built-in variant inside an export (and a model package).
 VARIANT_FILES: dict[str, str] = {
@@ -54,6 +55,24 @@ class ExportContext:
     artifacts: dict[str, Path] = field(default_factory=dict)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    _torch_logits: Any = field(default=None, repr=False)
+
+    def require(self, artifact: str, by: str) -> Path:
+        """The file an earlier exporter stored as ``artifact``; a clear error if it has not run."""
+        if artifact not in self.artifacts:
+            step = "onnx" if artifact == "fp32_raw" else artifact
+            raise ThaliError(f"{by} needs the {step} exporter to run first")
+        return self.artifacts[artifact]
+
+    def torch_logits(self) -> Any:
+        """The torch model's logits on ``example`` (numpy), computed once per export for every parity
+        check."""
+        if self._torch_logits is None:
+            import torch
+
+            with torch.no_grad():
+                self._torch_logits = self.model(self.example).numpy()
+        return self._torch_logits
 
 
 class Exporter(Protocol):

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from thali.core import hookimpl
-from thali.core.errors import ThaliError
 from thali.core.export import ExportContext, variant_file
 from thali.core.registry import Registry
 
@@ -24,9 +23,7 @@ class Float16:
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        source = context.artifacts.get("fp32_raw")
-        if source is None:
-            raise ThaliError("fp16 export needs the onnx exporter to run first")
+        source = context.require("fp32_raw", by="fp16 export")
         model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
         path = context.out_dir / variant_file(self.produces)
         onnx.save(model, str(path))

@@ -112,9 +112,7 @@ def _preprocessed(context: ExportContext) -> Path:
 
     if "quant_pre" in context.artifacts:
         return context.artifacts["quant_pre"]
-    source = context.artifacts.get("fp32_raw")
-    if source is None:
-        raise ThaliError("int8 export needs the onnx exporter to run first")
+    source = context.require("fp32_raw", by="int8 export")
     path = context.out_dir / "model.quant_pre.onnx"
     try:
         quant_pre_process(str(source), str(path))

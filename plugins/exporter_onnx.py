@@ -24,14 +24,11 @@ def _session(path: Path, **options: Any) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def parity(path: Path, context: ExportContext, reference: Any = None) -> dict[str, float]:
-    """Max absolute logit difference and top-1 agreement of ``path`` against torch (or ``reference``)."""
+def parity(path: Path, context: ExportContext) -> dict[str, float]:
+    """Max absolute logit difference and top-1 agreement of ``path`` against torch."""
     import numpy as np
-    import torch
 
-    if reference is None:
-        with torch.no_grad():
-            reference = context.model(context.example).numpy()
+    reference = context.torch_logits()
     got = _session(path).run(None, {INPUT: context.example.numpy()})[0]
     return {
         "max_abs_logit_diff": float(np.abs(got - reference).max()),
@@ -74,9 +71,7 @@ class OrtOptimize:
     def run(self, context: ExportContext) -> dict[str, Any]:
         import onnxruntime as ort
 
-        source = context.artifacts.get("fp32_raw")
-        if source is None:
-            raise ThaliError("ort_optimize needs the onnx exporter to run first")
+        source = context.require("fp32_raw", by="ort_optimize")
         path = context.out_dir / "model.onnx"
         _session(
             source,

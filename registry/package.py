@@ -25,6 +25,10 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def _variant_files(export: dict[str, Any]) -> dict[str, str]:
     return {name: entry["file"] for name, entry in export["variants"].items()}
 
@@ -57,7 +61,7 @@ def _card(export_dir: Path, export: dict[str, Any], version: int) -> dict[str, A
     return {
         "domain": export["domain"],
         "version": version,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": utc_now(),
         "thali_version": __version__,
         "variants": sorted(metrics),
         "metrics": metrics,

@@ -17,7 +17,6 @@ every file and checks its sha256 before anything is handed out.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ from typing import Any
 
 from thali.core.errors import ConfigError, IntegrityError, ModelRegistryError, NotFoundError
 
-from .package import CHECKSUMS, ModelPackage, package_files, read_export, sha256_bytes
+from .package import CHECKSUMS, ModelPackage, package_files, read_export, sha256_bytes, utc_now
 
 REGISTRY_ENV = "THALI_REGISTRY"
 OPTIONS_ENV = "THALI_REGISTRY_OPTIONS"
@@ -248,7 +247,7 @@ class ModelRegistry:
             if p.rstrip("/").rsplit("/", 1)[-1].isdigit()
         ]
         number = max([0, *taken, *self.versions(domain, refresh=False)]) + 1
-        stamp = {"host": socket.gethostname(), "pid": os.getpid(), "at": _now()}
+        stamp = {"host": socket.gethostname(), "pid": os.getpid(), "at": utc_now()}
         for _ in range(10_000):
             try:
                 self._create_exclusive(self._path(domain, "claims", number), json.dumps(stamp).encode())
@@ -282,7 +281,7 @@ class ModelRegistry:
         """Point ``alias`` at ``version`` (which must be complete); returns the version."""
         alias = _check_alias(alias)
         number = self.resolve_version(domain, version)
-        record = {"version": number, "updated_at": _now(), "by": f"{socket.gethostname()}:{os.getpid()}"}
+        record = {"version": number, "updated_at": utc_now(), "by": f"{socket.gethostname()}:{os.getpid()}"}
         self._write_whole(self._path(domain, "aliases", f"{alias}.json"), json.dumps(record).encode())
         return number
 
@@ -315,7 +314,3 @@ def _check_alias(alias: str) -> str:
 def _protocols(fs: Any) -> set[str]:
     protocol = fs.protocol
     return set(protocol) if isinstance(protocol, (tuple, list)) else {protocol}
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

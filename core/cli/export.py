@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from .context import Context, print_json
 
@@ -60,6 +61,12 @@ def run_export(ctx: Context) -> int:
     if args.json:
         print_json(report)
         return 0
+    print_summary(report)
+    return 0
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """What `thali export` prints: parity, node counts, each variant with its gate verdict, warnings."""
     print(f"{report['domain']}: export in {report['out_dir']}")
     print(
         f"  parity with torch: max logit difference {report['parity']['max_abs_logit_diff']:.2e}, "
@@ -78,7 +85,6 @@ def run_export(ctx: Context) -> int:
         print(f"  {name:<13} NOT WRITTEN: " + "; ".join(info["reasons"]))
     for warning in report["warnings"]:
         print(f"warning: {warning}")
-    return 0
 
 
 def run_bench(ctx: Context) -> int:

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from thali.core.config import GateConfig
+
 
 def run_onnx(
     path: Path, images: np.ndarray, batch_size: int = 32, providers: Sequence[str] = ()
@@ -26,12 +28,11 @@ def run_onnx(
     return np.concatenate(out).astype(np.float32)
 
 
-def gate(candidate: dict[str, Any], reference: dict[str, Any], thresholds: Any) -> dict[str, Any]:
+def gate(candidate: dict[str, Any], reference: dict[str, Any], thresholds: GateConfig) -> dict[str, Any]:
     """Compare a variant's scores with the fp32 scores (both from ``metrics.summarize``: ``top1`` and
     ``per_class`` recall = class accuracy, with support); ``passed`` and, when it fails, ``reasons``."""
-    max_top1 = float(getattr(thresholds, "max_top1_drop", 1.0))
-    max_class = float(getattr(thresholds, "max_class_drop", 5.0))
-    noise = int(getattr(thresholds, "class_noise_images", 1))
+    max_top1, max_class = thresholds.max_top1_drop, thresholds.max_class_drop
+    noise = thresholds.class_noise_images
     top1_drop = 100.0 * (reference["top1"] - candidate["top1"])
     reasons: list[str] = []
     if top1_drop > max_top1 + 1e-9:
