@@ -8,6 +8,7 @@ looks them up in the plugin registries.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,9 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, UnknownComponentError
+from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 from .registry import Registries
+from .safe_yaml import parse_yaml, read_yaml
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
 class Strict(BaseModel):
@@ -56,6 +60,14 @@ class DatasetConfig(Strict):
     licence: str = Field("", description="the data's licence or terms; copied into every model card")
     split: SplitConfig = Field(default_factory=SplitConfig)
     params: dict[str, Any] = Field(default_factory=dict)
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, description="an image with more pixels is skipped unread (bombs)"
+    )
+    max_image_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="a larger image file is skipped unread")
+
+    def image_limits(self) -> ImageLimits:
+        """The caps every image of this dataset is checked against before decoding."""
+        return ImageLimits(max_pixels=self.max_image_pixels, max_bytes=self.max_image_bytes)
 
 
 class AttentionPlacement(Strict):
@@ -156,7 +168,14 @@ class TrainingConfig(Strict):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     seed: int = 42
     num_workers: int = Field(2, ge=0)
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(v):
+            raise ValueError("expected 'auto', 'cpu', 'cuda', 'cuda:N' (N a GPU index) or 'mps'")
+        return v
 
 
 class GateConfig(Strict):
@@ -253,10 +272,7 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. training.epochs=3")
     path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    value = parse_yaml(raw, f"--set {key.strip()}")[0] if raw.strip() else ""
     return path, value
 
 
@@ -311,9 +327,9 @@ def validation_to_config_error(
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         where = format_path(loc)
-        line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
-        prefix = f"{source}:{line}" if line else source
         origin = " (from --set)" if any(loc[: len(p)] == p for p in overridden) else ""
+        line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+        prefix = f"{source}:{line}" if line and not origin else source  # no file line for a --set
         text = _describe(err)
         problems.append(f"{prefix}: {where}: {text}{origin}")
         fields[where] = text
@@ -336,11 +352,8 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def read_mapping(
     path: Path, expected: str = "expected a mapping of fields at the top level"
 ) -> dict[str, Any]:
-    """The YAML mapping in ``path``, unvalidated; a parse error or a non-mapping is a ConfigError."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    """The YAML mapping in ``path``, unvalidated and within the YAML limits; else a ConfigError."""
+    data = read_yaml(path)[0] or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: {expected}")
     return data
@@ -353,12 +366,7 @@ def load_config(
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data, node = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of fields at the top level")
     for preset in presets or []:

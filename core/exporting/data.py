@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,10 @@ from typing import Any
 import numpy as np
 
 from thali.core.errors import DataError
+from thali.core.images import DEFAULT_LIMITS, ImageLimits
 from thali.core.training.data import Sample, Split, load_rgb, read_split, report_problems, verify_images
+
+log = logging.getLogger("thali.export")
 
 
 @dataclass
@@ -44,27 +48,55 @@ def fingerprint(run_dir: Path) -> str:
     return hashlib.sha256((run_dir / "split.json").read_bytes()).hexdigest()
 
 
-def _preprocess(samples: Sequence[Sample], transform: Any) -> tuple[np.ndarray, np.ndarray]:
-    images = [transform(image=load_rgb(path))["image"].numpy() for path, _ in samples]
-    return np.stack(images).astype(np.float32), np.array([label for _, label in samples], dtype=np.int64)
+def _preprocess(
+    samples: Sequence[Sample], transform: Any, limits: ImageLimits = DEFAULT_LIMITS
+) -> tuple[np.ndarray | None, np.ndarray, list[tuple[Path, str]]]:
+    """Decode and transform; an image that fails to decode (a truncated file passes the header check)
+    is left out with its label and returned as ``(path, reason)``. Images are ``None`` if none decoded."""
+    images, labels, problems = [], [], []
+    for path, label in samples:
+        try:
+            rgb = load_rgb(path, limits)
+        except Exception as exc:  # any decoder error means: skip this file
+            why = exc.message if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
+            problems.append((path, why))
+            continue
+        images.append(transform(image=rgb)["image"].numpy())
+        labels.append(label)
+    stacked = np.stack(images).astype(np.float32) if images else None
+    return stacked, np.array(labels, dtype=np.int64), problems
 
 
-def load_validation(split: Split, transform: Any, progress: bool = False) -> ValidationSet:
+def load_validation(
+    split: Split, transform: Any, progress: bool = False, limits: ImageLimits = DEFAULT_LIMITS
+) -> ValidationSet:
+    """The run's validation images, preprocessed; unreadable ones are counted in ``skipped``."""
     if not split.val:
         raise DataError("the run has no validation split, so variants cannot be gated")
-    good, problems = verify_images(split.val, progress=progress)
-    if not good:
+    good, problems = verify_images(split.val, progress=progress, limits=limits)
+    images, labels, broken = _preprocess(good, transform, limits)
+    problems += broken
+    if images is None:
         raise DataError(f"none of the {len(split.val)} validation images could be read")
-    images, labels = _preprocess(good, transform)
     return ValidationSet(images, labels, len(problems), report_problems(problems, "validation images"))
 
 
 def calibration_batches(
-    split: Split, transform: Any, count: int, seed: int = 0, batch_size: int = 16
+    split: Split,
+    transform: Any,
+    count: int,
+    seed: int = 0,
+    batch_size: int = 16,
+    limits: ImageLimits = DEFAULT_LIMITS,
 ) -> Iterator[np.ndarray]:
     """``count`` training images chosen with ``seed``, in batches; unreadable files are skipped."""
     train = list(split.train)
     random.Random(seed).shuffle(train)
-    chosen, _ = verify_images(train[: min(count, len(train))])
+    chosen, problems = verify_images(train[: min(count, len(train))], limits=limits)
     for start in range(0, len(chosen), batch_size):
-        yield _preprocess(chosen[start : start + batch_size], transform)[0]
+        images, _, broken = _preprocess(chosen[start : start + batch_size], transform, limits)
+        problems += broken
+        if images is not None:
+            yield images
+    if message := report_problems(problems, "calibration images"):
+        log.warning(message)

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from thali.core.config import DomainConfig
 from thali.core.errors import DataError
+from thali.core.files import write_atomic
+from thali.core.images import DEFAULT_LIMITS, ImageLimits, check_header, decode_rgb
 from thali.core.registry import Registries
 
 log = logging.getLogger("thali.data")
@@ -40,16 +41,20 @@ def resolve_data_root(config: DomainConfig, data: str | None = None) -> Path:
     )
 
 
-def verify_images(samples: Sequence[Sample], progress: bool = False) -> tuple[list[Sample], list[Any]]:
-    """Open every image header; return the good samples and ``(path, reason)`` for the rest."""
+def verify_images(
+    samples: Sequence[Sample], progress: bool = False, limits: ImageLimits = DEFAULT_LIMITS
+) -> tuple[list[Sample], list[Any]]:
+    """Check every image's header against ``limits`` (no pixel is decoded); return the good samples and
+    ``(path, reason)`` for the rest: broken, empty, too large, or too many pixels (a bomb)."""
     from tqdm import tqdm
 
     good, bad = [], []
     for path, label in tqdm(samples, desc="checking images", unit="img", disable=not progress, leave=False):
         try:
-            with Image.open(path) as img:
-                img.verify()
+            check_header(path, limits)
             good.append((path, label))
+        except DataError as exc:
+            bad.append((path, exc.message))
         except Exception as exc:  # any decoder error means: skip this file
             bad.append((path, f"{type(exc).__name__}: {exc}"))
     return good, bad
@@ -72,7 +77,7 @@ def read_samples(
     )
     if list(images.classes) != config.class_names:
         raise DataError(f"{root}: the dataset's classes do not match the config's classes")
-    good, bad = verify_images(images.samples, progress=progress)
+    good, bad = verify_images(images.samples, progress=progress, limits=config.dataset.image_limits())
     return good, [*images.problems, *bad]
 
 
@@ -123,7 +128,7 @@ def write_split(path: Path, split: Split, root: Path, classes: Sequence[str]) ->
 
     data = {"root": str(base), "classes": list(classes)}
     data.update({name: rows(getattr(split, name)) for name in ("train", "val", "test")})
-    path.write_text(json.dumps(data, indent=1))
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def read_split(path: Path, root: Path | None = None) -> Split:
@@ -132,25 +137,21 @@ def read_split(path: Path, root: Path | None = None) -> Split:
     return Split(*([(base / p, int(label)) for p, label in data[name]] for name in ("train", "val", "test")))
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to an RGB uint8 array (EXIF orientation applied)."""
-    from PIL import ImageOps
-
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "P"):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
-        return np.asarray(img.convert("RGB"))
+def load_rgb(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decode an image file to an RGB uint8 array (EXIF orientation applied), within ``limits``."""
+    return decode_rgb(path, limits)
 
 
 class ImageDataset:
-    """A map-style dataset of ``(tensor, label)``; an unreadable image yields ``None`` (skipped)."""
+    """A map-style dataset of ``(tensor, label)``; an unreadable or over-limit image yields ``None``
+    (skipped)."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable[..., Any]) -> None:
+    def __init__(
+        self, samples: Sequence[Sample], transform: Callable[..., Any], limits: ImageLimits = DEFAULT_LIMITS
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.limits = limits
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -158,7 +159,7 @@ class ImageDataset:
     def __getitem__(self, index: int) -> tuple[Any, int, int] | None:
         path, label = self.samples[index]
         try:
-            image = load_rgb(path)
+            image = load_rgb(path, self.limits)
         except Exception as exc:
             log.warning("skipping unreadable image %s: %s", path, exc)
             return None

@@ -1,0 +1,38 @@
+"""The one name rule for everything that becomes part of a storage path: domains, aliases, variants.
+
+A name is 1 to 64 characters: a lowercase letter first, then lowercase letters, digits, ``_`` or
+``-``. Such a name cannot traverse (no ``/``, ``\\``, ``.``), cannot glob (no ``*``, ``?``, ``[``),
+cannot carry a URL scheme (no ``:``) and means the same on every store and file system. It is checked
+at every entry point (the CLI, the Python API, the registry store, the REST service) before the name
+touches storage, and again on names read back from a store.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import ConfigError
+
+NAME_RULE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+RULE_TEXT = "1-64 characters: a lowercase letter first, then lowercase letters, digits, '_' or '-'"
+#: Names the registry gives a meaning of its own; they cannot be aliases.
+RESERVED_ALIASES = frozenset({"latest"})
+
+
+def is_valid_name(name: object) -> bool:
+    return isinstance(name, str) and NAME_RULE.fullmatch(name) is not None
+
+
+def check_name(name: object, what: str = "name") -> str:
+    """``name`` if it follows the rule, else a :class:`ConfigError` that names ``what`` and the rule."""
+    if not is_valid_name(name):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise ConfigError(f"{what} {shown} is not a valid name ({RULE_TEXT})", errors={what: RULE_TEXT})
+    return name  # type: ignore[return-value]
+
+
+def check_alias(alias: object) -> str:
+    check_name(alias, "alias")
+    if alias in RESERVED_ALIASES:
+        raise ConfigError(f"alias {alias!r} is built in and cannot be set", errors={"alias": "reserved"})
+    return alias  # type: ignore[return-value]
