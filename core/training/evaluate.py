@@ -40,7 +40,7 @@ def load_run(run_dir: Path, registries: Registries, overrides: Sequence[str] = (
         raise DataError(f"{run_dir}: not a training run (no best.pt); pass the folder `thali train` wrote")
     config = load_config(run_dir / "config.yaml", ["model.pretrained=none", *overrides])
     model = build_classifier(config, registries)
-    model.load_state_dict(ckpt.load(run_dir / "best.pt")["model"])
+    ckpt.load_weights(model, ckpt.load(run_dir / "best.pt")["model"], run_dir / "best.pt")
     model.eval()
     calibration = run_dir / "calibration.json"
     temperature = json.loads(calibration.read_text())["temperature"] if calibration.is_file() else 1.0
@@ -62,9 +62,10 @@ def evaluate_run(
         raise DataError(f"{data_dir}: folders {', '.join(unknown)} are not classes of {config.name}")
     images = registries.datasets.create("imagefolder", data_dir, classes=folders)
     samples = [(p, classes.index(folders[label])) for p, label in images.samples]
-    samples, problems = verify_images(samples, progress=progress)
+    limits = config.dataset.image_limits()
+    samples, problems = verify_images(samples, progress=progress, limits=limits)
     loader = make_loader(
-        ImageDataset(samples, eval_transform(model.preprocess)),
+        ImageDataset(samples, eval_transform(model.preprocess), limits=limits),
         batch_size,
         shuffle=False,
         seed=0,

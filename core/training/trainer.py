@@ -24,6 +24,7 @@ from torch import nn
 
 from thali.core.config import DomainConfig
 from thali.core.errors import DataError
+from thali.core.files import write_atomic
 from thali.core.registry import Registries
 
 from . import checkpoint as ckpt
@@ -127,9 +128,7 @@ class Trainer:
         if message := report_problems(problems):
             self.notes.append(message)
             if self.dist.main:
-                (self.run_dir / "problems.txt").write_text(
-                    "".join(f"{p}\t{why}\n" for p, why in problems), encoding="utf-8"
-                )
+                write_atomic(self.run_dir / "problems.txt", "".join(f"{p}\t{why}\n" for p, why in problems))
         s = self.config.dataset.split
         self.split = split_samples(samples, s.val, s.test, s.seed)
         if not self.split.train or not self.split.val:
@@ -166,8 +165,11 @@ class Trainer:
             "num_workers": t.num_workers,
             "progress": self.options.progress and self.dist.main,
         }
-        train_ds = ImageDataset(self.split.train, train_transform(self.config.augmentation, self.preprocess))
-        val_ds = ImageDataset(self.split.val, eval_transform(self.preprocess))
+        limits = self.config.dataset.image_limits()
+        train_ds = ImageDataset(
+            self.split.train, train_transform(self.config.augmentation, self.preprocess), limits=limits
+        )
+        val_ds = ImageDataset(self.split.val, eval_transform(self.preprocess), limits=limits)
         started = time.perf_counter()
         self.train_feats = compute_features(
             engine,
@@ -201,7 +203,11 @@ class Trainer:
                 r = rows[start : start + t.batch_size]
                 yield cache.features[r].float(), cache.labels[r]
             return
-        dataset = ImageDataset(self.split.train, train_transform(self.config.augmentation, self.preprocess))
+        dataset = ImageDataset(
+            self.split.train,
+            train_transform(self.config.augmentation, self.preprocess),
+            limits=self.config.dataset.image_limits(),
+        )
         sampler = None
         if self.dist.world > 1:
             sampler = torch.utils.data.distributed.DistributedSampler(dataset, seed=t.seed, drop_last=True)
@@ -221,13 +227,16 @@ class Trainer:
 
     # --- loop -------------------------------------------------------------------------------------
 
+    def _write_config(self) -> None:
+        if self.dist.main:
+            text = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False)
+            write_atomic(self.run_dir / "config.yaml", text)
+
     def fit(self) -> dict[str, Any]:
         t = self.config.training
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist.main:
-            (self.run_dir / "config.yaml").write_text(
-                yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
-            )
+        if not self.options.resume:
+            self._write_config()
         ckpt.seed_everything(t.seed)
         self._data()
         self._model()
@@ -245,6 +254,7 @@ class Trainer:
         state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": []}
         if self.options.resume:
             state = parts.restore(self.run_dir / "last.pt")
+            self._write_config()  # only now: a resume that fails leaves the run's config.yaml as it was
         writer = None
         if self.dist.main:
             from torch.utils.tensorboard import SummaryWriter
@@ -265,16 +275,18 @@ class Trainer:
             eval_model = ema.module if ema else self.model
             logits, labels = self._predict(eval_model, "val")
             val = summarize(logits, labels, self.classes)
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(1, seen),
-                "train_top1": correct / max(1, seen),
-                "val_loss": val["nll"],
-                "val_top1": val["top1"],
-                "val_top5": val["top5"],
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": seen / max(seconds, 1e-9),
-            }
+            record = ckpt.plain(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": loss_sum / max(1, seen),
+                    "train_top1": correct / max(1, seen),
+                    "val_loss": val["nll"],
+                    "val_top1": val["top1"],
+                    "val_top5": val["top5"],
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_s": seen / max(seconds, 1e-9),
+                }
+            )
             state["history"].append(record)
             metric, stop = record[t.early_stopping.metric], t.early_stopping
             sign = 1.0 if stop.metric == "val_top1" else -1.0
@@ -290,12 +302,14 @@ class Trainer:
                 if better:
                     best = {
                         "model": eval_model.state_dict(),
-                        "classes": self.classes,
-                        "preprocess": self.preprocess,
+                        "classes": list(self.classes),
+                        "preprocess": ckpt.plain(self.preprocess),
                         "epoch": epoch + 1,
                     }
                     ckpt.save_atomic(best, self.run_dir / "best.pt")
-                parts.save(self.run_dir / "last.pt", state, classes=self.classes, preprocess=self.preprocess)
+                parts.save(
+                    self.run_dir / "last.pt", state, classes=list(self.classes), preprocess=self.preprocess
+                )
                 log.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 4) for k, v in record.items()}))
             if t.early_stopping.enabled and state["bad_epochs"] >= t.early_stopping.patience:
                 self.notes.append(f"early stop after epoch {epoch + 1} (best epoch {state['best_epoch']})")
@@ -379,7 +393,7 @@ class Trainer:
             return torch.cat(out).numpy(), cache.labels.numpy()
         samples = getattr(self.split, which)
         loader = make_loader(
-            ImageDataset(samples, eval_transform(self.preprocess)),
+            ImageDataset(samples, eval_transform(self.preprocess), limits=self.config.dataset.image_limits()),
             self.config.training.batch_size,
             shuffle=False,
             seed=0,
@@ -394,8 +408,8 @@ class Trainer:
         return torch.cat(out).numpy(), torch.cat(labels).numpy()
 
     def _final_metrics(self) -> dict[str, Any]:
-        best = ckpt.load(self.run_dir / "best.pt")
-        self.model.load_state_dict(best["model"])
+        best = ckpt.load(self.run_dir / "best.pt", ("model", "epoch"))
+        ckpt.load_weights(self.model, best["model"], self.run_dir / "best.pt")
         logits, labels = self._predict(self.model, "val")
         temperature = fit_temperature(logits, labels)
         raw = summarize(logits, labels, self.classes)
@@ -415,8 +429,8 @@ class Trainer:
         if self.split.test:
             test_logits, test_labels = self._predict(self.model, "test")
             metrics["test"] = summarize(test_logits, test_labels, self.classes, temperature)
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        (self.run_dir / "calibration.json").write_text(json.dumps({"temperature": temperature}, indent=1))
+        write_atomic(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
+        write_atomic(self.run_dir / "calibration.json", json.dumps({"temperature": temperature}, indent=1))
         return {"metrics": metrics}
 
 
