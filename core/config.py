@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError, UnknownComponentError
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
+from .names import check_name
 from .registry import Registries
 from .safe_yaml import parse_yaml, read_yaml
 
@@ -212,7 +213,7 @@ class ServingConfig(Strict):
 class DomainConfig(Strict):
     """A domain pack: what to recognise, from which data, with which model, and how to serve it."""
 
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, max_length=64, description="also the registry's domain name")
     description: str = ""
     classes: list[ClassSpec] = Field(min_length=2)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -391,6 +392,7 @@ def check_components(config: DomainConfig, registries: Registries) -> None:
         refs.append((f"model.attention[{i}].name", "attention", placement.name))
     for i, variant in enumerate(config.export.variants):
         if variant != "fp32":
+            check_name(variant, f"export.variants[{i}]")  # it becomes a file name in every package
             refs.append((f"export.variants[{i}]", "exporters", variant))
     for field_path, kind, name in refs:
         registry = registries.of(kind)

@@ -11,13 +11,16 @@ copies it into the export folder when it passes.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from .config import ExportConfig
-from .errors import ThaliError
+from .errors import DataError, ThaliError
+from .names import check_name, is_valid_name
 
 #: File name of each built-in variant inside an export (and a model package).
 VARIANT_FILES: dict[str, str] = {
@@ -28,9 +31,81 @@ VARIANT_FILES: dict[str, str] = {
 }
 
 
+#: The metadata files of an export (and of a model package) besides the models; each one's sha256 is
+#: recorded in ``export.json`` under ``files``.
+METADATA_FILES: tuple[str, ...] = ("labels.json", "preprocess.json", "calibration.json")
+EXPORT_REPORT = "export.json"
+EXPORT_CONFIG = "config.yaml"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def variant_file(variant: str) -> str:
-    """``model.onnx`` for fp32, ``model.<variant>.onnx`` for every other variant (plugins' too)."""
+    """``model.onnx`` for fp32, ``model.<variant>.onnx`` for every other variant (plugins' too).
+
+    The variant name must follow the one name rule (:mod:`thali.core.names`), so the file name is always
+    one plain name inside the export or package folder; it is never read from metadata."""
+    check_name(variant, "variant")
     return VARIANT_FILES.get(variant, f"model.{variant}.onnx")
+
+
+def is_model_file(name: str) -> bool:
+    """Whether ``name`` is the file name of some variant (``model.onnx``, ``model.<variant>.onnx``)."""
+    if name == "model.onnx":
+        return True
+    parts = name.split(".")
+    return len(parts) == 3 and parts[0] == "model" and parts[2] == "onnx" and is_valid_name(parts[1])
+
+
+def read_export_report(export_dir: Path) -> dict[str, Any]:
+    """``export.json`` of an export folder, checked for the shape thali relies on.
+
+    An export folder is untrusted input (a teammate's, a download): the domain and every variant name
+    must follow the name rule, every variant's ``file`` must be the name :func:`variant_file` gives it,
+    and every model and metadata file must have a recorded sha256. Anything else is a one-line
+    :class:`DataError` naming the file and the field."""
+    from .files import read_bounded
+
+    export_dir = Path(export_dir)
+    path = export_dir / EXPORT_REPORT
+    if not path.is_file():
+        raise DataError(f"{export_dir}: not an export (no {EXPORT_REPORT}); run `thali export RUN_DIR` first")
+
+    def bad(field_path: str, why: str) -> DataError:
+        return DataError(f"{path}: {field_path}: {why}", errors={field_path: why})
+
+    try:
+        report = json.loads(read_bounded(path, 64 * 1024 * 1024, EXPORT_REPORT))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(report, dict):
+        raise bad("(top level)", "expected a JSON object")
+    if not is_valid_name(report.get("domain")):
+        raise bad("domain", f"{report.get('domain')!r} is not a valid domain name")
+    variants = report.get("variants")
+    if not isinstance(variants, dict) or "fp32" not in variants:
+        raise bad("variants", "expected an object with at least the fp32 variant")
+    for name, entry in variants.items():
+        where = f"variants.{name}"
+        if not is_valid_name(name):
+            raise bad(where, "not a valid variant name")
+        if not isinstance(entry, dict):
+            raise bad(where, "expected an object")
+        if entry.get("file") != variant_file(name):
+            raise bad(f"{where}.file", f"expected {variant_file(name)!r}, found {entry.get('file')!r}")
+        if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+            raise bad(f"{where}.sha256", "missing or not a sha256; export again")
+        if not isinstance(entry.get("metrics"), dict):
+            raise bad(f"{where}.metrics", "missing")
+    files = report.get("files")
+    if not isinstance(files, dict):
+        raise bad("files", "missing: this export records no sha256 of its metadata files; export again")
+    for name in (*METADATA_FILES, EXPORT_CONFIG):
+        if not isinstance(files.get(name), str) or not _SHA256.fullmatch(files[name]):
+            raise bad(f"files.{name}", "missing or not a sha256; export again")
+    for key in ("lineage", "dataset", "rejected"):
+        if not isinstance(report.get(key, {}), dict):
+            raise bad(key, "expected an object")
+    return report
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
-from .errors import DuplicateComponentError, RegistryError, UnknownComponentError
+from .errors import DuplicateComponentError, PluginError, RegistryError, ThaliError, UnknownComponentError
 
 T = TypeVar("T")
 
@@ -165,8 +165,23 @@ class Registry(Generic[T]):
         )
 
     def create(self, name: str, /, *args: Any, **kwargs: Any) -> T:
-        """Build the component registered as ``name`` with the given arguments."""
-        return self.get(name).factory(*args, **kwargs)
+        """Build the component registered as ``name`` with the given arguments.
+
+        A factory that raises anything but a :class:`ThaliError` (a plugin's bug, or parameters from the
+        config it does not take) becomes one :class:`PluginError` line naming the component and the
+        plugin, never a bare traceback."""
+        entry = self.get(name)
+        try:
+            return entry.factory(*args, **kwargs)
+        except ThaliError:
+            raise
+        except Exception as exc:
+            text = str(exc).strip().splitlines()
+            detail = f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+            raise PluginError(
+                f"{self.singular} {name!r} (plugin {entry.plugin!r}) failed to build: {detail}",
+                errors={"component": name, "kind": self.kind, "plugin": entry.plugin},
+            ) from exc
 
     def list(self, pattern: str = "*") -> list[Entry[T]]:
         """The entries whose name matches the glob ``pattern``, sorted by name."""

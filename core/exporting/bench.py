@@ -9,6 +9,7 @@ are against torch eager and against ONNX Runtime fp32 on the same provider.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -95,6 +96,22 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
+def _verified_json(folder: Path, name: str, expected: str) -> dict[str, Any]:
+    """A metadata file of an export, checked against the sha256 ``export.json`` recorded for it."""
+    from thali.core.files import read_bounded
+
+    data = read_bounded(folder / name, 16 * 1024 * 1024, name)
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise DataError(f"{folder / name}: not the file `thali export` wrote (sha256 changed); export again")
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise DataError(f"{folder / name}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict) or "input_size" not in value:
+        raise DataError(f"{folder / name}: not a preprocess spec")
+    return value
+
+
 def bench_model(
     model_dir: Path,
     registries: Any,
@@ -113,20 +130,18 @@ def bench_model(
     import onnxruntime as ort
     from tqdm import tqdm
 
-    from thali.core.export import variant_file
+    from thali.core.export import read_export_report, variant_file
     from thali.core.training.evaluate import load_run
     from thali.core.training.metrics import topk_accuracy
     from thali.core.training.transforms import eval_transform
 
     from .data import load_validation, run_split
+    from .pipeline import sha256
 
     model_dir = Path(model_dir)
-    meta_path = model_dir / "export.json"
-    if not meta_path.is_file():
-        raise DataError(f"{model_dir}: not an export (no export.json); run `thali export RUN_DIR` first")
-    meta = json.loads(meta_path.read_text())
-    run_dir = Path(meta["lineage"]["run"])
-    preprocess = json.loads((model_dir / "preprocess.json").read_text())
+    meta = read_export_report(model_dir)  # the shape checked: names, file names, recorded sha256s
+    run_dir = Path(str(meta.get("lineage", {}).get("run", "")))
+    preprocess = _verified_json(model_dir, "preprocess.json", meta["files"]["preprocess.json"])
     labels: np.ndarray | None = None
     if synthetic:
         rng = np.random.default_rng(0)
@@ -162,7 +177,10 @@ def bench_model(
         notes.append("synthetic input: timings only, no top-1")
     setup = tqdm(desc="bench: loading", total=len(variants) * len(wanted) + 1, disable=not progress)
     if torch_eager:
-        if (run_dir / "best.pt").is_file():
+        checkpoint = run_dir / "best.pt"
+        if checkpoint.is_file() and sha256(checkpoint) != meta["lineage"].get("checkpoint_sha256"):
+            notes.append(f"torch eager skipped: {checkpoint} is not the checkpoint this export was made from")
+        elif checkpoint.is_file():
             import copy
 
             import torch

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,14 +21,24 @@ from typing import Any
 import numpy as np
 
 from thali.core.config import DomainConfig, check_components
-from thali.core.errors import ConfigError, ThaliError
-from thali.core.export import ExportContext, variant_file
+from thali.core.errors import ConfigError, PluginError, ThaliError
+from thali.core.export import (
+    EXPORT_CONFIG,
+    EXPORT_REPORT,
+    METADATA_FILES,
+    ExportContext,
+    is_model_file,
+    variant_file,
+)
+from thali.core.files import fsync_dir, pid_alive
 from thali.core.registry import Registries
 
 from .data import calibration_batches, fingerprint, load_validation, run_split
 from .gate import gate, run_onnx
 
 FP32_STEPS = ("onnx", "ort_optimize")
+#: Staging folders beside the destination: ``.thali-export-<pid>-…``; a killed export's are swept.
+STAGING_PREFIX = ".thali-export-"
 
 
 def sha256(path: Path) -> str:
@@ -108,6 +119,7 @@ def export_run(
     settings = config.export
     variants = list(dict.fromkeys(v for v in settings.variants if v != "fp32"))
     out_dir = Path(out_dir or run_dir / "export")
+    check_out_dir(out_dir)
     split, root = run_split(run_dir, data)
     classes = config.class_names
 
@@ -118,11 +130,13 @@ def export_run(
 
     step("loading validation images")
     transform = eval_transform(model.preprocess)
-    val = load_validation(split, transform)
+    limits = config.dataset.image_limits()
+    val = load_validation(split, transform, limits=limits)
     bar.update()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
+    sweep_stale(out_dir.parent)
+    work = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir.parent))
     package = work / "package"
     package.mkdir()
     try:
@@ -133,12 +147,12 @@ def export_run(
             opset=settings.opset,
             settings=settings,
             calibration=lambda: calibration_batches(
-                split, transform, settings.calibration_images, seed=config.training.seed
+                split, transform, settings.calibration_images, seed=config.training.seed, limits=limits
             ),
         )
         for name in FP32_STEPS:
             step(name)
-            context.reports[name] = registries.exporters.create(name).run(context)
+            context.reports[name] = _run_step(registries, name, context)
             bar.update()
         step("scoring fp32 on the validation split")
         reference_logits = run_onnx(context.artifacts["fp32"], val.images)
@@ -153,19 +167,25 @@ def export_run(
         rejected: dict[str, dict[str, Any]] = {}
         for variant in variants:
             step(variant)
-            exporter = registries.exporters.create(variant)
             try:
+                exporter = registries.exporters.create(variant)
                 context.reports[variant] = exporter.run(context)
+                produced = context.artifacts[getattr(exporter, "produces", None) or variant]
             except ConfigError:
                 raise
-            except ThaliError as exc:
-                rejected[variant] = {"reasons": [f"the exporter failed: {exc.message}"]}
+            except Exception as exc:  # a broken exporter (a plugin's too) costs its variant, not the export
+                reason = f"the exporter failed: {_failure(registries, variant, exc)}"
+                rejected[variant] = {"reasons": [reason]}
                 bar.update(2)
                 continue
             bar.update()
             step(f"gating {variant}")
-            produced = context.artifacts[getattr(exporter, "produces", None) or variant]
-            scores = summarize(run_onnx(produced, val.images), val.labels, classes, temperature)
+            try:
+                scores = summarize(run_onnx(produced, val.images), val.labels, classes, temperature)
+            except Exception as exc:  # the file it wrote does not even run
+                rejected[variant] = {"reasons": [f"ONNX Runtime could not run it: {_first_line(exc)}"]}
+                bar.update()
+                continue
             verdict = gate(scores, reference, settings.gate)
             bar.update()
             entry = {"report": context.reports[variant], "metrics": scores, "gate": verdict, "path": produced}
@@ -187,12 +207,16 @@ def export_run(
                 "sha256": sha256(target),
             }
         threshold = unknown_threshold(reference_logits, val.labels, temperature)
-        (package / "labels.json").write_text(json.dumps(labels_spec(config), indent=1))
-        (package / "preprocess.json").write_text(json.dumps(preprocess_spec(model.preprocess), indent=1))
-        (package / "calibration.json").write_text(
-            json.dumps({"temperature": temperature, "unknown_threshold": threshold}, indent=1)
-        )
-        (package / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+        metadata = {
+            "labels.json": json.dumps(labels_spec(config), indent=1),
+            "preprocess.json": json.dumps(preprocess_spec(model.preprocess), indent=1),
+            "calibration.json": json.dumps(
+                {"temperature": temperature, "unknown_threshold": threshold}, indent=1
+            ),
+            EXPORT_CONFIG: (run_dir / EXPORT_CONFIG).read_text(encoding="utf-8"),  # validated by load_run
+        }
+        for name, text in metadata.items():
+            (package / name).write_text(text, encoding="utf-8")
         report = {
             "domain": config.name,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -211,6 +235,7 @@ def export_run(
             "parity": {k: context.reports["onnx"][k] for k in ("max_abs_logit_diff", "top1_agreement")},
             "steps": {name: context.reports[name] for name in FP32_STEPS},
             "variants": results,
+            "files": {name: sha256(package / name) for name in metadata},
             "rejected": rejected,
             "warnings": context.warnings + ([val.problems] if val.problems else []),
         }
@@ -227,8 +252,64 @@ def _replace(source: Path, target: Path) -> None:
     """Put ``source`` at ``target``; an older export there is moved aside first, then removed."""
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{dt.datetime.now():%H%M%S%f}")
+        old = target.with_name(f"{STAGING_PREFIX}{os.getpid()}-old-{target.name}")
         target.rename(old)
     source.rename(target)
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``--out`` that exists and is not an export: replacing it would delete someone's files."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ConfigError(f"--out {out_dir}: exists and is not a folder; choose another place")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    strangers = sorted(p.name for p in out_dir.iterdir() if not _export_file(p))
+    if not (out_dir / EXPORT_REPORT).is_file() or strangers:
+        shown = ", ".join(strangers[:5]) + (" …" if len(strangers) > 5 else "")
+        raise ConfigError(
+            f"--out {out_dir}: exists and is not an export folder"
+            + (f" (it holds {shown})" if shown else " (no export.json)")
+            + "; an export replaces its folder whole, so choose a new or empty folder"
+        )
+
+
+def _export_file(path: Path) -> bool:
+    known = {EXPORT_REPORT, EXPORT_CONFIG, *METADATA_FILES}
+    return path.is_file() and not path.is_symlink() and (path.name in known or is_model_file(path.name))
+
+
+def sweep_stale(folder: Path) -> list[Path]:
+    """Remove staging folders that killed exports left in ``folder`` (their process is gone)."""
+    removed = []
+    for path in folder.glob(f"{STAGING_PREFIX}*"):
+        pid = path.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if path.is_dir() and not path.is_symlink() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+
+
+def _failure(registries: Registries, name: str, exc: BaseException) -> str:
+    """One line: what failed, in which plugin."""
+    if isinstance(exc, ThaliError):
+        return exc.message
+    plugin = registries.exporters.get(name).plugin if name in registries.exporters else "?"
+    return f"exporter {name!r} of plugin {plugin!r} raised {_first_line(exc)}"
+
+
+def _run_step(registries: Registries, name: str, context: ExportContext) -> dict[str, Any]:
+    """One fp32 step; it has no fallback, so a failure stops the export with one line naming the plugin."""
+    try:
+        return registries.exporters.create(name).run(context)
+    except ThaliError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"export step {name!r} failed: {_failure(registries, name, exc)}") from exc

@@ -47,7 +47,7 @@ def test_export_writes_gated_variants_and_the_package_files(exported: dict[str, 
     assert calibration["temperature"] > 0 and 0 < calibration["unknown_threshold"] <= 1
     meta = json.loads((out / "export.json").read_text())
     assert len(meta["lineage"]["checkpoint_sha256"]) == 64 and len(meta["dataset"]["fingerprint"]) == 64
-    assert not list(out.parent.glob(".export-*")), "the staging folder is removed"
+    assert not list(out.parent.glob(".thali-export-*")), "the staging folder is removed"
 
 
 class DamagedExporter:
