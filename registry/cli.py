@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .signing import TRUST_ENV
+
 URL_HELP = "a folder, memory://, s3://bucket/prefix, gs://… (default $THALI_REGISTRY or ./model-registry)"
 
 
@@ -14,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("export", type=Path, help="a folder written by `thali export`")
     p.add_argument("--registry", help=URL_HELP)
     p.add_argument("--alias", action="append", default=[], help="also point this alias at it (repeatable)")
+    p.add_argument("--sign-key", type=Path, help="sign the package with this Ed25519 private key (PEM)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_publish)
 
@@ -34,15 +37,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     rm = rs.add_parser("rm", help="remove a version (refused while an alias points to it)")
     rm.add_argument("domain")
     rm.add_argument("version")
-    for sp in (ls, show, promote, rm):
+    verify = rs.add_parser("verify", help="check a version's checksums and, with trusted keys, its signature")
+    verify.add_argument("domain")
+    verify.add_argument("version", nargs="?", default="latest", help="number, alias or 'latest' (default)")
+    verify.add_argument("--json", action="store_true")
+    keygen = rs.add_parser("keygen", help="make an Ed25519 key pair for signing packages")
+    keygen.add_argument("key", type=Path, help="private key file to write (the public key goes to KEY.pub)")
+    for sp in (ls, show, promote, rm, verify):
         sp.add_argument("--registry", help=URL_HELP, default=argparse.SUPPRESS)
+        sp.add_argument(
+            "--trusted-key",
+            action="append",
+            type=Path,
+            default=argparse.SUPPRESS,
+            help=f"trust packages signed by this public key (repeatable; also ${TRUST_ENV})",
+        )
     r.set_defaults(func=run_registry)
 
 
 def _registry(args: argparse.Namespace) -> Any:
     from thali.registry import ModelRegistry
 
-    return ModelRegistry(getattr(args, "registry", None))
+    return ModelRegistry(getattr(args, "registry", None), trusted_keys=getattr(args, "trusted_key", None))
 
 
 def run_publish(ctx: Any) -> int:
@@ -50,13 +66,14 @@ def run_publish(ctx: Any) -> int:
 
     args = ctx.args
     registry = _registry(args)
-    result = registry.publish(args.export, aliases=args.alias)
+    result = registry.publish(args.export, aliases=args.alias, sign_key=args.sign_key)
     result["registry"] = registry.url
     if args.json:
         print_json(result)
         return 0
     aliases = f" (alias {', '.join(args.alias)})" if args.alias else ""
-    print(f"published {result['domain']} v{result['version']}{aliases} to {registry.url}")
+    signed = " signed" if result["signed"] else ""
+    print(f"published{signed} {result['domain']} v{result['version']}{aliases} to {registry.url}")
     return 0
 
 
@@ -64,7 +81,26 @@ def run_registry(ctx: Any) -> int:
     from thali.core.cli.context import print_json
 
     args = ctx.args
+    if args.action == "keygen":
+        from .signing import generate_keypair
+
+        key_id = generate_keypair(args.key, Path(f"{args.key}.pub"))
+        print(f"wrote {args.key} (private: keep it offline) and {args.key}.pub (give this one to readers)")
+        print(f"key id {key_id}")
+        return 0
     registry = _registry(args)
+    if args.action == "verify":
+        result = registry.verify(args.domain, args.version)
+        if args.json:
+            print_json(result)
+            return 0
+        head = f"{result['domain']} v{result['version']}: {len(result['files'])} files match their checksums"
+        if result["signed_by"]:
+            print(f"{head}; signed by trusted key {result['signed_by']}")
+        else:
+            signed = "signed" if result["signed"] else "not signed"
+            print(f"{head}; {signed} (no trust policy: pass --trusted-key or set ${TRUST_ENV})")
+        return 0
     if args.action == "list":
         domains = [args.domain] if args.domain else registry.domains()
         listing = {d: {"versions": registry.versions(d), "aliases": registry.aliases(d)} for d in domains}
@@ -90,12 +126,16 @@ def run_registry(ctx: Any) -> int:
             return 0
         card = info["card"]
         print(f"{info['domain']} v{info['version']}  aliases: {', '.join(info['aliases']) or '-'}")
-        lineage, dataset = card["lineage"], card["dataset"]
-        print(f"  created {card['created_at']} with thali {card['thali_version']}; run {lineage.get('run')}")
-        print(f"  data fingerprint {dataset.get('fingerprint', '?')[:16]}…  licence: {dataset['licence']}")
-        for name, m in card["metrics"].items():
-            scores = f"top-1 {100 * m['top1']:.2f}%  top-5 {100 * m['top5']:.2f}%  ECE {m['ece']:.3f}"
-            print(f"  {name:<13} {m['file']:<24} {scores}")
+        lineage, dataset = _mapping(card.get("lineage")), _mapping(card.get("dataset"))
+        created, made_with = card.get("created_at"), card.get("thali_version")
+        print(f"  created {created} with thali {made_with}; run {lineage.get('run')}")
+        fingerprint = str(dataset.get("fingerprint", "?"))[:16]
+        print(f"  data fingerprint {fingerprint}…  licence: {dataset.get('licence')}")
+        print(f"  signature: {'signed' if info['signed'] else 'unsigned'}")
+        for name, m in _mapping(card.get("metrics")).items():
+            m = _mapping(m)
+            scores = "  ".join(f"{label} {_score(m.get(key), pct)}" for label, key, pct in SCORES)
+            print(f"  {name:<13} {m.get('file')!s:<24} {scores}")
         for name, size in info["files"].items():
             print(f"  file {name:<24} {size / 1e6:8.2f} MB")
         return 0
@@ -106,3 +146,17 @@ def run_registry(ctx: Any) -> int:
     version = registry.remove(args.domain, args.version)
     print(f"removed {args.domain} v{version}")
     return 0
+
+
+SCORES = (("top-1", "top1", True), ("top-5", "top5", True), ("ECE", "ece", False))
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """A card is data from a store: a field that is not a mapping shows as empty, never a traceback."""
+    return value if isinstance(value, dict) else {}
+
+
+def _score(value: Any, percent: bool) -> str:
+    if not isinstance(value, int | float):
+        return "?"
+    return f"{100 * value:.2f}%" if percent else f"{value:.3f}"

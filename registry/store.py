@@ -12,6 +12,13 @@ Concurrent publishers never share a number because each takes it by creating ``c
 exclusively (``O_EXCL`` locally, ``If-None-Match: *`` on S3; other stores must make
 ``pipe_file(mode="create")`` atomic). Loading reads
 every file and checks its sha256 before anything is handed out.
+
+Everything in a store is untrusted: domain and alias names follow the one name rule
+(:mod:`thali.core.names`) before they reach a store call, so no call can glob or traverse; the file names
+of a package come from a fixed set, never from its metadata; ``resolve`` hands out copies of the
+verified bytes in a private cache (keyed by URL *and* storage options), never paths a writer of the
+store could swap after the check; and with a trust policy every package must carry a signature by a
+trusted key (:mod:`.signing`).
 """
 
 from __future__ import annotations
@@ -19,22 +26,41 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
-import uuid
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from thali.core.errors import ConfigError, IntegrityError, ModelRegistryError, NotFoundError
+from thali.core.files import pid_alive, write_atomic
+from thali.core.names import check_alias, check_name, is_valid_name
 
-from .package import CHECKSUMS, ModelPackage, package_files, read_export, sha256_bytes, utc_now
+from .package import (
+    CARD,
+    CHECKSUMS,
+    SIGNATURE,
+    ModelPackage,
+    is_package_file,
+    package_files,
+    read_export,
+    sha256_bytes,
+    utc_now,
+)
+from .signing import TrustPolicy, sign
+
+log = logging.getLogger("thali.registry")
 
 REGISTRY_ENV = "THALI_REGISTRY"
 OPTIONS_ENV = "THALI_REGISTRY_OPTIONS"
 DEFAULT_URL = "model-registry"
-ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_JSON_BYTES = 16 * 1024**2
+#: An unfinished version (no checksums.json) whose claim is older than this is a dead publish's.
+STALE_CLAIM_SECONDS = 6 * 3600
 
 
 def default_url() -> str:
@@ -62,18 +88,25 @@ class ModelRegistry:
         url: str | Path | None = None,
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | Path | None = None,
+        trusted_keys: list[str | Path] | None = None,
     ) -> None:
         import fsspec
 
         self.url = str(url or default_url())
         options = {**_options_from_env(), **(storage_options or {})}
+        #: with a policy every resolved package must be signed by one of its keys
+        self.trust: TrustPolicy | None = (
+            TrustPolicy.from_paths(trusted_keys) if trusted_keys else TrustPolicy.from_env()
+        )
         try:
             self.fs, root = fsspec.core.url_to_fs(self.url, **options)
         except (ImportError, ValueError) as exc:
             raise ConfigError(f"registry {self.url}: {exc}") from exc
         self.root = root.rstrip("/")
         self.local = "file" in _protocols(self.fs)  # folders are made on the first write, not here
-        key = hashlib.sha1(self.url.encode()).hexdigest()[:12]
+        # keyed by URL and options: two endpoints (or credentials) behind one URL never share a cache
+        identity = json.dumps({"url": self.url, "options": options}, sort_keys=True, default=repr)
+        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
         base = Path(cache_dir or os.environ.get("THALI_CACHE", Path.home() / ".cache" / "thali"))
         self.cache = base / "registry" / key
 
@@ -88,12 +121,7 @@ class ModelRegistry:
         """Write ``data`` so that a reader sees the old object or the new one, never a part."""
         if self.local:
             self.fs.makedirs(self.fs._parent(path), exist_ok=True)
-            temp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(temp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
+            write_atomic(path, data)
         else:
             self.fs.pipe_file(path, data)
 
@@ -116,34 +144,59 @@ class ModelRegistry:
                 handle.write(data)
 
     # -- reading -------------------------------------------------------------------------------
+    def _read_json(self, path: str, what: str) -> Any:
+        """A small JSON object from the store; FileNotFoundError passes, anything else is an
+        IntegrityError naming the file."""
+        if self.fs.size(path) > MAX_JSON_BYTES:
+            raise IntegrityError(f"{path}: {what} is larger than {MAX_JSON_BYTES:,} bytes; not reading it")
+        try:
+            return json.loads(self.fs.cat_file(path))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise IntegrityError(f"{path}: {what} is not valid JSON ({exc})") from None
+
     def domains(self) -> list[str]:
         self._fresh()
         if not self.fs.exists(self.root or "/"):
             return []
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root or "/", detail=False)]
-        return sorted(n for n in names if self.versions(n, refresh=False))
+        return sorted(n for n in names if is_valid_name(n) and self.versions(n, refresh=False))
 
     def versions(self, domain: str, refresh: bool = True) -> list[int]:
         """Complete versions of ``domain`` (those whose checksums.json exists), ascending."""
+        domain = check_name(domain, "domain")
         if refresh:
             self._fresh()
         found = self.fs.glob(self._path(domain, "versions", "*", CHECKSUMS))
         numbers = []
         for path in found:
             number = path.rstrip("/").split("/")[-2]
-            if number.isdigit():
+            if number.isdigit() and not number.startswith("0"):
                 numbers.append(int(number))
         return sorted(numbers)
 
+    def _read_alias(self, domain: str, name: str) -> int:
+        path = self._path(domain, "aliases", f"{name}.json")
+        record = self._read_json(path, "alias record")
+        version = record.get("version") if isinstance(record, dict) else None
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise IntegrityError(f'{path}: alias record is malformed (expected {{"version": N}})')
+        return version
+
     def aliases(self, domain: str) -> dict[str, int]:
+        """Alias name -> version. A malformed alias record is left out (and logged), not fatal."""
+        domain = check_name(domain, "domain")
         self._fresh()
         out: dict[str, int] = {}
         for path in self.fs.glob(self._path(domain, "aliases", "*.json")):
             name = path.rsplit("/", 1)[-1][: -len(".json")]
-            try:
-                out[name] = int(json.loads(self.fs.cat_file(path))["version"])
-            except (ValueError, KeyError, FileNotFoundError):
+            if not is_valid_name(name):
                 continue
+            try:
+                out[name] = self._read_alias(domain, name)
+            except FileNotFoundError:
+                continue
+            except IntegrityError as exc:
+                log.warning("%s", exc.message)
         return dict(sorted(out.items()))
 
     def resolve_version(self, domain: str, ref: int | str) -> int:
@@ -152,20 +205,27 @@ class ModelRegistry:
 
     def _locate(self, domain: str, ref: int | str) -> tuple[int, list[str]]:
         """The version ``ref`` names, and the aliases pointing to it (one listing of each)."""
+        domain = check_name(domain, "domain")
         versions = self.versions(domain)
         if not versions:
             known = ", ".join(self.domains()) or "none yet"
             raise NotFoundError(f"no model of domain {domain!r} in {self.url} (domains: {known})")
+        text = str(ref).strip()
+        if text.lower() == "latest" or _is_number(text.lower()):
+            text = text.lower()
+        else:
+            check_name(text, "version or alias")
         aliases = self.aliases(domain)
-        text = str(ref).strip().lower()
         if text == "latest":
             number = versions[-1]
-        elif text.lstrip("v").isdigit():
+        elif _is_number(text):
             number = int(text.lstrip("v"))
             if number not in versions:
                 listed = ", ".join(map(str, versions))
                 raise NotFoundError(f"{domain} has no version {number} in {self.url}; versions: {listed}")
         elif text not in aliases:
+            if self.fs.exists(self._path(domain, "aliases", f"{text}.json")):
+                self._read_alias(domain, text)  # raises the IntegrityError that names the file
             names = ", ".join(aliases) or "none yet"
             raise NotFoundError(f"{domain} has no alias {text!r} in {self.url}; aliases: {names}")
         elif aliases[text] not in versions:
@@ -174,57 +234,125 @@ class ModelRegistry:
             number = aliases[text]
         return number, [name for name, v in aliases.items() if v == number]
 
-    def _checksums(self, domain: str, version: int) -> dict[str, str]:
+    def _checksums(self, domain: str, version: int) -> tuple[dict[str, str], bytes]:
+        """The file -> sha256 map of a version (names checked against the fixed set) and its bytes."""
+        path = self._path(domain, "versions", version, CHECKSUMS)
         try:
-            data = json.loads(self.fs.cat_file(self._path(domain, "versions", version, CHECKSUMS)))
-            return dict(data["files"])
+            raw = self.fs.cat_file(path)
         except FileNotFoundError as exc:
             raise NotFoundError(f"{domain} v{version} is not in {self.url}") from exc
-        except (ValueError, KeyError) as exc:
-            raise IntegrityError(f"{domain} v{version}: checksums.json is unreadable ({exc})") from exc
+        try:
+            files = json.loads(raw)["files"]
+            if not isinstance(files, dict):
+                raise TypeError("'files' is not an object")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise IntegrityError(f"{domain} v{version}: checksums.json is unreadable ({exc})") from None
+        for name, digest in files.items():
+            if not is_package_file(name):
+                raise IntegrityError(
+                    f"{domain} v{version}: checksums.json names {name!r}, which is not a file a model "
+                    "package can hold; not loading"
+                )
+            if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+                raise IntegrityError(f"{domain} v{version}: checksums.json: {name}: not a sha256")
+        if CARD not in files:
+            raise IntegrityError(f"{domain} v{version}: card.json is not in checksums.json; not loading")
+        return dict(files), raw
+
+    def _verified(self, domain: str, version: int, name: str, expected: str) -> bytes:
+        """The bytes of one package file, checked against its sha256."""
+        try:
+            data = self.fs.cat_file(self._path(domain, "versions", version, name))
+        except FileNotFoundError:
+            missing = f"{domain} v{version}: {name} is missing from the store; not loading"
+            raise IntegrityError(missing) from None
+        actual = sha256_bytes(data)
+        if actual != expected:
+            raise IntegrityError(
+                f"{domain} v{version}: {name} does not match its checksum (sha256 {actual[:12]}…, "
+                f"expected {expected[:12]}…, {len(data)} bytes): damaged or tampered with; not loading"
+            )
+        return data
+
+    def _signature(self, domain: str, version: int) -> bytes | None:
+        path = self._path(domain, "versions", version, SIGNATURE)
+        try:
+            if self.fs.size(path) > MAX_JSON_BYTES:
+                raise IntegrityError(f"{domain} v{version}: signature.json is too large; not loading")
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+    def _check_signature(self, domain: str, version: int, checksums: bytes) -> str | None:
+        """The signer's key id when a trust policy is set (refusing what it does not trust), else None."""
+        if self.trust is None:
+            return None
+        return self.trust.verify(checksums, self._signature(domain, version), f"{domain} v{version}")
 
     def show(self, domain: str, ref: int | str) -> dict[str, Any]:
         version, aliases = self._locate(domain, ref)
-        checksums = self._checksums(domain, version)
-        card = json.loads(self.fs.cat_file(self._path(domain, "versions", version, "card.json")))
+        checksums, raw = self._checksums(domain, version)
+        signer = self._check_signature(domain, version, raw)
+        try:
+            card = json.loads(self._verified(domain, version, CARD, checksums[CARD]))
+        except ValueError as exc:
+            raise IntegrityError(f"{domain} v{version}: card.json is not valid JSON ({exc})") from None
         sizes = {name: self.fs.size(self._path(domain, "versions", version, name)) for name in checksums}
-        return {"domain": domain, "version": version, "aliases": aliases, "files": sizes, "card": card}
+        signed = self._signature(domain, version) is not None
+        return {
+            "domain": domain,
+            "version": version,
+            "aliases": aliases,
+            "files": sizes,
+            "card": card if isinstance(card, dict) else {},
+            "signed": signed,
+            "signed_by": signer,
+        }
+
+    def verify(self, domain: str, ref: int | str = "latest") -> dict[str, Any]:
+        """Check every file of a version against its sha256 and, with a trust policy, the signature."""
+        package = self.resolve(domain, ref)
+        return {
+            "domain": package.domain,
+            "version": package.version,
+            "files": sorted(package.files),
+            "signed": self._signature(package.domain, package.version) is not None,
+            "signed_by": package.signed_by,
+            "trust_policy": list(self.trust.sources) if self.trust else None,
+        }
 
     def resolve(self, domain: str, ref: int | str = "latest") -> ModelPackage:
-        """The package of ``domain`` at a version or alias, every file verified against its sha256.
+        """The package of ``domain`` at a version or alias, every file verified against its sha256 (and
+        its signature, under a trust policy).
 
-        On a local store the files are used where they are; from a remote store the verified bytes
-        are written to the local cache."""
+        The verified bytes are written to a private cache folder (mode 0700) under names from the fixed
+        set, and those copies are handed out: a writer of the store (a local folder too) cannot swap a
+        file between the check and its use."""
         version, aliases = self._locate(domain, ref)
-        checksums = self._checksums(domain, version)
-        base = self._path(domain, "versions", version)
-        folder = Path(base) if self.local else self.cache / domain / str(version)
+        checksums, raw = self._checksums(domain, version)
+        signer = self._check_signature(domain, version, raw)
+        folder = self._cache_folder(domain, version, raw)
         files: dict[str, Path] = {}
         contents: dict[str, bytes] = {}
         for name, expected in checksums.items():
-            try:
-                data = self.fs.cat_file(f"{base}/{name}")
-            except FileNotFoundError as exc:
-                raise IntegrityError(
-                    f"{domain} v{version}: {name} is missing from the store; not loading"
-                ) from exc
-            actual = sha256_bytes(data)
-            if actual != expected:
-                raise IntegrityError(
-                    f"{domain} v{version}: {name} does not match its checksum (sha256 {actual[:12]}…, "
-                    f"expected {expected[:12]}…, {len(data)} bytes): damaged or tampered with; not loading"
-                )
-            files[name] = folder / name
-            if not self.local:
-                folder.mkdir(parents=True, exist_ok=True)
-                temp = folder / f".{name}.{uuid.uuid4().hex}"
-                temp.write_bytes(data)
-                os.replace(temp, files[name])
+            target = folder / name
+            data = self._verified(domain, version, name, expected)  # the store is checked every time
+            if not _holds(target, expected):
+                write_atomic(target, data)
+            files[name] = target
             if name.endswith(".json"):
                 contents[name] = data
 
         def load(name: str) -> dict[str, Any]:
-            return json.loads(contents[name]) if name in contents else {}
+            if name not in contents:
+                return {}
+            try:
+                value = json.loads(contents[name])
+            except ValueError as exc:
+                raise IntegrityError(f"{domain} v{version}: {name} is not valid JSON ({exc})") from None
+            if not isinstance(value, dict):
+                raise IntegrityError(f"{domain} v{version}: {name} is not a JSON object")
+            return value
 
         return ModelPackage(
             domain=domain,
@@ -236,7 +364,18 @@ class ModelRegistry:
             calibration=load("calibration.json"),
             card=load("card.json"),
             aliases=aliases,
+            signed_by=signer,
         )
+
+    def _cache_folder(self, domain: str, version: int, checksums: bytes) -> Path:
+        """``<cache>/<domain>/<version>-<sha of checksums.json>``: a republished number never reuses a
+        folder, and every folder on the way is private to this user."""
+        folder = self.cache / domain / f"{version}-{sha256_bytes(checksums)[:16]}"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for path in (self.cache, self.cache / domain, folder):
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o700)
+        return folder
 
     # -- writing -------------------------------------------------------------------------------
     def _claim(self, domain: str) -> int:
@@ -247,7 +386,7 @@ class ModelRegistry:
             if p.rstrip("/").rsplit("/", 1)[-1].isdigit()
         ]
         number = max([0, *taken, *self.versions(domain, refresh=False)]) + 1
-        stamp = {"host": socket.gethostname(), "pid": os.getpid(), "at": utc_now()}
+        stamp = {"host": socket.gethostname(), "pid": os.getpid(), "at": utc_now(), "time": time.time()}
         for _ in range(10_000):
             try:
                 self._create_exclusive(self._path(domain, "claims", number), json.dumps(stamp).encode())
@@ -256,13 +395,42 @@ class ModelRegistry:
                 number += 1
         raise ModelRegistryError(f"{domain}: could not claim a version number in {self.url}")
 
-    def publish(self, export_dir: str | Path, aliases: Iterable[str] = ()) -> dict[str, Any]:
-        """Add ``export_dir`` as the next version of its domain; returns ``{domain, version, files}``."""
-        aliases = [_check_alias(a) for a in aliases]
+    def sweep(self, domain: str) -> list[int]:
+        """Remove the unfinished versions (no checksums.json) that dead publishes left behind: their
+        claim names a process of this host that is gone, or is older than a few hours."""
+        domain = check_name(domain, "domain")
+        complete = set(self.versions(domain))
+        removed = []
+        for path in self.fs.glob(self._path(domain, "versions", "*")):
+            number = path.rstrip("/").rsplit("/", 1)[-1]
+            if not number.isdigit() or int(number) in complete:
+                continue
+            try:
+                stamp = json.loads(self.fs.cat_file(self._path(domain, "claims", number)))
+                dead = stamp.get("host") == socket.gethostname() and not pid_alive(int(stamp.get("pid", -1)))
+                old = time.time() - float(stamp.get("time", 0)) > STALE_CLAIM_SECONDS
+            except (FileNotFoundError, ValueError, TypeError, AttributeError):
+                dead, old = False, True
+            if dead or old:
+                with contextlib.suppress(OSError):
+                    self.fs.rm(self._path(domain, "versions", number), recursive=True)
+                removed.append(int(number))
+        return removed
+
+    def publish(
+        self, export_dir: str | Path, aliases: Iterable[str] = (), sign_key: str | Path | None = None
+    ) -> dict[str, Any]:
+        """Add ``export_dir`` as the next version of its domain; returns ``{domain, version, files}``.
+
+        ``sign_key``: an Ed25519 private key (PEM); the package then carries ``signature.json``."""
+        aliases = [check_alias(a) for a in aliases]
         export, contents = read_export(Path(export_dir))  # checked before a number is taken
-        domain = str(export["domain"])
+        domain = check_name(export["domain"], "domain")
+        self.sweep(domain)
         version = self._claim(domain)
         files = package_files(Path(export_dir), export, contents, version)
+        if sign_key is not None:
+            files[SIGNATURE] = sign(files[CHECKSUMS], sign_key)
         base = self._path(domain, "versions", version)
         try:
             for name, data in files.items():
@@ -275,40 +443,80 @@ class ModelRegistry:
             raise
         for alias in aliases:
             self.promote(domain, version, alias)
-        return {"domain": domain, "version": version, "files": {k: len(v) for k, v in files.items()}}
+        return {
+            "domain": domain,
+            "version": version,
+            "files": {k: len(v) for k, v in files.items()},
+            "signed": SIGNATURE in files,
+        }
 
     def promote(self, domain: str, version: int | str, alias: str) -> int:
-        """Point ``alias`` at ``version`` (which must be complete); returns the version."""
-        alias = _check_alias(alias)
+        """Point ``alias`` at ``version`` (which must be complete); returns the version.
+
+        After writing, the version is checked again: if a concurrent ``remove`` took it in between, the
+        alias is put back as it was and NotFoundError is raised, so no alias is left pointing at a
+        removed version."""
+        alias = check_alias(alias)
+        domain = check_name(domain, "domain")
         number = self.resolve_version(domain, version)
+        path = self._path(domain, "aliases", f"{alias}.json")
+        try:
+            previous: bytes | None = self.fs.cat_file(path)
+        except FileNotFoundError:
+            previous = None
         record = {"version": number, "updated_at": utc_now(), "by": f"{socket.gethostname()}:{os.getpid()}"}
-        self._write_whole(self._path(domain, "aliases", f"{alias}.json"), json.dumps(record).encode())
+        self._write_whole(path, json.dumps(record).encode())
+        self._fresh()
+        if not self.fs.exists(self._path(domain, "versions", number, CHECKSUMS)):
+            if previous is None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(path)
+            else:
+                self._write_whole(path, previous)
+            raise NotFoundError(f"{domain} v{number} was removed while {alias!r} was being moved to it")
         return number
 
     def remove(self, domain: str, version: int | str) -> int:
-        """Delete a version; refused while an alias points to it. The number is never reused."""
+        """Delete a version; refused while an alias points to it. The number is never reused.
+
+        The version is hidden first (its checksums.json goes), then the aliases are read again: if a
+        concurrent ``promote`` pointed one at it meanwhile, checksums.json is put back and the removal
+        is refused, so an alias never points at a removed version."""
+        domain = check_name(domain, "domain")
         text = str(version).lower().lstrip("v")
         if not text.isdigit():
             raise ConfigError(f"registry rm takes a version number, not {version!r}")
         number, pointing = self._locate(domain, int(text))
         if pointing:
-            raise ModelRegistryError(
-                f"{domain} v{number} is what alias {', '.join(pointing)} points to; move the alias first "
-                f"(thali registry promote {domain} VERSION --alias {pointing[0]})"
-            )
+            raise self._pointed_at(domain, number, pointing)
         base = self._path(domain, "versions", number)
+        _, checksums = self._checksums(domain, number)
         self.fs.rm(f"{base}/{CHECKSUMS}")  # invisible to readers from here on
+        pointing = [name for name, v in self.aliases(domain).items() if v == number]
+        if pointing:
+            self._write_whole(f"{base}/{CHECKSUMS}", checksums)
+            raise self._pointed_at(domain, number, pointing)
         self.fs.rm(base, recursive=True)
         return number
 
-
-def _check_alias(alias: str) -> str:
-    if not ALIAS_PATTERN.match(alias or "") or alias == "latest":
-        raise ConfigError(
-            f"alias {alias!r}: use lowercase letters, digits, '-' or '_', starting with a letter "
-            "('latest' is built in)"
+    def _pointed_at(self, domain: str, number: int, pointing: list[str]) -> ModelRegistryError:
+        return ModelRegistryError(
+            f"{domain} v{number} is what alias {', '.join(pointing)} points to; move the alias first "
+            f"(thali registry promote {domain} VERSION --alias {pointing[0]})"
         )
-    return alias
+
+
+def _is_number(text: str) -> bool:
+    digits = text[1:] if text.startswith("v") else text
+    return digits.isdigit() and len(digits) <= 12
+
+
+def _holds(path: Path, expected: str) -> bool:
+    """Whether a cached copy is still exactly the verified bytes (then it is not rewritten)."""
+    try:
+        return sha256_bytes(path.read_bytes()) == expected
+    except OSError:
+        return False
 
 
 def _protocols(fs: Any) -> set[str]:

@@ -5,75 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import thali_command
+from registry_fixtures import store_url
 
 from thali.core.errors import ConfigError, IntegrityError, ModelRegistryError, NotFoundError
 from thali.registry import ModelRegistry
 
 DOMAIN = "tiny"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """moto's standalone S3 server as a separate process on 127.0.0.1, with one bucket."""
-    pytest.importorskip("s3fs")
-    boto3 = pytest.importorskip("boto3")
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
-    )
-    url = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "thali", "AWS_SECRET_ACCESS_KEY": "thali", "AWS_DEFAULT_REGION": "us-east-1"}
-    os.environ.update(env)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    pytest.fail(f"moto server did not start on {url}")
-                time.sleep(0.2)
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="models")
-        yield {"endpoint_url": url, "env": env}
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        log.close()
-
-
-def _store(kind: str, tmp_path: Path, s3: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
-    if kind == "local":
-        return str(tmp_path / "registry"), {}
-    if kind == "memory":
-        return f"memory://thali-{uuid.uuid4().hex}", {}
-    assert s3 is not None
-    return f"s3://models/{uuid.uuid4().hex}", {"endpoint_url": s3["endpoint_url"]}
-
-
-@pytest.fixture(params=["local", "memory", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> ModelRegistry:
-    s3 = request.getfixturevalue("s3_endpoint") if request.param == "s3" else None
-    url, options = _store(request.param, tmp_path, s3)
-    return ModelRegistry(url, storage_options=options, cache_dir=tmp_path / "cache")
 
 
 def test_publish_resolve_promote_round_trip(store: ModelRegistry, tiny_export: Path) -> None:
@@ -160,7 +103,7 @@ def test_a_model_changed_after_export_is_not_published(tmp_path: Path, tiny_expo
 def test_a_flipped_byte_on_s3_is_refused(
     s3_endpoint: dict[str, Any], tmp_path: Path, tiny_export: Path
 ) -> None:
-    url, options = _store("s3", tmp_path, s3_endpoint)
+    url, options = store_url("s3", tmp_path, s3_endpoint)
     store = ModelRegistry(url, storage_options=options, cache_dir=tmp_path / "cache")
     store.publish(tiny_export)
     store.resolve(DOMAIN, 1)  # fills the local cache with verified files
@@ -175,7 +118,7 @@ def test_a_flipped_byte_on_s3_is_refused(
 def _shared_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[str, dict, dict]:
     """A store several processes can reach: its URL, storage options, and the environment for them."""
     s3 = request.getfixturevalue("s3_endpoint") if kind == "s3" else None
-    url, options = _store(kind, tmp_path, s3)
+    url, options = store_url(kind, tmp_path, s3)
     return url, options, {"THALI_REGISTRY_OPTIONS": json.dumps(options), **(s3["env"] if s3 else {})}
 
 
