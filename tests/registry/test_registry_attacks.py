@@ -192,11 +192,23 @@ def test_resolve_hands_out_private_verified_copies(tmp_path: Path, tiny_export: 
         store.resolve(DOMAIN, 1)
 
 
-def test_the_cache_is_keyed_by_url_and_storage_options(tmp_path: Path) -> None:
+def test_the_cache_is_keyed_by_url_and_storage_options(
+    tmp_path: Path, tiny_export: Path, s3_endpoint: dict[str, Any]
+) -> None:
     a = ModelRegistry("memory://same", storage_options={}, cache_dir=tmp_path)
     b = ModelRegistry("memory://same", storage_options={"skip_instance_cache": True}, cache_dir=tmp_path)
     assert a.cache != b.cache
     assert a.cache == ModelRegistry("memory://same", cache_dir=tmp_path).cache
+    # one bucket URL on two S3 endpoints: a real one, and one that is somewhere else entirely
+    url = f"s3://models/cache-{os.getpid()}"
+    real = ModelRegistry(
+        url, storage_options={"endpoint_url": s3_endpoint["endpoint_url"]}, cache_dir=tmp_path
+    )
+    other = ModelRegistry(url, storage_options={"endpoint_url": "http://127.0.0.1:9"}, cache_dir=tmp_path)
+    assert real.cache != other.cache
+    real.publish(tiny_export)
+    package = real.resolve(DOMAIN, 1)
+    assert package.folder.is_relative_to(real.cache) and not other.cache.exists()
 
 
 def test_malformed_alias_and_missing_card_are_one_line_errors(tmp_path: Path, tiny_export: Path) -> None:
