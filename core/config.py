@@ -200,6 +200,9 @@ class ExportConfig(Strict):
     reduce_range: Literal["auto", True, False] = "auto"
     exclude_nodes: list[str] = Field(default_factory=list)
     gate: GateConfig = Field(default_factory=GateConfig)
+    explain: bool = Field(
+        False, description="also export a 'cam' output: class-activation maps (N, K, h, w) for heatmaps"
+    )
 
 
 class ServingConfig(Strict):

@@ -1,6 +1,9 @@
 """ONNX exporters: ``onnx`` (dynamo export, opset >= 18, dynamic batch, checked against torch) and
 ``ort_optimize`` (ONNX Runtime graph optimisation at the extended level, saved offline as the fp32
-artifact, with node counts before and after)."""
+artifact, with node counts before and after).
+
+With ``export.explain`` the model gets a second output, ``cam``: class-activation maps ``(N, K, h, w)``
+(:class:`thali.core.training.onnx.WithCam`), checked against torch like the logits."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from thali.core.errors import ThaliError
 from thali.core.export import ExportContext
 from thali.core.registry import Registry
 
-INPUT, OUTPUT = "input", "logits"
+INPUT, OUTPUT, CAM = "input", "logits", "cam"
 
 
 def _session(path: Path, **options: Any) -> Any:
@@ -24,16 +27,37 @@ def _session(path: Path, **options: Any) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def torch_cam(context: ExportContext) -> Any:
+    """The torch model's class-activation maps on ``example`` (numpy)."""
+    import torch
+
+    from thali.core.training.onnx import WithCam
+
+    with torch.no_grad():
+        return WithCam(context.model).eval()(context.example)[1].numpy()
+
+
 def parity(path: Path, context: ExportContext) -> dict[str, float]:
-    """Max absolute logit difference and top-1 agreement of ``path`` against torch."""
+    """Max absolute logit difference and top-1 agreement of ``path`` against torch; for a model with a
+    ``cam`` output also ``cam_max_abs_diff`` and ``cam_abs_max`` (the torch maps' scale)."""
     import numpy as np
 
     reference = context.torch_logits()
-    got = _session(path).run(None, {INPUT: context.example.numpy()})[0]
-    return {
+    session = _session(path)
+    names = [o.name for o in session.get_outputs()]
+    outputs = session.run(None, {INPUT: context.example.numpy()})
+    got = outputs[0]
+    report = {
         "max_abs_logit_diff": float(np.abs(got - reference).max()),
         "top1_agreement": float(np.mean(got.argmax(1) == reference.argmax(1))),
     }
+    if CAM in names:
+        cam, expected = outputs[names.index(CAM)], torch_cam(context)
+        if cam.shape != expected.shape:
+            raise ThaliError(f"{path.name}: cam output has shape {cam.shape}, torch gives {expected.shape}")
+        report["cam_max_abs_diff"] = float(np.abs(cam - expected).max())
+        report["cam_abs_max"] = float(np.abs(expected).max())
+    return report
 
 
 def node_count(path: Path) -> int:
@@ -49,18 +73,30 @@ class OnnxExport:
         self.tolerance = tolerance
 
     def run(self, context: ExportContext) -> dict[str, Any]:
-        from thali.core.training.onnx import export_onnx
+        from thali.core.training.onnx import WithCam, export_onnx
 
         path = context.out_dir / "model.raw.onnx"
         context.model.eval()
-        export_onnx(context.model, context.example, path, output_name=OUTPUT, opset=context.opset)
-        report = {"path": str(path), "opset": context.opset, "nodes": node_count(path)}
+        explain = context.settings.explain
+        module = WithCam(context.model) if explain else context.model
+        outputs = [OUTPUT, CAM] if explain else [OUTPUT]
+        export_onnx(module, context.example, path, output_names=outputs, opset=context.opset)
+        report = {"path": str(path), "opset": context.opset, "nodes": node_count(path), "outputs": outputs}
         report.update(parity(path, context))
         if report["max_abs_logit_diff"] > self.tolerance or report["top1_agreement"] < 1.0:
             raise ThaliError(
                 f"ONNX export differs from torch: max logit difference {report['max_abs_logit_diff']:.2e}, "
                 f"top-1 agreement {report['top1_agreement']:.3f}"
             )
+        if explain:
+            if "cam_max_abs_diff" not in report:
+                raise ThaliError(f"{path.name}: export.explain is set but the model has no {CAM!r} output")
+            allowed = self.tolerance * max(1.0, report["cam_abs_max"])
+            if report["cam_max_abs_diff"] > allowed:
+                raise ThaliError(
+                    f"ONNX export differs from torch: max cam difference {report['cam_max_abs_diff']:.2e} "
+                    f"(allowed {allowed:.2e})"
+                )
         context.artifacts["fp32_raw"] = path
         return report
 

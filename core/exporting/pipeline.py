@@ -209,7 +209,10 @@ def export_run(
         threshold = unknown_threshold(reference_logits, val.labels, temperature)
         metadata = {
             "labels.json": json.dumps(labels_spec(config), indent=1),
-            "preprocess.json": json.dumps(preprocess_spec(model.preprocess), indent=1),
+            "preprocess.json": json.dumps(
+                {**preprocess_spec(model.preprocess), "explain_output": "cam" if settings.explain else None},
+                indent=1,
+            ),
             "calibration.json": json.dumps(
                 {"temperature": temperature, "unknown_threshold": threshold}, indent=1
             ),

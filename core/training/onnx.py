@@ -1,13 +1,38 @@
-"""ONNX export of a torch module with the dynamo exporter: opset 18, dynamic batch axis, named I/O."""
+"""ONNX export of a torch module with the dynamo exporter: opset 18, dynamic batch axis, named I/O.
+
+Also :class:`WithCam`, the module ``export.explain`` exports: the classifier's logits and its
+class-activation maps (Zhou et al., 2016).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+
+class WithCam(nn.Module):
+    """``x -> (logits, cam)`` for a :class:`~thali.core.training.model.Classifier`.
+
+    ``cam[n, k] = sum_c features[n, c] * fc.weight[k, c]`` over the attended last feature map, so in eval
+    mode ``logits[:, k] == cam[:, k].mean((h, w)) + fc.bias[k]``. It holds the classifier's modules
+    under their own names, so the export's module paths (``backbone.stem``, for
+    ``export.exclude_nodes``) are those of the classifier."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.attention = classifier.backbone, classifier.attention
+        self.dropout, self.fc = classifier.dropout, classifier.fc
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.attention(self.backbone(x))
+        logits = self.fc(self.dropout(features.mean(dim=(2, 3))))
+        cam = torch.einsum("nchw,kc->nkhw", features, self.fc.weight)
+        return logits, cam
 
 
 def export_onnx(
@@ -17,10 +42,14 @@ def export_onnx(
     *,
     input_name: str = "input",
     output_name: str = "output",
+    output_names: Sequence[str] | None = None,
     opset: int = 18,
     max_batch: int = 4096,
 ) -> Path:
-    """Export ``module`` (in eval mode) to ``path``; the exporter's chatty optimiser output is hidden."""
+    """Export ``module`` (in eval mode) to ``path``; the exporter's chatty optimiser output is hidden.
+
+    ``output_names`` names a module with several outputs (in order); otherwise its one output is
+    ``output_name``."""
     module.eval()
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -30,7 +59,7 @@ def export_onnx(
             dynamo=True,
             opset_version=opset,
             input_names=[input_name],
-            output_names=[output_name],
+            output_names=list(output_names) if output_names else [output_name],
             dynamic_shapes=({0: batch},),
             verbose=False,
         )
