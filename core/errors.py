@@ -109,3 +109,24 @@ class IntegrityError(ModelRegistryError):
     code = "integrity_error"
     http_status = 500
     exit_code = 5
+
+
+class ImageTooLargeError(DataError):
+    """An image over the byte or pixel limit (a decompression bomb, or a photo to downscale first)."""
+
+    code = "image_too_large"
+    http_status = 413
+
+
+class NotAnImageError(DataError):
+    """Bytes that no image decoder recognises (or none at all)."""
+
+    code = "not_an_image"
+    http_status = 415
+
+
+class BrokenImageError(DataError):
+    """An image whose header reads but whose pixels do not decode (truncated, corrupt)."""
+
+    code = "invalid_image"
+    http_status = 400

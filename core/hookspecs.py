@@ -101,7 +101,11 @@ def thali_register_serving_backends(registry: Registry[Any]) -> None:
     Called once when the plugin manager is built. The factory is called as
     ``factory(model_path, **params)`` and returns an object with ``predict(batch) -> logits`` for a
     preprocessed ``float32`` batch ``(N, 3, H, W)`` and ``info() -> dict`` (provider actually used).
-    Serving code must not import training code.
+    ``params`` always include ``variant`` (the package variant being served), ``package`` (the verified
+    :class:`thali.registry.ModelPackage`, with its card and lineage) and ``registries``; a backend takes
+    what it needs and ignores the rest (``**params``). Optionally ``explain(batch) -> (logits, cam)``
+    with class-activation maps ``(N, K, h, w)``. The full contract is
+    :class:`thali.core.inference.ServingBackend`. An ONNX backend must not import training code.
     """
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from .errors import BrokenImageError, ImageTooLargeError, NotAnImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: above every phone camera; 5x below a 13k x 13k bomb
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
@@ -33,31 +33,30 @@ DEFAULT_LIMITS = ImageLimits()
 
 
 def _open(source: str | Path | bytes, limits: ImageLimits) -> Any:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, bytes | bytearray):
-        if len(source) > limits.max_bytes:
-            raise DataError(f"image is {len(source):,} bytes, over the limit of {limits.max_bytes:,}")
-        if not source:
-            raise DataError("image is empty (0 bytes)")
+        size = len(source)
         stream: Any = io.BytesIO(source)
     else:
         size = os.stat(source).st_size
-        if size > limits.max_bytes:
-            raise DataError(f"image is {size:,} bytes, over the limit of {limits.max_bytes:,}")
-        if size == 0:
-            raise DataError("image is empty (0 bytes)")
         stream = source
+    if size > limits.max_bytes:
+        raise ImageTooLargeError(f"image is {size:,} bytes, over the limit of {limits.max_bytes:,}")
+    if size == 0:
+        raise NotAnImageError("image is empty (0 bytes)")
     with warnings.catch_warnings():  # our own cap below decides; Pillow's hard stop (2x its limit) stays
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(stream)
         except Image.DecompressionBombError as exc:
-            raise DataError(f"image refused as a decompression bomb: {exc}") from None
+            raise ImageTooLargeError(f"image refused as a decompression bomb: {exc}") from None
+        except UnidentifiedImageError:
+            raise NotAnImageError("not an image: no decoder recognises these bytes") from None
     pixels = img.width * img.height
     if pixels > limits.max_pixels:
         img.close()
-        raise DataError(
+        raise ImageTooLargeError(
             f"image is {img.width} x {img.height} = {pixels:,} pixels, over the limit of "
             f"{limits.max_pixels:,} (a decompression bomb, or a photo to downscale first)"
         )
@@ -80,9 +79,12 @@ def decode_rgb(source: str | Path | bytes, limits: ImageLimits = DEFAULT_LIMITS)
     from PIL import Image, ImageOps
 
     with _open(source, limits) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "P"):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
-        return np.asarray(img.convert("RGB"))
+        try:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA", "P"):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, img)
+            return np.asarray(img.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated, corrupt, odd modes
+            raise BrokenImageError(f"image could not be decoded ({type(exc).__name__}: {exc})") from None

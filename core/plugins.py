@@ -41,6 +41,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "thali.plugins.exporter_onnx",
     "thali.plugins.exporter_int8",
     "thali.plugins.exporter_fp16",
+    "thali.plugins.serving_onnxruntime",
+    "thali.plugins.serving_torch",
 )
 
 
@@ -89,6 +91,29 @@ class ThaliPluginManager:
         for name, (module, source, dist, version) in self._origins.items():
             infos.append(PluginInfo(name, module, source, dist, version, components.get(name, {})))
         return infos
+
+    def report(self, kind: str | None = None) -> dict[str, Any]:
+        """What ``thali plugins --json`` and ``GET /v1/plugins`` show: plugins, blocked names, and the
+        components of every kind (or of ``kind``) with the plugin that registered each."""
+        if kind:
+            self.registries.of(kind)  # validates the kind name
+        return {
+            "plugins": [i.to_dict() for i in self.plugins()],
+            "blocked": list(self.blocked),
+            "components": {
+                k: [
+                    {
+                        "name": e.name,
+                        "plugin": e.plugin,
+                        "description": e.description,
+                        "metadata": dict(e.metadata),
+                    }
+                    for e in registry
+                ]
+                for k, registry in self.registries.items()
+                if not kind or k == kind
+            },
+        }
 
 
 def _thali_version() -> str | None:

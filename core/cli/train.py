@@ -7,10 +7,12 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from thali.core.config import check_components, load_config
 from thali.core.domains import resolve_domain
-from thali.core.errors import ConfigError
+from thali.core.errors import ConfigError, DataError, NotAvailableError
+from thali.core.names import is_valid_name
 
 from .context import Context, print_json
 
@@ -28,9 +30,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_train)
 
-    e = sub.add_parser("evaluate", help="score a run on an ImageFolder directory")
-    e.add_argument("run", type=Path, help="a training run directory")
+    e = sub.add_parser(
+        "evaluate", help="score a training run or a registry model on an ImageFolder directory"
+    )
+    e.add_argument(
+        "model",
+        metavar="RUN|DOMAIN[@REF]",
+        help="a training run directory, or a registry model: DOMAIN, DOMAIN@VERSION or DOMAIN@ALIAS "
+        "(default: the production alias if set, else the latest version)",
+    )
     e.add_argument("--data", required=True, type=Path, help="ImageFolder directory to score")
+    e.add_argument("--variant", help="registry model: the variant to score (default fp32)")
+    e.add_argument("--backend", help="registry model: the serving backend to run it (default onnxruntime)")
+    e.add_argument(
+        "--registry", help="registry model: where it is (default $THALI_REGISTRY or ./model-registry)"
+    )
+    e.add_argument("--trusted-key", action="append", type=Path, help="registry model: trust this public key")
     e.add_argument("--json", action="store_true", help="print all metrics as one JSON object")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=run_evaluate)
@@ -85,14 +100,54 @@ def run_train(ctx: Context) -> int:
     return 0
 
 
-def run_evaluate(ctx: Context) -> int:
-    from thali.core.training.evaluate import evaluate_run
+def _registry_model(ctx: Context) -> dict[str, Any]:
+    """Score ``DOMAIN[@REF]`` from the model registry through a serving backend."""
+    from thali.core.inference.evaluate import evaluate_package
 
     args = ctx.args
-    result = evaluate_run(args.run, args.data, ctx.plugins.registries, progress=not args.no_progress)
+    domain, _, ref = str(args.model).partition("@")
+    if not is_valid_name(domain):
+        raise DataError(f"{args.model}: no such training run folder, and not a registry model DOMAIN[@REF]")
+    try:
+        from thali.registry import ModelRegistry
+    except ImportError:
+        raise NotAvailableError("the model registry is not installed; pass a training run folder") from None
+    registry = ModelRegistry(args.registry, trusted_keys=args.trusted_key)
+    if not ref:
+        ref = "production" if "production" in registry.aliases(domain) else "latest"
+    package = registry.resolve(domain, ref)
+    return evaluate_package(
+        package,
+        args.data,
+        ctx.plugins.registries,
+        backend=args.backend or "onnxruntime",
+        variant=args.variant or "fp32",
+        progress=not args.no_progress,
+    )
+
+
+def run_evaluate(ctx: Context) -> int:
+    args = ctx.args
+    if Path(args.model).is_dir():
+        given = [
+            f"--{n.replace('_', '-')}"
+            for n in ("variant", "backend", "registry", "trusted_key")
+            if getattr(args, n)
+        ]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: for a registry model, not a training run ({args.model})")
+        from thali.core.training.evaluate import evaluate_run
+
+        result = evaluate_run(
+            Path(args.model), args.data, ctx.plugins.registries, progress=not args.no_progress
+        )
+    else:
+        result = _registry_model(ctx)
     if args.json:
         print(json.dumps(result))
         return 0
+    if "model" in result:
+        print(f"{result['model']} ({result['variant']}, {result['backend']} on {result['provider']})")
     print(
         f"{result['images']} images: top-1 {result['top1']:.3f}  top-5 {result['top5']:.3f}  "
         f"ECE {result['ece']:.3f}  NLL {result['nll']:.3f}"

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,35 +60,16 @@ def _torch_row(model: Any, device: str, channels_last: bool = False) -> Row:
     return Row(name, "torch", "fp32", device, run)
 
 
-def _providers(provider: str) -> list[str]:
-    return [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+def _onnx_row(registries: Any, path: Path, variant: str, provider: str) -> Row:
+    """One row per variant and provider, built through the ``onnxruntime`` serving backend, so bench
+    times what the server runs: its session profiles its first run to read which provider ran each node,
+    then stops profiling, so the timed runs that follow are not slowed."""
+    from thali.core.inference import load_backend
 
-
-def _onnx_row(path: Path, variant: str, provider: str, sample: np.ndarray) -> Row:
-    """One session per row: its first run is profiled to read which provider ran each node; ONNX
-    Runtime stops profiling at ``end_profiling``, so the timed runs that follow are not slowed."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "thali-bench-profile")
-    session = ort.InferenceSession(str(path), options, providers=_providers(provider))
-    name = session.get_inputs()[0].name
-    session.run(None, {name: sample})
-    profile = Path(session.end_profiling())
-    placement: Counter[str] = Counter()
-    try:
-        for event in json.loads(profile.read_text()):
-            if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
-                placement[event.get("args", {}).get("provider", "?")] += 1
-    finally:
-        profile.unlink(missing_ok=True)
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: x})[0]
-
+    backend = load_backend(registries, "onnxruntime", path, provider=provider, variant=variant)
+    placement = dict(backend.info().get("nodes_by_provider") or {})
     label = f"onnxruntime {variant} ({SHORT.get(provider, provider)})"
-    return Row(label, "onnxruntime", variant, provider, run, path.stat().st_size, dict(placement))
+    return Row(label, "onnxruntime", variant, provider, backend.predict, path.stat().st_size, placement)
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -196,7 +176,7 @@ def bench_model(
     for variant in variants:
         for provider in wanted:
             try:
-                rows.append(_onnx_row(model_dir / variant_file(variant), variant, provider, single))
+                rows.append(_onnx_row(registries, model_dir / variant_file(variant), variant, provider))
             except Exception as exc:  # a provider that cannot build this model: say so, keep going
                 notes.append(f"{variant} on {provider}: session failed: {str(exc).splitlines()[0][:200]}")
             setup.update()

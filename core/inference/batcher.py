@@ -1,0 +1,137 @@
+"""Micro-batching: concurrent requests for one model are gathered into one batch, up to
+``max_batch_size`` images or ``max_wait_ms`` after the first one arrived, and run together. One worker
+thread per model keeps the engine busy while request threads wait on futures; ``max_batch_size=1``
+turns batching off (each request runs alone, in arrival order)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class BatcherClosed(RuntimeError):
+    """The model was unloaded or replaced while the request waited; retry on the new one."""
+
+
+@dataclass
+class _Job:
+    inputs: np.ndarray  # (n, 3, H, W)
+    future: Future[Any] = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatchStats:
+    """What one batch took: images in it, the queue wait, engine seconds."""
+
+    size: int
+    queue_wait_s: float
+    run_s: float
+
+
+class MicroBatcher:
+    """``submit(inputs) -> Future`` of ``(rows, stats)``: ``run(batch)``'s rows for those inputs (a tuple
+    of arrays when ``run`` returns several outputs) and this job's :class:`BatchStats` (its own queue
+    wait). ``on_batch`` is called with the batch's stats (the first job's wait) after each batch."""
+
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], Any],
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        name: str = "model",
+        on_batch: Callable[[BatchStats], None] | None = None,
+        max_queue: int = 4096,
+    ) -> None:
+        self.run, self.max_batch_size, self.max_wait = run, max(1, max_batch_size), max_wait_ms / 1000
+        self.on_batch = on_batch
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, inputs: np.ndarray) -> Future[Any]:
+        if self._closed:
+            raise BatcherClosed("the model is being unloaded")
+        job = _Job(np.ascontiguousarray(inputs, dtype=np.float32))
+        self._queue.put(job)
+        return job.future
+
+    def close(self, drain: bool = True) -> None:
+        """Stop taking jobs; with ``drain`` the queued ones still run, else they fail with BatcherClosed."""
+        self._closed = True
+        if not drain:
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job.future.set_exception(BatcherClosed("the model was unloaded"))
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
+        jobs, count, stop = [first], len(first.inputs), False
+        deadline = time.perf_counter() + self.max_wait
+        while count < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                stop = True
+                break
+            if count + len(job.inputs) > self.max_batch_size:
+                self._carry = job
+                break
+            jobs.append(job)
+            count += len(job.inputs)
+        return jobs, stop
+
+    def _loop(self) -> None:
+        self._carry: _Job | None = None
+        while True:
+            job = self._carry or self._queue.get()
+            self._carry = None
+            if job is None:
+                return
+            jobs, stop = self._gather(job)
+            self._run(jobs)
+            if stop:
+                if self._carry is not None:
+                    self._run([self._carry])
+                return
+
+    def _run(self, jobs: list[_Job]) -> None:
+        started = time.perf_counter()
+        wait = started - jobs[0].queued_at
+        batch = jobs[0].inputs if len(jobs) == 1 else np.concatenate([j.inputs for j in jobs])
+        try:
+            outputs = self.run(batch)
+        except BaseException as exc:  # the engine failed: every waiting request hears why
+            for j in jobs:
+                j.future.set_exception(exc)
+            return
+        took = time.perf_counter() - started
+        start = 0
+        for j in jobs:
+            n = len(j.inputs)
+            rows = (
+                tuple(o[start : start + n] for o in outputs)
+                if isinstance(outputs, tuple)
+                else outputs[start : start + n]
+            )
+            j.future.set_result((rows, BatchStats(len(batch), started - j.queued_at, took)))
+            start += n
+        if self.on_batch:
+            self.on_batch(BatchStats(len(batch), wait, took))

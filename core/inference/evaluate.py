@@ -1,0 +1,105 @@
+"""``thali evaluate DOMAIN[@REF]``: score a registry model on an ImageFolder directory through a serving
+backend and the serving preprocessing, with the metrics a training run is scored with. No torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from thali.core.errors import DataError, PluginError
+from thali.core.images import DEFAULT_LIMITS, ImageLimits, decode_rgb
+from thali.core.registry import Registries
+
+from .backend import load_backend
+from .preprocess import Preprocessor
+
+
+def image_limits(card: Mapping[str, Any]) -> ImageLimits:
+    """The image caps of the config the package was trained with (the defaults if it names none)."""
+    dataset = (card.get("config") or {}).get("dataset") or {}
+    try:
+        return ImageLimits(
+            max_pixels=int(dataset.get("max_image_pixels") or DEFAULT_LIMITS.max_pixels),
+            max_bytes=int(dataset.get("max_image_bytes") or DEFAULT_LIMITS.max_bytes),
+        )
+    except (TypeError, ValueError):
+        return DEFAULT_LIMITS
+
+
+def evaluate_package(
+    package: Any,
+    data_dir: Path,
+    registries: Registries,
+    *,
+    backend: str = "onnxruntime",
+    variant: str = "fp32",
+    batch_size: int = 32,
+    progress: bool = True,
+    **backend_params: Any,
+) -> dict[str, Any]:
+    """Score ``package`` (a verified :class:`thali.registry.ModelPackage`) on the ImageFolder ``data_dir``,
+    whose folder names are classes of the package; unreadable images are skipped and reported."""
+    from tqdm import tqdm
+
+    from thali.core.training.data import report_problems, verify_images  # both torch-free
+    from thali.core.training.metrics import summarize
+
+    data_dir = Path(data_dir)
+    classes = package.class_names
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: no such data folder")
+    folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [f for f in folders if f not in classes]
+    if unknown:
+        raise DataError(f"{data_dir}: folders {', '.join(unknown)} are not classes of {package.domain}")
+    images = registries.datasets.create("imagefolder", data_dir, classes=folders)
+    samples = [(p, classes.index(folders[label])) for p, label in images.samples]
+    limits = image_limits(package.card)
+    samples, problems = verify_images(samples, progress=progress, limits=limits)
+    engine = load_backend(
+        registries,
+        backend,
+        package.model_path(variant),
+        variant=variant,
+        package=package,
+        registries=registries,
+        **backend_params,
+    )
+    preprocess = Preprocessor(package.preprocess, limits)
+    logits: list[np.ndarray] = []
+    labels: list[int] = []
+    batches = range(0, len(samples), batch_size)
+    for start in tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False):
+        inputs = []
+        for path, label in samples[start : start + batch_size]:
+            try:
+                inputs.append(preprocess(decode_rgb(path, limits)))
+                labels.append(label)
+            except DataError as exc:
+                problems.append((path, exc.message))
+            except Exception as exc:  # any decoder error means: skip this file
+                problems.append((path, f"{type(exc).__name__}: {exc}"))
+        if inputs:
+            logits.append(np.asarray(engine.predict(np.stack(inputs)), dtype=np.float32))
+    if not logits:
+        raise DataError(f"{data_dir}: no readable images")
+    scores = np.concatenate(logits)
+    if scores.shape != (len(labels), len(classes)):
+        raise PluginError(
+            f"serving backend {backend!r} returned logits of shape {scores.shape}, "
+            f"expected ({len(labels)}, {len(classes)})"
+        )
+    temperature = float(package.calibration.get("temperature") or 1.0)
+    result = summarize(scores, np.asarray(labels), classes, temperature)
+    result["skipped"] = len(problems)
+    if message := report_problems(problems):
+        result["problems"] = message
+    info = engine.info()
+    result["data"] = str(data_dir)
+    result["model"] = f"{package.domain}@{package.version}"
+    result.update(domain=package.domain, version=package.version, variant=variant)
+    result.update(backend=info.get("backend", backend), provider=info.get("provider"))
+    return result

@@ -1,0 +1,75 @@
+"""From logits to answers: temperature-scaled probabilities, top-k with display names, the unknown
+flag (top probability under the package's threshold), and class-activation heatmaps."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / max(float(temperature), 1e-6)
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+@dataclass
+class Prediction:
+    """One image's answer: top-k classes with calibrated probabilities and the unknown flag."""
+
+    top: list[dict[str, Any]]
+    unknown: bool
+    threshold: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"predictions": self.top, "unknown": self.unknown, "unknown_threshold": self.threshold}
+
+
+def predictions(
+    logits: np.ndarray,
+    classes: Sequence[Mapping[str, Any]],
+    calibration: Mapping[str, Any],
+    top_k: int = 5,
+) -> list[Prediction]:
+    """A :class:`Prediction` per row of ``logits`` (N, K)."""
+    temperature = float(calibration.get("temperature") or 1.0)
+    threshold = calibration.get("unknown_threshold")
+    probs = softmax(np.atleast_2d(logits), temperature)
+    k = max(1, min(int(top_k), probs.shape[1]))
+    out = []
+    for row in probs:
+        order = np.argsort(-row, kind="stable")[:k]
+        top = [
+            {
+                "label": str(classes[i].get("name", i)),
+                "display_name": str(classes[i].get("display_name") or classes[i].get("name", i)),
+                "class_id": int(i),
+                "probability": round(float(row[i]), 6),
+            }
+            for i in order
+        ]
+        unknown = threshold is not None and float(row[order[0]]) < float(threshold)
+        out.append(Prediction(top, bool(unknown), None if threshold is None else float(threshold)))
+    return out
+
+
+def heatmap_png(cam: np.ndarray, crop: np.ndarray, alpha: float = 0.45) -> str:
+    """The class-activation map ``cam`` (h, w) of one class, upsampled onto the model's RGB ``crop``
+    (H, W, 3) as a JET overlay; a base64 PNG."""
+    import cv2
+
+    cam = np.maximum(np.asarray(cam, dtype=np.float32), 0)
+    cam = cam / cam.max() if cam.max() > 0 else cam
+    h, w = crop.shape[:2]
+    heat = cv2.resize(cam, (w, h), interpolation=cv2.INTER_CUBIC)
+    colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)[:, :, ::-1]
+    overlay = (alpha * colour + (1 - alpha) * crop).astype(np.uint8)
+    ok, png = cv2.imencode(".png", overlay[:, :, ::-1])
+    if not ok:  # pragma: no cover - OpenCV always encodes a uint8 image
+        raise RuntimeError("could not encode the heatmap")
+    return base64.b64encode(png.tobytes()).decode()

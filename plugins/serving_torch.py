@@ -1,0 +1,105 @@
+"""The ``torch`` serving backend: the training checkpoint a package was exported from, run eagerly.
+
+It serves a package only when the checkpoint its card names (``lineage.run``/best.pt) is at hand and
+its sha256 is the one recorded at export; otherwise it says to use the ``onnxruntime`` backend. Torch and
+the training code are imported inside the factory, so registering it costs nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from thali.core import hookimpl
+from thali.core.errors import IntegrityError, NotAvailableError
+from thali.core.registry import Registry
+
+USE_ONNX = "serve it with the onnxruntime backend"
+
+
+def _checkpoint(package: Any) -> Path:
+    """The package's training checkpoint, checked against the sha256 recorded at export."""
+    from thali.core.exporting.pipeline import sha256
+
+    name = f"{package.domain} v{package.version}"
+    lineage = (package.card or {}).get("lineage") or {}
+    run, expected = lineage.get("run"), lineage.get("checkpoint_sha256")
+    if not run or not expected:
+        raise NotAvailableError(f"{name}: its card names no training checkpoint; {USE_ONNX}")
+    path = Path(str(run)) / "best.pt"
+    if not path.is_file():
+        raise NotAvailableError(f"{name}: its training checkpoint {path} is not at hand; {USE_ONNX}")
+    if sha256(path) != expected:
+        raise IntegrityError(
+            f"{path} is not the checkpoint {name} was exported from (sha256 differs); {USE_ONNX}"
+        )
+    return path
+
+
+class TorchBackend:
+    """``predict(batch)``, ``explain(batch)`` and ``info()`` on the package's fp32 training checkpoint."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        package: Any,
+        registries: Any,
+        device: str = "auto",
+        variant: str | None = None,
+        **_: Any,
+    ) -> None:
+        if variant not in (None, "fp32"):
+            raise NotAvailableError(
+                f"the torch backend runs the fp32 checkpoint, not {variant!r}; {USE_ONNX}"
+            )
+        self.checkpoint = _checkpoint(package)
+        import torch
+
+        from thali.core.training.evaluate import load_run
+        from thali.core.training.onnx import WithCam
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise NotAvailableError(f"device {device!r}: CUDA is not available to torch here")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.torch = torch
+        self.model = load_run(self.checkpoint.parent, registries).model.to(self.device).eval()
+        self.with_cam = WithCam(self.model).eval()
+        self.variant = variant or "fp32"
+
+    def _input(self, batch: Any) -> Any:
+        import numpy as np
+
+        return self.torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+
+    def predict(self, batch: Any) -> Any:
+        with self.torch.inference_mode():
+            return self.model(self._input(batch)).float().cpu().numpy()
+
+    def explain(self, batch: Any) -> tuple[Any, Any]:
+        """Logits and class-activation maps ``(N, K, h, w)``, computed as ``export.explain`` exports them."""
+        with self.torch.inference_mode():
+            logits, cam = self.with_cam(self._input(batch))
+            return logits.float().cpu().numpy(), cam.float().cpu().numpy()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "backend": "torch",
+            "variant": self.variant,
+            "provider": str(self.device),
+            "explain": True,
+            "checkpoint": str(self.checkpoint),
+        }
+
+
+@hookimpl
+def thali_register_serving_backends(registry: Registry[Any]) -> None:
+    registry.add(
+        "torch",
+        TorchBackend,
+        description="PyTorch eager on the package's training checkpoint (when at hand); CUDA when present",
+    )

@@ -1,0 +1,130 @@
+"""The serving preprocessing (OpenCV + numpy, no torch) against training's evaluation transform
+(albumentations) on real photos of many sizes, and a server's import graph without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from thali.core.inference import Preprocessor
+
+# EfficientNet-Lite0's preprocessing, as its backbone declares it.
+LITE0 = {
+    "input_size": [3, 224, 224],
+    "interpolation": "bilinear",
+    "crop_pct": 0.875,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
+
+
+@pytest.fixture(scope="module")
+def photos(datasets_root: Path) -> list[Path]:
+    """12 photos from several south_asian_food classes, each of a size not picked before (square,
+    landscape, portrait, very wide, smaller than the crop)."""
+    from PIL import Image
+
+    root = datasets_root / "south_asian_food"
+    if not root.is_dir():
+        pytest.skip(f"{root} is absent")
+    picked: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        per_class = 0
+        for path in sorted(folder.iterdir())[:80]:
+            try:
+                with Image.open(path) as img:
+                    size = img.size
+            except Exception:
+                continue
+            if size not in seen and per_class < 2:
+                seen.add(size)
+                picked.append(path)
+                per_class += 1
+        if len(picked) >= 12:
+            break
+    picked = picked[:12]
+    assert len({p.parent for p in picked}) >= 4 and len(picked) == 12
+    return picked
+
+
+def _both(path: Path, preprocess: dict[str, Any], spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    from thali.core.training.data import load_rgb
+    from thali.core.training.transforms import eval_transform
+
+    rgb = load_rgb(path)
+    ours = Preprocessor(spec)(rgb)
+    theirs = eval_transform(preprocess)(image=rgb)["image"].numpy()
+    return ours, theirs
+
+
+def test_serving_preprocess_equals_the_evaluation_transform(photos: list[Path]) -> None:
+    from thali.core.exporting.pipeline import preprocess_spec
+
+    spec = preprocess_spec(LITE0)
+    sizes = set()
+    for path in photos:
+        ours, theirs = _both(path, LITE0, spec)
+        assert ours.shape == theirs.shape == (3, 224, 224) and ours.dtype == np.float32, path
+        assert np.abs(ours - theirs).max() <= 1e-2, path
+        from PIL import Image
+
+        with Image.open(path) as img:
+            sizes.add(img.size)
+    assert any(w > h for w, h in sizes) and any(min(s) < 224 for s in sizes)  # wide ones, upscaled ones
+
+
+def test_a_tiny_model_agrees_on_both_inputs(photos: list[Path], tiny_export: Path) -> None:
+    import onnxruntime as ort
+
+    spec = json.loads((tiny_export / "preprocess.json").read_text())
+    session = ort.InferenceSession(str(tiny_export / "model.onnx"), providers=["CPUExecutionProvider"])
+    ours, theirs = zip(*(_both(path, spec, spec) for path in photos), strict=True)
+    name = session.get_inputs()[0].name
+    logits_ours = session.run(None, {name: np.stack(ours)})[0]
+    logits_theirs = session.run(None, {name: np.stack(theirs)})[0]
+    assert (logits_ours.argmax(1) == logits_theirs.argmax(1)).all()
+    assert np.abs(logits_ours - logits_theirs).max() < 0.05
+
+
+SERVER = """
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    import thali.core.inference
+    from thali.core import build_plugin_manager
+    from thali.core.inference import Preprocessor, load_backend
+
+    export = Path(sys.argv[1])
+    spec = __import__("json").loads((export / "preprocess.json").read_text())
+    registries = build_plugin_manager(autoload=False).registries
+    backend = load_backend(registries, "onnxruntime", export / "model.onnx", variant="fp32")
+    image = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
+    logits = backend.predict(Preprocessor(spec)(image)[None])
+    assert logits.shape == (1, 3), logits.shape
+    heavy = sorted(m for m in ("torch", "albumentations", "timm") if m in sys.modules)
+    print("heavy:", ",".join(heavy))
+"""
+
+
+def test_serving_never_imports_torch(tiny_export: Path) -> None:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SERVER), str(tiny_export)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "heavy:", result.stdout
