@@ -16,30 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(ctx: Context) -> int:
     pm = ctx.plugins
-    infos = pm.plugins()
-    if ctx.args.kind:
-        pm.registries.of(ctx.args.kind)  # validates the kind name
+    report = pm.report(ctx.args.kind)
     if ctx.args.json:
-        print_json(
-            {
-                "plugins": [i.to_dict() for i in infos],
-                "blocked": pm.blocked,
-                "components": {
-                    kind: [
-                        {
-                            "name": e.name,
-                            "plugin": e.plugin,
-                            "description": e.description,
-                            "metadata": dict(e.metadata),
-                        }
-                        for e in reg
-                    ]
-                    for kind, reg in pm.registries.items()
-                    if not ctx.args.kind or kind == ctx.args.kind
-                },
-            }
-        )
+        print_json(report)
         return 0
+    infos = pm.plugins()
     for info in infos:
         where = {"builtin": "built-in", "entry-point": "entry point", "direct": "direct"}[info.source]
         dist = f"{info.distribution} {info.version or ''}".strip() if info.distribution else "-"

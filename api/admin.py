@@ -1,0 +1,74 @@
+"""Admin endpoints, off unless ``THALI_ADMIN_KEY`` is set (header ``X-API-Key``, compared in constant
+time): load a version or alias, unload, re-resolve the alias. A swap never drops a request."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from flask import request
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from thali.core.errors import ThaliError
+
+from .hosting import split_ref
+from .schemas import DomainSchema, ErrorBodySchema, LoadSchema
+from .service import service
+
+blp = Blueprint("admin", __name__, url_prefix="/v1/domains", description="Load, unload, reload (admin key)")
+KEY_HEADER = "X-API-Key"
+
+
+class AdminError(ThaliError):
+    code = "forbidden"
+    http_status = 403
+
+
+def require_admin() -> None:
+    key = service().settings.admin_key
+    if key is None:
+        raise AdminError("admin endpoints are off: start the server with THALI_ADMIN_KEY set")
+    given = request.headers.get(KEY_HEADER)
+    if not given:
+        error = AdminError(f"send the admin key in the {KEY_HEADER} header")
+        error.code, error.http_status = "unauthorized", 401
+        raise error
+    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise AdminError("wrong admin key")
+
+
+def _document(view: Any) -> Any:
+    for status, text in {401: "no key", 403: "wrong key, or admin off", 404: "unknown domain"}.items():
+        view = blp.alt_response(status, schema=ErrorBodySchema, description=text)(view)
+    return blp.doc(security=[{"admin_key": []}])(view)
+
+
+@blp.route("/<string:domain>")
+class Load(MethodView):
+    @blp.arguments(LoadSchema)
+    @blp.response(200, DomainSchema)
+    @_document
+    def put(self, body: dict[str, Any], domain: str) -> dict[str, Any]:
+        """Load a version or alias of a domain (loaded and warmed before it takes traffic)"""
+        require_admin()
+        name, _ = split_ref(domain)
+        ref = split_ref(f"{name}@{body['ref']}")[1] if body.get("ref") else None
+        return service().hosting.load(name, ref, body.get("variant")).summary()
+
+    @blp.response(204)
+    @_document
+    def delete(self, domain: str) -> None:
+        """Unload a domain (requests already queued are answered first)"""
+        require_admin()
+        service().hosting.unload(domain)
+
+
+@blp.route("/<string:domain>/reload")
+class Reload(MethodView):
+    @blp.response(200, DomainSchema)
+    @_document
+    def post(self, domain: str) -> dict[str, Any]:
+        """Resolve the domain's alias again and swap in the version it names now"""
+        require_admin()
+        return service().hosting.reload(domain).summary()

@@ -1,0 +1,58 @@
+"""The one error body of the API, ``{code, status, message, errors}``, for every failure: thali's own
+errors, flask-smorest/webargs validation (422), and any HTTP error Werkzeug raises (404, 405, 413 …).
+An unexpected exception is logged with its traceback and answered 500 with the same body."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from thali.core.errors import ThaliError
+
+log = logging.getLogger("thali.api")
+
+
+def body(code: str, status: int, message: str, errors: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"code": code, "status": status, "message": message, "errors": errors or {}}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "error"
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ThaliError)
+    def thali_error(exc: ThaliError) -> Any:
+        return jsonify(exc.to_dict()), exc.http_status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        status = exc.code or 500
+        errors: dict[str, Any] = {}
+        data = getattr(exc, "data", None)  # webargs puts field messages here
+        if isinstance(data, dict) and "messages" in data:
+            errors = data["messages"]
+        message = exc.description or exc.name
+        if status == 422 and errors:
+            message = "the request has invalid fields: " + ", ".join(_fields(errors))
+        return jsonify(body(_snake(exc.name), status, message, errors)), status
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Any:
+        log.exception("unexpected error while answering a request")
+        return jsonify(body("internal_error", 500, "internal error; see the server log")), 500
+
+
+def _fields(errors: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key, value in errors.items():
+        name = f"{prefix}{key}" if key not in ("json", "query", "form", "files", "path") else prefix
+        if isinstance(value, dict):
+            out += _fields(value, f"{name}." if name else "")
+        else:
+            out.append(name.rstrip(".") or "body")
+    return out

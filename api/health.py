@@ -1,0 +1,63 @@
+"""``/healthz`` (the process answers), ``/readyz`` (every configured domain is loaded), ``/metrics``
+(Prometheus), and ``/v1/plugins``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from .schemas import HealthSchema, PluginsSchema, ReadySchema
+from .service import service
+
+blp = Blueprint("service", __name__, description="Health, readiness, metrics, plugins")
+
+
+@blp.route("/healthz")
+class Health(MethodView):
+    @blp.response(200, HealthSchema)
+    def get(self) -> dict[str, str]:
+        """The process is alive"""
+        return {"status": "ok"}
+
+
+@blp.route("/readyz")
+class Ready(MethodView):
+    @blp.response(200, ReadySchema)
+    @blp.alt_response(503, schema=ReadySchema, description="a configured domain is not loaded")
+    def get(self) -> Any:
+        """Every configured domain is loaded; else 503 naming the domain and why"""
+        hosting = service().hosting
+        domains: dict[str, Any] = {
+            name: {"ready": True, "version": m.version, "variant": m.variant}
+            for name, m in hosting.models.items()
+        }
+        for name, why in hosting.failures.items():
+            domains[name] = {"ready": False, "error": why}
+        for name in hosting.wanted:
+            domains.setdefault(name, {"ready": False, "error": "not loaded"})
+        ready = bool(domains) and all(d["ready"] for d in domains.values())
+        if not domains:
+            domains["(none)"] = {"ready": False, "error": f"no models in {hosting.registry.url}"}
+        return {"status": "ready" if ready else "not ready", "domains": domains}, (200 if ready else 503)
+
+
+@blp.route("/metrics")
+class PrometheusMetrics(MethodView):
+    @blp.doc(responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
+    def get(self) -> Response:
+        """Prometheus metrics"""
+        data, content_type = service().metrics.render()
+        return Response(data, content_type=content_type)
+
+
+@blp.route("/v1/plugins")
+class Plugins(MethodView):
+    @blp.response(200, PluginsSchema)
+    def get(self) -> dict[str, Any]:
+        """Loaded plugins and the components each contributes (what `thali plugins --json` shows)"""
+        import json
+
+        return json.loads(json.dumps(service().plugins.report(), default=str))

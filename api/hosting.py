@@ -1,0 +1,345 @@
+"""The loaded domains: resolve a package from the registry, build its serving backend, warm it, and swap
+it in atomically. A swap never drops a request: the new model takes traffic only once it answered a
+warm-up batch, and the old model's batcher drains what it already accepted before it closes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from thali.core.errors import ConfigError, NotFoundError, ThaliError
+from thali.core.images import ImageLimits
+from thali.core.inference import BatcherClosed, MicroBatcher, Preprocessor, load_backend, predictions
+from thali.core.inference.postprocess import heatmap_png
+from thali.core.names import check_name
+from thali.core.registry import Registries
+
+from .cache import AnswerCache
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("thali.api")
+
+
+class ServiceUnavailable(ThaliError):
+    code = "unavailable"
+    http_status = 503
+
+
+class CannotExplain(ThaliError):
+    """explain=true for a model without a heatmap output: the request asks what this domain cannot do."""
+
+    code = "explain_not_available"
+    http_status = 422
+
+
+@dataclass
+class LoadedModel:
+    """One domain's model as served: package metadata, backend, batcher, preprocessing."""
+
+    domain: str
+    ref: str
+    version: int
+    aliases: list[str]
+    variant: str
+    backend_name: str
+    backend: Any
+    batcher: MicroBatcher
+    preprocessor: Preprocessor
+    labels: dict[str, Any]
+    calibration: dict[str, Any]
+    card: dict[str, Any]
+    top_k: int
+    info: dict[str, Any]
+    signed_by: str | None = None
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def explainable(self) -> bool:
+        return bool(self.info.get("explain")) and callable(getattr(self.backend, "explain", None))
+
+    def summary(self) -> dict[str, Any]:
+        metrics = self.card.get("metrics", {}).get(self.variant, {}) if isinstance(self.card, dict) else {}
+        dataset = self.card.get("dataset", {}) if isinstance(self.card, dict) else {}
+        return {
+            "domain": self.domain,
+            "display_name": str((self.card.get("config") or {}).get("description") or self.domain),
+            "version": self.version,
+            "ref": self.ref,
+            "aliases": self.aliases,
+            "variant": self.variant,
+            "backend": self.backend_name,
+            "provider": str(self.info.get("provider", "")),
+            "explain": self.explainable,
+            "signed_by": self.signed_by,
+            "top_k": self.top_k,
+            "metrics": {k: metrics.get(k) for k in ("top1", "top5", "ece")},
+            "licence": str(dataset.get("licence") or "not stated"),
+            "classes": [
+                {"name": c.get("name"), "display_name": c.get("display_name") or c.get("name")}
+                for c in self.labels.get("classes", [])
+            ],
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+        }
+
+
+def split_ref(text: str) -> tuple[str, str | None]:
+    """``NAME[@REF]`` -> (name, ref or None), both through the name rule."""
+    name, _, ref = text.partition("@")
+    check_name(name.strip(), "domain")
+    ref = ref.strip() or None
+    if ref is not None and not (ref.lower() == "latest" or ref.lower().lstrip("v").isdigit()):
+        check_name(ref, "version or alias")
+    return name.strip(), ref
+
+
+class Hosting:
+    """The models of every domain this process serves."""
+
+    def __init__(
+        self, settings: Settings, registries: Registries, metrics: Metrics, cache: AnswerCache
+    ) -> None:
+        from thali.registry import ModelRegistry
+
+        self.settings, self.registries, self.metrics, self.cache = settings, registries, metrics, cache
+        self.registry = ModelRegistry(settings.registry, trusted_keys=settings.trusted_keys or None)
+        self.models: dict[str, LoadedModel] = {}
+        self.failures: dict[str, str] = {}  # domain -> why it is not served
+        self.wanted: dict[str, str | None] = {}  # domain -> ref asked for (None: production, else latest)
+        self._lock = threading.Lock()  # guards swaps; requests read self.models without it
+        self.limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_bytes)
+
+    # -- loading -------------------------------------------------------------------------------
+    def load_configured(self) -> None:
+        """Load every configured domain (or every domain of the registry); failures are recorded for
+        /readyz, never raised, so one broken package does not stop the others being served."""
+        if self.settings.domains:
+            wanted = [split_ref(text) for text in self.settings.domains]
+        else:
+            wanted = [(name, None) for name in self.registry.domains()]
+            if not wanted:
+                log.warning(
+                    "registry %s holds no models yet; publish one with `thali publish`", self.registry.url
+                )
+        for name, ref in wanted:
+            self.wanted[name] = ref
+            try:
+                self.load(name, ref)
+            except ThaliError as exc:
+                self.failures[name] = exc.message
+                self.metrics.load_failures.labels(name).inc()
+                log.error("not serving %s: %s", name, exc.message)
+
+    def _default_ref(self, domain: str) -> str:
+        if "production" in self.registry.aliases(domain):
+            return "production"
+        log.info("%s has no 'production' alias: serving its latest version", domain)
+        return "latest"
+
+    def build(self, domain: str, ref: str | None, variant: str | None = None) -> LoadedModel:
+        """Resolve, verify, build and warm a model; nothing is swapped in here."""
+        domain = check_name(domain, "domain")
+        ref = ref or self._default_ref(domain)
+        package = self.registry.resolve(domain, ref)
+        serving = (
+            ((package.card.get("config") or {}).get("serving") or {})
+            if isinstance(package.card, dict)
+            else {}
+        )
+        variant = variant or self.settings.variant or str(serving.get("variant") or "fp32")
+        check_name(variant, "variant")
+        if variant not in package.variants:
+            fallback = "fp32" if "fp32" in package.variants else sorted(package.variants)[0]
+            log.warning("%s v%d has no %s variant; serving %s", domain, package.version, variant, fallback)
+            variant = fallback
+        backend_name = self.settings.backend or str(serving.get("backend") or "onnxruntime")
+        params: dict[str, Any] = {"variant": variant, "package": package, "registries": self.registries}
+        if self.settings.ort_threads:
+            params["threads"] = self.settings.ort_threads
+        backend = load_backend(self.registries, backend_name, package.model_path(variant), **params)
+        info = dict(backend.info())
+        explain = bool(info.get("explain")) and callable(getattr(backend, "explain", None))
+        run = backend.explain if explain else backend.predict
+        batch = self.settings.max_batch_size or int(serving.get("max_batch_size") or 32)
+        wait = self.settings.max_wait_ms
+        wait = float(serving.get("batch_timeout_ms", 5.0)) if wait is None else wait
+
+        def on_batch(stats: Any) -> None:
+            self.metrics.batch_size.labels(domain).observe(stats.size)
+            self.metrics.queue_wait.labels(domain).observe(stats.queue_wait_s)
+            self.metrics.inference.labels(domain).observe(stats.run_s)
+
+        preprocessor = Preprocessor(package.preprocess, self.limits)
+        if self.settings.warmup:
+            _, h, w = (int(v) for v in package.preprocess["input_size"])
+            warm = np.zeros((min(batch, 8), 3, h, w), dtype=np.float32)
+            for size in sorted({1, len(warm)}):
+                run(warm[:size])
+        batcher = MicroBatcher(run, max_batch_size=batch, max_wait_ms=wait, name=domain, on_batch=on_batch)
+        return LoadedModel(
+            domain=domain,
+            ref=str(ref),
+            version=package.version,
+            aliases=list(package.aliases),
+            variant=variant,
+            backend_name=backend_name,
+            backend=backend,
+            batcher=batcher,
+            preprocessor=preprocessor,
+            labels=package.labels,
+            calibration=package.calibration,
+            card=package.card,
+            top_k=int(serving.get("top_k") or 5),
+            info=info,
+            signed_by=package.signed_by,
+        )
+
+    def load(self, domain: str, ref: str | None = None, variant: str | None = None) -> LoadedModel:
+        """Build ``domain`` at ``ref`` and swap it in; the old model drains and closes."""
+        model = self.build(domain, ref, variant)
+        with self._lock:
+            old = self.models.get(domain)
+            self.models[domain] = model  # one assignment: requests see the old model or the new one
+            self.failures.pop(domain, None)
+            self.wanted.setdefault(domain, ref)
+        self._retire(old, model)
+        log.info(
+            "serving %s v%d (%s) %s on %s/%s",
+            domain, model.version, model.ref, model.variant, model.backend_name, model.info.get("provider"),
+        )  # fmt: skip
+        return model
+
+    def _retire(self, old: LoadedModel | None, new: LoadedModel | None) -> None:
+        if old is not None:
+            self.metrics.loaded.labels(
+                old.domain, str(old.version), old.variant, old.backend_name, str(old.info.get("provider"))
+            ).set(0)
+            old.batcher.close(drain=True)
+            if new is None or new.version != old.version or new.variant != old.variant:
+                self.cache.drop_domain(old.domain)
+        if new is not None:
+            self.metrics.loaded.labels(
+                new.domain, str(new.version), new.variant, new.backend_name, str(new.info.get("provider"))
+            ).set(1)
+
+    def unload(self, domain: str) -> None:
+        with self._lock:
+            old = self.models.pop(check_name(domain, "domain"), None)
+            self.wanted.pop(domain, None)
+        if old is None:
+            raise NotFoundError(f"domain {domain!r} is not loaded")
+        self._retire(old, None)
+
+    def reload(self, domain: str) -> LoadedModel:
+        """Resolve the domain's ref again (an alias may have moved) and swap in what it names now."""
+        model = self.get(domain)
+        return self.load(domain, model.ref, model.variant)
+
+    def close(self) -> None:
+        for model in list(self.models.values()):
+            model.batcher.close(drain=False)
+
+    # -- answering -----------------------------------------------------------------------------
+    def get(self, domain: str) -> LoadedModel:
+        try:
+            check_name(domain, "domain")
+        except ConfigError:
+            raise NotFoundError(f"no domain {domain[:80]!r}: domain names are lowercase words") from None
+        model = self.models.get(domain)
+        if model is None:
+            why = self.failures.get(domain)
+            if why:
+                raise ServiceUnavailable(f"domain {domain!r} is not being served: {why}")
+            loaded = ", ".join(sorted(self.models)) or "none"
+            raise NotFoundError(f"domain {domain!r} is not loaded (loaded: {loaded})")
+        return model
+
+    def predict(
+        self, domain: str, images: list[bytes], top_k: int | None, explain: bool
+    ) -> list[dict[str, Any]]:
+        """Answers for ``images`` (raw bytes) of one request; each is decoded within the limits."""
+        model = self.get(domain)
+        if explain and not model.explainable:
+            raise CannotExplain(
+                f"{domain} v{model.version} cannot explain: export it with export.explain: true "
+                "(a 'cam' output), or serve it with the torch backend",
+                errors={"explain": "not available for this model"},
+            )
+        k = top_k or model.top_k
+        answers: list[dict[str, Any] | None] = [None] * len(images)
+        keys: list[tuple[Any, ...]] = []
+        todo: list[int] = []
+        for i, data in enumerate(images):
+            key = (domain, model.version, model.variant, hashlib.sha256(data).hexdigest(), k, explain)
+            keys.append(key)
+            hit = self.cache.get(key)
+            self.metrics.cache.labels(domain, "hit" if hit else "miss").inc()
+            if hit is not None:
+                answers[i] = {
+                    **hit,
+                    "cached": True,
+                    "timings_ms": {"decode": 0.0, "queue": 0.0, "inference": 0.0},
+                }
+            else:
+                todo.append(i)
+        if todo:
+            self._infer(model, images, todo, keys, answers, k, explain)
+        return [a for a in answers if a is not None]
+
+    def _infer(
+        self,
+        model: LoadedModel,
+        images: list[bytes],
+        todo: list[int],
+        keys: list[tuple[Any, ...]],
+        answers: list[dict[str, Any] | None],
+        k: int,
+        explain: bool,
+    ) -> None:
+        started = time.perf_counter()
+        crops = [model.preprocessor.crop(images[i]) for i in todo]
+        batch = np.stack([model.preprocessor.normalise(c) for c in crops])
+        decoded = time.perf_counter()
+        self.metrics.decode.labels(model.domain).observe((decoded - started) / len(todo))
+        for attempt in range(2):
+            try:
+                outputs, stats = model.batcher.submit(batch).result(timeout=self.settings.request_timeout_s)
+                break
+            except BatcherClosed:  # swapped while we queued: the new model answers (same domain)
+                if attempt:
+                    raise ServiceUnavailable(f"{model.domain} is being reloaded; retry") from None
+                model = self.get(model.domain)
+            except FutureTimeout:
+                raise ServiceUnavailable(
+                    f"{model.domain}: no answer within {self.settings.request_timeout_s:g} s (overloaded)"
+                ) from None
+        logits, cams = outputs if isinstance(outputs, tuple) else (outputs, None)
+        results = predictions(logits, model.labels.get("classes", []), model.calibration, k)
+        for n, (i, result) in enumerate(zip(todo, results, strict=True)):
+            answer = {
+                "domain": model.domain,
+                "version": model.version,
+                "variant": model.variant,
+                **result.to_dict(),
+            }
+            if explain and cams is not None:
+                top = result.top[0]["class_id"]
+                answer["heatmap_png"] = heatmap_png(cams[n, top], crops[n])
+            self.cache.put(keys[i], answer)
+            self.metrics.observe_answer(model.domain, answer)
+            answers[i] = {
+                **answer,
+                "cached": False,
+                "timings_ms": {
+                    "decode": round(1000 * (decoded - started) / len(todo), 3),
+                    "queue": round(1000 * stats.queue_wait_s, 3),
+                    "inference": round(1000 * stats.run_s, 3),
+                },
+            }

@@ -1,0 +1,145 @@
+"""``POST /v1/domains/{domain}/predict`` and ``/predict/batch``: images as multipart uploads or base64
+JSON; answers with top-k labels, calibrated probabilities, the unknown flag and timings."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from flask import request
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from marshmallow import ValidationError
+
+from thali.core.errors import ThaliError
+
+from .schemas import (
+    BatchJSONSchema,
+    BatchResponseSchema,
+    BatchUploadSchema,
+    ErrorBodySchema,
+    PredictionSchema,
+    PredictJSONSchema,
+    PredictQuerySchema,
+    UploadSchema,
+)
+from .service import service
+
+blp = Blueprint("predict", __name__, url_prefix="/v1/domains", description="Classify images")
+
+ERRORS = {
+    400: "not a readable image (corrupt or truncated)",
+    404: "unknown domain",
+    413: "image or request too large (bytes or pixels)",
+    415: "not an image, or a body that is neither multipart nor JSON",
+    422: "wrong fields, top_k out of range, bad base64",
+    503: "domain failed to load, or the server is overloaded",
+}
+
+
+class WrongFields(ThaliError):
+    code = "unprocessable_entity"
+    http_status = 422
+
+
+class UnsupportedBody(ThaliError):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class TooLarge(ThaliError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+def _body_doc(json_schema: type, upload_schema: type) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": upload_schema},
+                "application/json": {"schema": json_schema},
+            },
+        }
+    }
+
+
+def _decode_b64(text: Any, field: str) -> bytes:
+    if not isinstance(text, str):
+        raise WrongFields(f"{field}: expected a base64 string", errors={field: "not a string"})
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise WrongFields(f"{field}: not valid base64", errors={field: "not valid base64"}) from None
+
+
+def _read_body(many: bool) -> tuple[list[bytes], dict[str, Any]]:
+    """(image bytes, options from a JSON body) from a multipart upload or a base64 JSON body."""
+    settings = service().settings
+    field = "images" if many else "image"
+    if request.mimetype == "multipart/form-data":
+        uploads = request.files.getlist(field)
+        if not uploads:
+            raise WrongFields(f"multipart field {field!r} is missing", errors={field: "missing"})
+        images = [u.stream.read(settings.max_upload_bytes + 1) for u in uploads]
+        options: dict[str, Any] = {}
+    elif request.mimetype == "application/json":
+        schema = BatchJSONSchema() if many else PredictJSONSchema()
+        try:
+            data = schema.load(request.get_json(silent=False))
+        except ValidationError as exc:
+            errors = exc.messages if isinstance(exc.messages, dict) else {"body": exc.messages}
+            raise WrongFields("the request has invalid fields: " + ", ".join(errors), errors=errors) from None
+        texts = data["images"] if many else [data["image"]]
+        images = [_decode_b64(t, f"{field}[{i}]" if many else field) for i, t in enumerate(texts)]
+        options = {k: data[k] for k in ("top_k", "explain") if k in data}
+    else:
+        raise UnsupportedBody(
+            f"send the image as multipart/form-data (field {field!r}) or JSON {{{field!r}: base64}}, "
+            f"not {request.mimetype or 'an empty body'}"
+        )
+    if many and len(images) > settings.max_batch_images:
+        raise TooLarge(
+            f"{len(images)} images in one request; the limit is {settings.max_batch_images}",
+            errors={field: f"at most {settings.max_batch_images}"},
+        )
+    for i, data in enumerate(images):
+        if len(data) > settings.max_upload_bytes:
+            raise TooLarge(f"image {i} is over the limit of {settings.max_upload_bytes:,} bytes")
+    return images, options
+
+
+def _answer(domain: str, many: bool, query: dict[str, Any]) -> list[dict[str, Any]]:
+    images, options = _read_body(many)
+    top_k = options.get("top_k", query.get("top_k"))
+    explain = bool(options.get("explain", query.get("explain", False)))
+    return service().hosting.predict(domain, images, top_k, explain)  # image errors carry 400/413/415
+
+
+def _document(view: Any) -> Any:
+    for status, description in ERRORS.items():
+        view = blp.alt_response(status, schema=ErrorBodySchema, description=description)(view)
+    return view
+
+
+@blp.route("/<string:domain>/predict")
+class Predict(MethodView):
+    @blp.arguments(PredictQuerySchema, location="query")
+    @blp.response(200, PredictionSchema)
+    @blp.doc(**_body_doc(PredictJSONSchema, UploadSchema))
+    @_document
+    def post(self, query: dict[str, Any], domain: str) -> dict[str, Any]:
+        """Classify one image (multipart field `image`, or JSON `{"image": base64}`)"""
+        return _answer(domain, False, query)[0]
+
+
+@blp.route("/<string:domain>/predict/batch")
+class PredictBatch(MethodView):
+    @blp.arguments(PredictQuerySchema, location="query")
+    @blp.response(200, BatchResponseSchema)
+    @blp.doc(**_body_doc(BatchJSONSchema, BatchUploadSchema))
+    @_document
+    def post(self, query: dict[str, Any], domain: str) -> dict[str, Any]:
+        """Classify several images in one request (multipart fields `images`, or JSON `{"images": [...]}`)"""
+        return {"results": _answer(domain, True, query)}

@@ -1,0 +1,121 @@
+"""marshmallow schemas of every request and answer, and the one error schema."""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields, validate
+
+
+class ErrorBodySchema(Schema):
+    code = fields.String(required=True, metadata={"description": "machine-readable, e.g. not_found"})
+    status = fields.Integer(required=True, metadata={"description": "the HTTP status"})
+    message = fields.String(required=True, metadata={"description": "one line for people"})
+    errors = fields.Dict(required=True, metadata={"description": "field -> problem, when fields are wrong"})
+
+
+TOP_K = fields.Integer(validate=validate.Range(min=1, max=100), metadata={"description": "labels to return"})
+
+
+class PredictQuerySchema(Schema):
+    top_k = fields.Integer(
+        validate=validate.Range(min=1, max=100), metadata={"description": "labels to return"}
+    )
+    explain = fields.Boolean(load_default=False, metadata={"description": "add a heatmap PNG (base64)"})
+
+
+class PredictJSONSchema(Schema):
+    image = fields.String(required=True, metadata={"description": "the image file's bytes, base64"})
+    top_k = fields.Integer(validate=validate.Range(min=1, max=100))
+    explain = fields.Boolean()
+
+
+class BatchJSONSchema(Schema):
+    images = fields.List(
+        fields.String(), required=True, validate=validate.Length(min=1), metadata={"description": "base64"}
+    )
+    top_k = fields.Integer(validate=validate.Range(min=1, max=100))
+    explain = fields.Boolean()
+
+
+class UploadSchema(Schema):
+    image = fields.Raw(required=True, metadata={"type": "string", "format": "binary"})
+
+
+class BatchUploadSchema(Schema):
+    images = fields.List(fields.Raw(metadata={"type": "string", "format": "binary"}), required=True)
+
+
+class LabelSchema(Schema):
+    label = fields.String(required=True)
+    display_name = fields.String(required=True)
+    class_id = fields.Integer(required=True)
+    probability = fields.Float(required=True, metadata={"description": "calibrated (temperature-scaled)"})
+
+
+class PredictionSchema(Schema):
+    domain = fields.String(required=True)
+    version = fields.Integer(required=True)
+    variant = fields.String(required=True)
+    predictions = fields.List(fields.Nested(LabelSchema), required=True)
+    unknown = fields.Boolean(required=True, metadata={"description": "top probability under the threshold"})
+    unknown_threshold = fields.Float(allow_none=True)
+    cached = fields.Boolean(required=True, metadata={"description": "answered from the cache"})
+    timings_ms = fields.Dict(keys=fields.String(), values=fields.Float(), required=True)
+    heatmap_png = fields.String(metadata={"description": "explain=true: PNG overlay, base64"})
+
+
+class BatchResponseSchema(Schema):
+    results = fields.List(fields.Nested(PredictionSchema), required=True)
+
+
+class ClassSchema(Schema):
+    name = fields.String(required=True)
+    display_name = fields.String(required=True)
+
+
+class DomainSchema(Schema):
+    domain = fields.String(required=True)
+    display_name = fields.String(required=True)
+    version = fields.Integer(required=True)
+    ref = fields.String(required=True, metadata={"description": "what was asked for: alias, number, latest"})
+    aliases = fields.List(fields.String(), required=True)
+    variant = fields.String(required=True)
+    backend = fields.String(required=True)
+    provider = fields.String(required=True, metadata={"description": "execution provider that really runs"})
+    explain = fields.Boolean(required=True)
+    signed_by = fields.String(allow_none=True)
+    top_k = fields.Integer(required=True)
+    metrics = fields.Dict(
+        required=True, metadata={"description": "the card's top1, top5, ece of the variant"}
+    )
+    licence = fields.String(required=True)
+    classes = fields.List(fields.Nested(ClassSchema), required=True)
+    loaded_at = fields.String(required=True)
+
+
+class DomainListSchema(Schema):
+    domains = fields.List(fields.Nested(DomainSchema), required=True)
+    not_loaded = fields.Dict(keys=fields.String(), values=fields.String(), required=True)
+
+
+class LoadSchema(Schema):
+    ref = fields.String(
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "version, alias or latest (default production)"},
+    )
+    variant = fields.String(load_default=None, allow_none=True)
+
+
+class PluginsSchema(Schema):
+    plugins = fields.List(fields.Dict(), required=True)
+    blocked = fields.List(fields.String(), required=True)
+    components = fields.Dict(required=True)
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True)
+
+
+class ReadySchema(Schema):
+    status = fields.String(required=True)
+    domains = fields.Dict(required=True)

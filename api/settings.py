@@ -1,0 +1,44 @@
+"""One settings object for the service, from arguments or ``THALI_*`` environment variables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """What ``create_app`` needs. Every field can come from the environment: ``THALI_<FIELD>`` (lists as
+    JSON or comma-separated, e.g. ``THALI_DOMAINS=south_asian_food@production,plant_disease``)."""
+
+    model_config = SettingsConfigDict(env_prefix="THALI_", extra="forbid", validate_assignment=True)
+
+    registry: str | None = Field(
+        None, description="registry URL (default $THALI_REGISTRY or ./model-registry)"
+    )
+    domains: list[str] = Field(
+        default_factory=list, description="NAME[@REF] to serve; empty: every domain of the registry"
+    )
+    backend: str | None = Field(None, description="serving backend for every domain (default: the pack's)")
+    variant: str | None = Field(None, description="variant for every domain (default: the pack's, else fp32)")
+    max_batch_size: int | None = Field(None, ge=1, le=1024, description="micro-batch size (default: pack's)")
+    max_wait_ms: float | None = Field(None, ge=0, le=1000, description="micro-batch wait (default: pack's)")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="per image")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="per image, checked before decoding")
+    max_batch_images: int = Field(16, ge=1, le=256, description="images in one /predict/batch request")
+    cache_entries: int = Field(2048, ge=0, description="LRU entries of answers keyed by image bytes; 0: off")
+    request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits for its batch")
+    admin_key: SecretStr | None = Field(None, description="enables the admin endpoints (header X-API-Key)")
+    trusted_keys: list[str] = Field(
+        default_factory=list, description="public keys packages must be signed by"
+    )
+    ort_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per model")
+    warmup: bool = Field(True, description="run one batch through each model before it takes traffic")
+
+    @field_validator("domains", "trusted_keys", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
