@@ -96,7 +96,9 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
         domain = domain if domain in hosting.models else ("" if not domain else "other")
         metrics.requests.labels(domain, rule, str(response.status_code)).inc()
         if "started" in g:
-            metrics.latency.labels(rule).observe(time.perf_counter() - g.started)
+            took = time.perf_counter() - g.started
+            metrics.latency.labels(rule).observe(took)
+            response.headers["Server-Timing"] = f"app;dur={1000 * took:.3f}"  # server-side time, for clients
         return response
 
     hosting.load_configured()

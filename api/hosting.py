@@ -304,13 +304,19 @@ class Hosting:
         explain: bool,
     ) -> None:
         started = time.perf_counter()
-        crops = [model.preprocessor.crop(images[i]) for i in todo]
-        batch = np.stack([model.preprocessor.normalise(c) for c in crops])
+        model.batcher.announce()
+        try:
+            crops = [model.preprocessor.crop(images[i]) for i in todo]
+            batch = np.stack([model.preprocessor.normalise(c) for c in crops])
+        except BaseException:
+            model.batcher.withdraw()
+            raise
         decoded = time.perf_counter()
         self.metrics.decode.labels(model.domain).observe((decoded - started) / len(todo))
         for attempt in range(2):
             try:
-                outputs, stats = model.batcher.submit(batch).result(timeout=self.settings.request_timeout_s)
+                future = model.batcher.submit(batch, announced=attempt == 0)
+                outputs, stats = future.result(timeout=self.settings.request_timeout_s)
                 break
             except BatcherClosed:  # swapped while we queued: the new model answers (same domain)
                 if attempt:

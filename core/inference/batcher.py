@@ -1,7 +1,9 @@
 """Micro-batching: concurrent requests for one model are gathered into one batch, up to
 ``max_batch_size`` images or ``max_wait_ms`` after the first one arrived, and run together. One worker
 thread per model keeps the engine busy while request threads wait on futures; ``max_batch_size=1``
-turns batching off (each request runs alone, in arrival order)."""
+turns batching off (each request runs alone, in arrival order). Requests *announce* themselves before
+they decode their image, so the batcher waits only while more are on the way: a lone request does
+not pay ``max_wait_ms``."""
 
 from __future__ import annotations
 
@@ -55,10 +57,24 @@ class MicroBatcher:
         self.on_batch = on_batch
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._closed = False
+        self._incoming = 0  # requests announced (decoding) but not yet submitted
+        self._incoming_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, inputs: np.ndarray) -> Future[Any]:
+    def announce(self) -> None:
+        """A request will submit soon (it is decoding its image): worth waiting for, up to max_wait_ms."""
+        with self._incoming_lock:
+            self._incoming += 1
+
+    def withdraw(self) -> None:
+        """An announced request will not submit after all (its image was refused)."""
+        with self._incoming_lock:
+            self._incoming = max(0, self._incoming - 1)
+
+    def submit(self, inputs: np.ndarray, announced: bool = False) -> Future[Any]:
+        if announced:
+            self.withdraw()
         if self._closed:
             raise BatcherClosed("the model is being unloaded")
         job = _Job(np.ascontiguousarray(inputs, dtype=np.float32))
@@ -84,9 +100,13 @@ class MicroBatcher:
         deadline = time.perf_counter() + self.max_wait
         while count < self.max_batch_size:
             remaining = deadline - time.perf_counter()
+            # wait only while someone is on the way: a lone request runs at once, a crowd is gathered
+            patient = remaining > 0 and (self._incoming > 0 or not self._queue.empty())
             try:
-                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                job = self._queue.get(timeout=min(remaining, 0.001)) if patient else self._queue.get_nowait()
             except queue.Empty:
+                if patient:
+                    continue
                 break
             if job is None:
                 stop = True

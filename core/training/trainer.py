@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -234,14 +235,21 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         t = self.config.training
+        missing = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+        fresh = missing[-1] if missing else None  # the highest folder this call creates
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self.options.resume:
-            self._write_config()
-        ckpt.seed_everything(t.seed)
-        self._data()
-        self._model()
-        if self.cached:
-            self._cache()
+        try:
+            if not self.options.resume:
+                self._write_config()
+            ckpt.seed_everything(t.seed)
+            self._data()
+            self._model()
+            if self.cached:
+                self._cache()
+        except BaseException:  # a run that never started leaves no folder behind (bad data path, …)
+            if fresh is not None and self.dist.main:
+                shutil.rmtree(fresh, ignore_errors=True)
+            raise
         optimizer = build_optimizer(self.model, self.config.optimizer)
         steps = self._steps_per_epoch()
         scheduler = build_scheduler(

@@ -348,3 +348,30 @@ def test_schemathesis_finds_no_server_error(api_registry: Any, tmp_path: Any) ->
         assert server.get("/healthz").status_code == 200  # (the admin calls may have unloaded domains)
     finally:
         stop_server(server)
+
+
+def test_import_api_and_predict_without_torch(api_registry: Any, tmp_path: Any) -> None:
+    """A server process that serves ONNX models never imports torch (nor albumentations, timm)."""
+    import subprocess
+    import sys
+
+    from api_support import jpeg
+
+    image = tmp_path / "red.jpg"
+    image.write_bytes(jpeg("red"))
+    script = f"""
+import sys
+from thali.api import Settings, create_app
+app = create_app(Settings(registry={str(api_registry)!r}, domains=["tiny"], cache_entries=0))
+client = app.test_client()
+with open({str(image)!r}, "rb") as handle:
+    answer = client.post("/v1/domains/tiny/predict", data={{"image": (handle, "red.jpg")}}).get_json()
+assert answer["predictions"][0]["label"] == "red", answer
+print(sorted(m for m in ("torch", "albumentations", "timm", "torchvision") if m in sys.modules))
+"""
+    env = {"THALI_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import yaml
 from helpers import run_thali
@@ -26,7 +27,7 @@ def test_user_mistakes_print_one_line_and_exit_non_zero() -> None:
         (("config", "show", "south_asian_fod"), "error: unknown domain 'south_asian_fod'; did you mean"),
         (("config", "show", "south_asian_food", "--set", "training.epoch=3"), "training.epoch"),
         (("plugins", "--kind", "backbone"), "error: unknown component kind 'backbone'"),
-        (("serve",), "error: `thali serve` is not available yet"),
+        (("ui",), "error: `thali ui` is not available yet"),
         (("publish", "runs/x"), "error: runs/x: not an export"),
         (("export", "runs/x"), "error: runs/x: not a training run"),
         (("train", "south_asian_food", "--data", "/nonexistent"), "error: /nonexistent: no such data folder"),
@@ -37,3 +38,4 @@ def test_user_mistakes_print_one_line_and_exit_non_zero() -> None:
         assert "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("error: "), result.stderr
         assert expected in result.stderr.splitlines()[0], (args, result.stderr)
+    assert not list(Path("runs").glob("south_asian_food/*")), "a run that never started leaves no folder"

@@ -1,0 +1,89 @@
+"""The micro-batcher with a real numpy "engine" (a matrix product that records its batch sizes)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from thali.core.inference import BatcherClosed, MicroBatcher
+
+
+class Engine:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.sizes: list[int] = []
+        self.delay = delay
+        self.weights = np.arange(12, dtype=np.float32).reshape(3, 4)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(batch))
+        time.sleep(self.delay)
+        return batch.reshape(len(batch), 3, -1).mean(-1) @ self.weights
+
+
+def _inputs(n: int, value: float) -> np.ndarray:
+    return np.full((n, 3, 2, 2), value, dtype=np.float32)
+
+
+def test_concurrent_requests_are_gathered_and_answered_with_their_own_rows() -> None:
+    engine = Engine(delay=0.02)
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_ms=50)
+    results: dict[int, np.ndarray] = {}
+
+    def request(i: int) -> None:
+        batcher.announce()
+        time.sleep(0.001 * i)  # "decoding"
+        rows, stats = batcher.submit(_inputs(1, i), announced=True).result(timeout=10)
+        results[i] = rows
+        assert stats.size >= 1 and stats.run_s > 0
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    for i, rows in results.items():
+        np.testing.assert_allclose(rows, _inputs(1, i).reshape(1, 3, -1).mean(-1) @ engine.weights)
+    assert sum(engine.sizes) == 16 and max(engine.sizes) > 1 and max(engine.sizes) <= 8
+
+
+def test_a_lone_request_does_not_wait_for_company() -> None:
+    batcher = MicroBatcher(Engine(), max_batch_size=32, max_wait_ms=500)
+    started = time.perf_counter()
+    batcher.submit(_inputs(2, 1.0)).result(timeout=10)
+    assert time.perf_counter() - started < 0.25  # not the 500 ms wait
+    batcher.close()
+
+
+def test_batching_off_runs_each_request_alone_and_multi_image_jobs_stay_whole() -> None:
+    engine = Engine()
+    batcher = MicroBatcher(engine, max_batch_size=1, max_wait_ms=50)
+    futures = [batcher.submit(_inputs(1, i)) for i in range(5)]
+    assert [f.result(timeout=10)[0].shape for f in futures] == [(1, 4)] * 5
+    big = batcher.submit(_inputs(3, 7.0)).result(timeout=10)[0]  # larger than the batch: runs alone, whole
+    assert big.shape == (3, 4)
+    batcher.close()
+    assert engine.sizes == [1, 1, 1, 1, 1, 3]
+
+
+def test_engine_errors_reach_every_waiting_request_and_close_refuses_new_work() -> None:
+    def broken(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("engine on fire")
+
+    batcher = MicroBatcher(broken, max_batch_size=4, max_wait_ms=1)
+    with pytest.raises(RuntimeError, match="engine on fire"):
+        batcher.submit(_inputs(1, 0)).result(timeout=10)
+    batcher.close()
+    with pytest.raises(BatcherClosed):
+        batcher.submit(_inputs(1, 0))
+
+
+def test_close_drains_what_was_accepted() -> None:
+    engine = Engine(delay=0.05)
+    batcher = MicroBatcher(engine, max_batch_size=2, max_wait_ms=0)
+    futures = [batcher.submit(_inputs(1, i)) for i in range(6)]
+    batcher.close(drain=True)
+    assert all(f.result(timeout=1)[0].shape == (1, 4) for f in futures)
