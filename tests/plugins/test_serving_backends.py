@@ -88,6 +88,30 @@ def test_predict_agrees_with_the_training_model_at_any_batch_size(
     assert info["variant"] == "fp32" and isinstance(info["explain"], bool)
 
 
+@pytest.mark.data
+@pytest.mark.parametrize("name", BACKENDS)
+def test_predict_agrees_with_the_training_model_on_real_photos(
+    name: str, packages: dict[str, Any], datasets_root: Path, tiny_run: Path
+) -> None:
+    """Real photos of other sizes and aspect ratios through the served path: the backend's top-1 equals
+    the training model's on the same preprocessed input, at batch 7 and one by one."""
+    import torch
+
+    from thali.core.training.evaluate import load_run
+
+    folders = sorted(p for p in (datasets_root / "south_asian_food").iterdir() if p.is_dir())[:7]
+    photos = [sorted(f.glob("*.jp*g"))[0] for f in folders]
+    preprocess = Preprocessor(packages["plain"].preprocess)
+    batch = np.stack([preprocess(p.read_bytes()) for p in photos])
+    with torch.no_grad():
+        expected = load_run(tiny_run, REGISTRIES).model(torch.from_numpy(batch)).numpy()
+    backend = _backend(name, packages["plain"])
+    logits = np.asarray(backend.predict(batch))
+    np.testing.assert_array_equal(logits.argmax(1), expected.argmax(1))
+    singles = np.concatenate([np.asarray(backend.predict(batch[i : i + 1])) for i in range(7)])
+    np.testing.assert_array_equal(singles.argmax(1), expected.argmax(1))
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_explain_gives_logits_and_class_activation_maps(
     name: str, packages: dict[str, Any], batch: np.ndarray, reference: dict[str, np.ndarray]
