@@ -7,7 +7,7 @@ from typing import Any
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from .schemas import DomainListSchema, DomainSchema, ErrorBodySchema
+from .schemas import CardSchema, DomainListSchema, DomainSchema, ErrorBodySchema
 from .service import service
 
 blp = Blueprint("domains", __name__, url_prefix="/v1/domains", description="The domains this server hosts")
@@ -33,3 +33,18 @@ class Domain(MethodView):
     def get(self, domain: str) -> dict[str, Any]:
         """One loaded domain"""
         return service().hosting.get(domain).summary()
+
+
+@blp.route("/<string:domain>/card")
+class Card(MethodView):
+    @blp.response(200, CardSchema)
+    @blp.alt_response(404, schema=ErrorBodySchema, description="not loaded")
+    @blp.alt_response(503, schema=ErrorBodySchema, description="configured, but failed to load")
+    def get(self, domain: str) -> dict[str, Any]:
+        """The model card of the served version: metrics per variant (top-1, top-5, ECE, per class,
+        confusion matrix), the gate's verdicts, dataset and licence, lineage"""
+        model = service().hosting.get(domain)
+        summary = model.summary()
+        card = {k: v for k, v in model.card.items() if k != "config"} if isinstance(model.card, dict) else {}
+        keys = ("domain", "version", "variant", "backend", "provider", "classes")
+        return {**{k: summary[k] for k in keys}, "card": card}

@@ -75,6 +75,7 @@ class ClassSchema(Schema):
 class DomainSchema(Schema):
     domain = fields.String(required=True)
     display_name = fields.String(required=True)
+    description = fields.String(required=True)
     version = fields.Integer(required=True)
     ref = fields.String(required=True, metadata={"description": "what was asked for: alias, number, latest"})
     aliases = fields.List(fields.String(), required=True)
@@ -90,6 +91,18 @@ class DomainSchema(Schema):
     licence = fields.String(required=True)
     classes = fields.List(fields.Nested(ClassSchema), required=True)
     loaded_at = fields.String(required=True)
+
+
+class CardSchema(Schema):
+    """The model card of the served version: what the registry stores in ``card.json``."""
+
+    domain = fields.String(required=True)
+    version = fields.Integer(required=True)
+    variant = fields.String(required=True, metadata={"description": "the variant being served"})
+    backend = fields.String(required=True)
+    provider = fields.String(required=True)
+    classes = fields.List(fields.Nested(ClassSchema), required=True)
+    card = fields.Dict(required=True, metadata={"description": "metrics per variant, dataset, lineage"})
 
 
 class DomainListSchema(Schema):

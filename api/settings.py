@@ -34,6 +34,7 @@ class Settings(BaseSettings):
         default_factory=list, description="public keys packages must be signed by"
     )
     ort_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per model")
+    ort_spinning: bool = Field(True, description="ONNX Runtime threads spin while idle (off: less CPU)")
     warmup: bool = Field(True, description="run one batch through each model before it takes traffic")
 
     @field_validator("domains", "trusted_keys", mode="before")

@@ -46,6 +46,7 @@ class OnnxRuntimeBackend:
         *,
         provider: str | None = None,
         threads: int | None = None,
+        spinning: bool = True,
         variant: str | None = None,
         **_: Any,
     ) -> None:
@@ -60,6 +61,9 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
+        if not spinning:  # idle engine threads sleep instead of spinning: less CPU at low load, a little
+            # more latency (measured: 1.84 -> 1.19 cores, server p50 12.2 -> 14.8 ms at concurrency 1)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"thali-serve-{os.getpid()}")
         try:

@@ -52,7 +52,7 @@ def _card(export_dir: Path, export: dict[str, Any], config_text: bytes, version:
         metrics[name] = {
             "file": variant_file(name),
             "size_bytes": entry.get("size_bytes"),
-            **{key: m.get(key) for key in ("top1", "top5", "ece", "nll", "per_class")},
+            **{key: m.get(key) for key in ("top1", "top5", "ece", "nll", "per_class", "confusion_matrix")},
             "gate": entry.get("gate"),
         }
     dataset = dict(export.get("dataset", {}))

@@ -66,7 +66,9 @@ def _onnx_row(registries: Any, path: Path, variant: str, provider: str) -> Row:
     then stops profiling, so the timed runs that follow are not slowed."""
     from thali.core.inference import load_backend
 
-    backend = load_backend(registries, "onnxruntime", path, provider=provider, variant=variant)
+    backend = load_backend(
+        registries, "onnxruntime", path, provider=provider, variant=variant, spinning=True
+    )  # the engine at full speed, as the raw-engine rows of every benchmark measure it
     placement = dict(backend.info().get("nodes_by_provider") or {})
     label = f"onnxruntime {variant} ({SHORT.get(provider, provider)})"
     return Row(label, "onnxruntime", variant, provider, backend.predict, path.stat().st_size, placement)

@@ -25,6 +25,7 @@ class BatcherClosed(RuntimeError):
 @dataclass
 class _Job:
     inputs: np.ndarray  # (n, 3, H, W)
+    flag: bool = False  # passed to run(): e.g. "this request wants heatmaps"
     future: Future[Any] = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -52,9 +53,11 @@ class MicroBatcher:
         name: str = "model",
         on_batch: Callable[[BatchStats], None] | None = None,
         max_queue: int = 4096,
+        takes_flag: bool = False,
     ) -> None:
         self.run, self.max_batch_size, self.max_wait = run, max(1, max_batch_size), max_wait_ms / 1000
         self.on_batch = on_batch
+        self.takes_flag = takes_flag
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._closed = False
         self._incoming = 0  # requests announced (decoding) but not yet submitted
@@ -72,12 +75,13 @@ class MicroBatcher:
         with self._incoming_lock:
             self._incoming = max(0, self._incoming - 1)
 
-    def submit(self, inputs: np.ndarray, announced: bool = False) -> Future[Any]:
+    def submit(self, inputs: np.ndarray, announced: bool = False, flag: bool = False) -> Future[Any]:
+        """Queue ``inputs``; ``flag`` reaches ``run(batch, flag)`` (true if any job of the batch set it)."""
         if announced:
             self.withdraw()
         if self._closed:
             raise BatcherClosed("the model is being unloaded")
-        job = _Job(np.ascontiguousarray(inputs, dtype=np.float32))
+        job = _Job(np.ascontiguousarray(inputs, dtype=np.float32), flag)
         self._queue.put(job)
         return job.future
 
@@ -137,7 +141,7 @@ class MicroBatcher:
         wait = started - jobs[0].queued_at
         batch = jobs[0].inputs if len(jobs) == 1 else np.concatenate([j.inputs for j in jobs])
         try:
-            outputs = self.run(batch)
+            outputs = self.run(batch, any(j.flag for j in jobs)) if self.takes_flag else self.run(batch)
         except BaseException as exc:  # the engine failed: every waiting request hears why
             for j in jobs:
                 j.future.set_exception(exc)
