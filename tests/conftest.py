@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from api_support import api_registry, explain_export, second_export, server  # noqa: F401 (fixtures)
 from helpers import find_datasets, write_demo_distribution
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

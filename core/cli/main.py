@@ -14,7 +14,7 @@ from .context import Context
 
 COMMAND_GROUPS = (plugins, domains, config, train, export)
 # Command groups that live in rooms downstream of core (core never imports them at module level).
-DOWNSTREAM_GROUPS = ("thali.registry.cli", "thali.api.cli")
+DOWNSTREAM_GROUPS = ("thali.registry.cli", "thali.api.cli", "thali.ui.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

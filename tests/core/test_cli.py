@@ -27,7 +27,6 @@ def test_user_mistakes_print_one_line_and_exit_non_zero() -> None:
         (("config", "show", "south_asian_fod"), "error: unknown domain 'south_asian_fod'; did you mean"),
         (("config", "show", "south_asian_food", "--set", "training.epoch=3"), "training.epoch"),
         (("plugins", "--kind", "backbone"), "error: unknown component kind 'backbone'"),
-        (("ui",), "error: `thali ui` is not available yet"),
         (("publish", "runs/x"), "error: runs/x: not an export"),
         (("export", "runs/x"), "error: runs/x: not a training run"),
         (("train", "south_asian_food", "--data", "/nonexistent"), "error: /nonexistent: no such data folder"),

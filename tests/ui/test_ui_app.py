@@ -1,0 +1,124 @@
+"""The Streamlit app driven with streamlit's AppTest against a real ``thali serve`` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from api_support import Server, jpeg
+
+APP = str(Path(__file__).resolve().parents[2] / "ui" / "app.py")
+
+
+def _app(url: str, domain: str | None = "tiny") -> Any:
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["api_url"] = url
+    at.run()
+    if domain and not at.exception and at.sidebar.selectbox:
+        at.sidebar.selectbox(key="domain_select").set_value(domain).run()
+    return at
+
+
+def _texts(at: Any) -> str:
+    parts = [
+        e.value
+        for kind in ("success", "warning", "error", "info", "caption", "markdown")
+        for e in getattr(at, kind)
+    ]
+    parts += [e.value for e in at.sidebar.caption] + [e.value for e in at.sidebar.error]
+    return "\n".join(str(p) for p in parts)
+
+
+def _grey_photo() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 40), (128, 128, 128)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_domains_are_listed_and_switching_keeps_the_uploads(server: Server) -> None:
+    at = _app(server.url)
+    assert not at.exception
+    picker = at.sidebar.selectbox(key="domain_select")
+    assert set(picker.options) >= {"Tiny", "Duo"}  # display names
+    assert "top-1 100.0 % on validation" in _texts(at) and "licence" in _texts(at)
+    assert any("broken" in w.value for w in at.sidebar.warning)  # a damaged package is named
+    at.file_uploader[0].set_value(("red.jpg", jpeg("red", seed=3), "image/jpeg")).run()
+    assert "**Red**" in _texts(at)
+    picker = at.sidebar.selectbox(key="domain_select")
+    picker.set_value("duo").run()
+    assert not at.exception
+    assert at.sidebar.selectbox(key="domain_select").value == "duo"
+    assert "v1 (latest) · fp32" in _texts(at) and "**Red**" in _texts(at)  # the same photo, asked again
+    assert len(at.session_state["uploads"]) == 1
+
+
+def test_a_real_photo_gets_the_api_answer_and_a_bar_chart(server: Server, datasets_root: Path) -> None:
+    photo = sorted((datasets_root / "south_asian_food" / "dosa").glob("*.jp*g"))[0].read_bytes()
+    expected = server.post("/v1/domains/tiny/predict", files={"image": photo}).json()
+    at = _app(server.url)
+    at.file_uploader[0].set_value(("dosa.jpg", photo, "image/jpeg")).run()
+    assert not at.exception
+    top = expected["predictions"][0]["display_name"]
+    assert f"**{top}**" in _texts(at)
+    charts = at.get("vega_lite_chart")
+    assert charts, "a bar chart of the top labels"
+    assert any("ms on the server" in c.value for c in at.caption)
+    outcome = "Not sure" if expected["unknown"] else f"**{top}** ·"
+    assert outcome in _texts(at)
+
+
+def test_the_unknown_outcome_is_shown(server: Server) -> None:
+    grey = _grey_photo()
+    assert server.post("/v1/domains/tiny/predict", files={"image": grey}).json()["unknown"]
+    at = _app(server.url)
+    at.file_uploader[0].set_value(("grey.jpg", grey, "image/jpeg")).run()
+    assert any("Not sure" in w.value for w in at.warning)
+
+
+def test_the_explain_toggle_overlays_the_heatmap(server: Server) -> None:
+    at = _app(server.url)
+    at.file_uploader[0].set_value(("red.jpg", jpeg("red", seed=5), "image/jpeg")).run()
+    at.toggle(key="explain").set_value(True).run()
+    assert not at.exception
+    captions = [img.proto.imgs[0].caption for img in at.get("image") if img.proto.imgs]
+    assert any("where the model looked" in c for c in captions), captions
+
+
+def test_messages_instead_of_stack_traces(server: Server) -> None:
+    down = _app("http://127.0.0.1:9", domain=None)
+    assert not down.exception
+    assert "not reachable at http://127.0.0.1:9" in _texts(down)
+    at = _app(server.url)
+    at.file_uploader[0].set_value(("notes.txt", b"not a picture", "text/plain")).run()
+    assert not at.exception and "not a picture the model can read" in _texts(at)
+
+
+def test_the_model_card_page(server: Server) -> None:
+    at = _app(server.url)
+    at.switch_page("pages/model_card.py").run()
+    assert not at.exception
+    text = _texts(at)
+    assert "Licence:" in text and at.metric and at.dataframe
+    variants = at.dataframe[0].value
+    assert set(variants["variant"]) == {"fp32", "int8"}
+    assert len(at.get("vega_lite_chart")) >= 2  # per-class accuracy and the confusion matrix
+
+
+def test_the_ui_imports_no_torch_or_engine() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import thali.ui.client, thali.ui.shared\n"
+        "heavy = ('torch', 'onnxruntime', 'thali.core.training', 'albumentations')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,105 @@
+"""Upload photos (or take one), see the top labels with their confidence, the "not sure" outcome, the
+latency, and where the model looked. Uploads stay when the domain changes: each is asked again."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from thali.ui.client import ApiProblem
+from thali.ui.shared import client, domain_switcher
+
+MAX_MB = 10
+
+domain = domain_switcher()
+st.title("Classify")
+if domain is None:
+    st.stop()
+st.caption(domain.get("description") or "")
+
+uploads = st.session_state.setdefault("uploads", {})  # sha256 -> (name, bytes); kept across domains
+left, right = st.columns([3, 2])
+with left:
+    files = st.file_uploader(
+        "Photos", type=None, accept_multiple_files=True, help=f"JPEG, PNG, WebP …, up to {MAX_MB} MB each"
+    )
+with right:
+    photo = st.camera_input("Or take a photo", key="camera")
+for item in [*(files or []), *([photo] if photo is not None else [])]:
+    data = item.getvalue()
+    uploads[hashlib.sha256(data).hexdigest()] = (item.name or "camera.jpg", data)
+
+options = st.columns([1, 1, 2])
+top_k = options[0].slider("Labels to show", 1, 10, min(5, len(domain["classes"])), key="top_k")
+explain = options[1].toggle(
+    "Explain", key="explain", disabled=not domain.get("explain"), help="overlay where the model looked"
+)
+if options[2].button("Clear photos", disabled=not uploads):
+    uploads.clear()
+    st.rerun()
+
+if not uploads:
+    st.info(
+        f"Add a photo to classify it with **{domain['display_name']}** ({len(domain['classes'])} classes)."
+    )
+    st.stop()
+
+
+def show(name: str, data: bytes, answer: dict[str, Any]) -> None:
+    image_col, result_col = st.columns([2, 3])
+    top = answer["predictions"][0]
+    with image_col:
+        if explain and answer.get("heatmap_png"):
+            st.image(
+                base64.b64decode(answer["heatmap_png"]), caption=f"{name}: where the model looked", width=320
+            )
+        else:
+            st.image(data, caption=name, width=320)
+    with result_col:
+        if answer["unknown"]:
+            st.warning(
+                f"Not sure: the best guess, **{top['display_name']}**, has only "
+                f"{100 * top['probability']:.0f} % confidence, under this model's threshold of "
+                f"{100 * answer['unknown_threshold']:.0f} %. "
+                f"It may not be one of the {len(domain['classes'])} things this domain knows."
+            )
+        else:
+            st.success(f"**{top['display_name']}** · {100 * top['probability']:.1f} %")
+        chart = pd.DataFrame(
+            {
+                "label": [p["display_name"] for p in answer["predictions"]],
+                "confidence": [round(100 * p["probability"], 2) for p in answer["predictions"]],
+            }
+        )
+        st.bar_chart(
+            chart, x="label", y="confidence", horizontal=True, sort="-confidence", height=40 + 32 * len(chart)
+        )
+        timings = answer.get("timings_ms") or {}
+        took = sum(v for v in timings.values() if isinstance(v, int | float))
+        cached = " (from the cache)" if answer.get("cached") else ""
+        st.caption(f"v{answer['version']} {answer['variant']} · {took:.0f} ms on the server{cached}")
+
+
+api = client()
+for name, data in list(uploads.values()):
+    with st.container(border=True):
+        if len(data) > MAX_MB * 1024 * 1024:
+            st.error(f"{name}: {len(data) / 1e6:.1f} MB is over the {MAX_MB} MB limit; not sent.")
+            continue
+        try:
+            answer = api.predict(domain["domain"], name, data, top_k, bool(explain))
+        except ApiProblem as problem:
+            if problem.status in (400, 415):
+                st.error(f"{name}: not a picture the model can read ({problem.message}).")
+            elif problem.status == 413:
+                st.error(f"{name}: too large ({problem.message}).")
+            elif problem.status in (404, 503):
+                st.error(f"{domain['display_name']} is not available right now: {problem.message}")
+            else:
+                st.error(f"{name}: {problem.message}")
+            continue
+        show(name, data, answer)
