@@ -10,8 +10,7 @@ from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from thali.core.errors import ThaliError
-
+from .errors import ApiError
 from .hosting import split_ref
 from .schemas import DomainSchema, ErrorBodySchema, LoadSchema
 from .service import service
@@ -20,22 +19,15 @@ blp = Blueprint("admin", __name__, url_prefix="/v1/domains", description="Load, 
 KEY_HEADER = "X-API-Key"
 
 
-class AdminError(ThaliError):
-    code = "forbidden"
-    http_status = 403
-
-
 def require_admin() -> None:
     key = service().settings.admin_key
     if key is None:
-        raise AdminError("admin endpoints are off: start the server with THALI_ADMIN_KEY set")
+        raise ApiError(403, "forbidden", "admin endpoints are off: start the server with THALI_ADMIN_KEY")
     given = request.headers.get(KEY_HEADER)
     if not given:
-        error = AdminError(f"send the admin key in the {KEY_HEADER} header")
-        error.code, error.http_status = "unauthorized", 401
-        raise error
+        raise ApiError(401, "unauthorized", f"send the admin key in the {KEY_HEADER} header")
     if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
-        raise AdminError("wrong admin key")
+        raise ApiError(403, "forbidden", "wrong admin key")
 
 
 def _document(view: Any) -> Any:

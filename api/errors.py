@@ -16,6 +16,15 @@ from thali.core.errors import ThaliError
 log = logging.getLogger("thali.api")
 
 
+class ApiError(ThaliError):
+    """An answer of the service that is not a model or data error: its HTTP status and code per instance
+    (422 wrong fields, 415 unsupported body, 413 too large, 401/403 admin key, 503 unavailable)."""
+
+    def __init__(self, status: int, code: str, message: str, errors: dict[str, Any] | None = None) -> None:
+        super().__init__(message, errors=errors)
+        self.http_status, self.code = status, code
+
+
 def body(code: str, status: int, message: str, errors: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"code": code, "status": status, "message": message, "errors": errors or {}}
 

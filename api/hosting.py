@@ -22,22 +22,11 @@ from thali.core.names import check_name
 from thali.core.registry import Registries
 
 from .cache import AnswerCache
+from .errors import ApiError
 from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger("thali.api")
-
-
-class ServiceUnavailable(ThaliError):
-    code = "unavailable"
-    http_status = 503
-
-
-class CannotExplain(ThaliError):
-    """explain=true for a model without a heatmap output: the request asks what this domain cannot do."""
-
-    code = "explain_not_available"
-    http_status = 422
 
 
 @dataclass
@@ -265,7 +254,7 @@ class Hosting:
         if model is None:
             why = self.failures.get(domain)
             if why:
-                raise ServiceUnavailable(f"domain {domain!r} is not being served: {why}")
+                raise ApiError(503, "unavailable", f"domain {domain!r} is not being served: {why}")
             loaded = ", ".join(sorted(self.models)) or "none"
             raise NotFoundError(f"domain {domain!r} is not loaded (loaded: {loaded})")
         return model
@@ -276,7 +265,9 @@ class Hosting:
         """Answers for ``images`` (raw bytes) of one request; each is decoded within the limits."""
         model = self.get(domain)
         if explain and not model.explainable:
-            raise CannotExplain(
+            raise ApiError(
+                422,
+                "explain_not_available",
                 f"{domain} v{model.version} cannot explain: export it with export.explain: true "
                 "(a 'cam' output), or serve it with the torch backend",
                 errors={"explain": "not available for this model"},
@@ -329,11 +320,13 @@ class Hosting:
                 break
             except BatcherClosed:  # swapped while we queued: the new model answers (same domain)
                 if attempt:
-                    raise ServiceUnavailable(f"{model.domain} is being reloaded; retry") from None
+                    raise ApiError(503, "unavailable", f"{model.domain} is being reloaded; retry") from None
                 model = self.get(model.domain)
             except FutureTimeout:
-                raise ServiceUnavailable(
-                    f"{model.domain}: no answer within {self.settings.request_timeout_s:g} s (overloaded)"
+                raise ApiError(
+                    503,
+                    "unavailable",
+                    f"{model.domain}: no answer within {self.settings.request_timeout_s:g} s (overloaded)",
                 ) from None
         logits, cams = outputs if isinstance(outputs, tuple) else (outputs, None)
         results = predictions(logits, model.labels.get("classes", []), model.calibration, k)

@@ -12,8 +12,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import ValidationError
 
-from thali.core.errors import ThaliError
-
+from .errors import ApiError
 from .schemas import (
     BatchJSONSchema,
     BatchResponseSchema,
@@ -38,19 +37,16 @@ ERRORS = {
 }
 
 
-class WrongFields(ThaliError):
-    code = "unprocessable_entity"
-    http_status = 422
+def wrong(message: str, errors: dict[str, Any] | None = None) -> ApiError:
+    return ApiError(422, "unprocessable_entity", message, errors)
 
 
-class UnsupportedBody(ThaliError):
-    code = "unsupported_media_type"
-    http_status = 415
+def too_large(message: str, errors: dict[str, Any] | None = None) -> ApiError:
+    return ApiError(413, "payload_too_large", message, errors)
 
 
-class TooLarge(ThaliError):
-    code = "payload_too_large"
-    http_status = 413
+def unsupported(message: str) -> ApiError:
+    return ApiError(415, "unsupported_media_type", message)
 
 
 def _body_doc(json_schema: type, upload_schema: type) -> dict[str, Any]:
@@ -67,11 +63,15 @@ def _body_doc(json_schema: type, upload_schema: type) -> dict[str, Any]:
 
 def _decode_b64(text: Any, field: str) -> bytes:
     if not isinstance(text, str):
-        raise WrongFields(f"{field}: expected a base64 string", errors={field: "not a string"})
+        raise ApiError(
+            422, "unprocessable_entity", f"{field}: expected a base64 string", errors={field: "not a string"}
+        )
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise WrongFields(f"{field}: not valid base64", errors={field: "not valid base64"}) from None
+        raise ApiError(
+            422, "unprocessable_entity", f"{field}: not valid base64", errors={field: "not valid base64"}
+        ) from None
 
 
 def _read_body(many: bool) -> tuple[list[bytes], dict[str, Any]]:
@@ -81,7 +81,12 @@ def _read_body(many: bool) -> tuple[list[bytes], dict[str, Any]]:
     if request.mimetype == "multipart/form-data":
         uploads = request.files.getlist(field)
         if not uploads:
-            raise WrongFields(f"multipart field {field!r} is missing", errors={field: "missing"})
+            raise ApiError(
+                422,
+                "unprocessable_entity",
+                f"multipart field {field!r} is missing",
+                errors={field: "missing"},
+            )
         images = [u.stream.read(settings.max_upload_bytes + 1) for u in uploads]
         options: dict[str, Any] = {}
     elif request.mimetype == "application/json":
@@ -90,23 +95,36 @@ def _read_body(many: bool) -> tuple[list[bytes], dict[str, Any]]:
             data = schema.load(request.get_json(silent=False))
         except ValidationError as exc:
             errors = exc.messages if isinstance(exc.messages, dict) else {"body": exc.messages}
-            raise WrongFields("the request has invalid fields: " + ", ".join(errors), errors=errors) from None
+            raise ApiError(
+                422,
+                "unprocessable_entity",
+                "the request has invalid fields: " + ", ".join(errors),
+                errors=errors,
+            ) from None
         texts = data["images"] if many else [data["image"]]
         images = [_decode_b64(t, f"{field}[{i}]" if many else field) for i, t in enumerate(texts)]
         options = {k: data[k] for k in ("top_k", "explain") if k in data}
     else:
-        raise UnsupportedBody(
+        raise ApiError(
+            415,
+            "unsupported_media_type",
             f"send the image as multipart/form-data (field {field!r}) or JSON {{{field!r}: base64}}, "
-            f"not {request.mimetype or 'an empty body'}"
+            f"not {request.mimetype or 'an empty body'}",
         )
     if many and len(images) > settings.max_batch_images:
-        raise TooLarge(
+        raise ApiError(
+            413,
+            "payload_too_large",
             f"{len(images)} images in one request; the limit is {settings.max_batch_images}",
             errors={field: f"at most {settings.max_batch_images}"},
         )
     for i, data in enumerate(images):
         if len(data) > settings.max_upload_bytes:
-            raise TooLarge(f"image {i} is over the limit of {settings.max_upload_bytes:,} bytes")
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"image {i} is over the limit of {settings.max_upload_bytes:,} bytes",
+            )
     return images, options
 
 

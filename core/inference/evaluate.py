@@ -44,19 +44,12 @@ def evaluate_package(
     whose folder names are classes of the package; unreadable images are skipped and reported."""
     from tqdm import tqdm
 
-    from thali.core.training.data import report_problems, verify_images  # both torch-free
+    from thali.core.training.data import report_problems, scoring_samples, verify_images  # torch-free
     from thali.core.training.metrics import summarize
 
     data_dir = Path(data_dir)
     classes = package.class_names
-    if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: no such data folder")
-    folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    unknown = [f for f in folders if f not in classes]
-    if unknown:
-        raise DataError(f"{data_dir}: folders {', '.join(unknown)} are not classes of {package.domain}")
-    images = registries.datasets.create("imagefolder", data_dir, classes=folders)
-    samples = [(p, classes.index(folders[label])) for p, label in images.samples]
+    samples = scoring_samples(registries, data_dir, classes, package.domain)
     limits = image_limits(package.card)
     samples, problems = verify_images(samples, progress=progress, limits=limits)
     engine = load_backend(

@@ -221,3 +221,19 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=False,
     )
+
+
+def scoring_samples(
+    registries: Registries, data_dir: Path, classes: Sequence[str], owner: str
+) -> list[Sample]:
+    """The images of an ImageFolder ``data_dir`` to score a model of ``classes`` on: every sub-folder
+    must be one of the classes (a subset is fine), labels are the model's class indices."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: no such data folder")
+    folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [f for f in folders if f not in classes]
+    if unknown:
+        raise DataError(f"{data_dir}: folders {', '.join(unknown)} are not classes of {owner}")
+    images = registries.datasets.create("imagefolder", data_dir, classes=folders)
+    return [(p, list(classes).index(folders[label])) for p, label in images.samples]

@@ -15,7 +15,7 @@ from thali.core.errors import DataError, NotAvailableError
 from thali.core.registry import Registries
 
 from . import checkpoint as ckpt
-from .data import ImageDataset, make_loader, report_problems, verify_images
+from .data import ImageDataset, make_loader, report_problems, scoring_samples, verify_images
 from .metrics import summarize
 from .model import Classifier, build_classifier
 from .transforms import eval_transform
@@ -54,14 +54,7 @@ def evaluate_run(
     run = load_run(run_dir, registries)
     config, model, temperature = run.config, run.model, run.temperature
     classes = config.class_names
-    if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: no such data folder")
-    folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    unknown = [f for f in folders if f not in classes]
-    if unknown:
-        raise DataError(f"{data_dir}: folders {', '.join(unknown)} are not classes of {config.name}")
-    images = registries.datasets.create("imagefolder", data_dir, classes=folders)
-    samples = [(p, classes.index(folders[label])) for p, label in images.samples]
+    samples = scoring_samples(registries, data_dir, classes, config.name)
     limits = config.dataset.image_limits()
     samples, problems = verify_images(samples, progress=progress, limits=limits)
     loader = make_loader(
