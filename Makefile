@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine: `make run` (the main job) and `make test` (lint + tests).
+# Two entry points for a fresh machine: `make run` (serve the bundled models and open the UI; Ctrl-C
+# stops) and `make test` (lint + tests).
 # Both create .venv on first use and reuse it after; it is rebuilt when pyproject.toml changes.
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,8 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/thali plugins
-	$(BIN)/thali domains
+	$(BIN)/thali up
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

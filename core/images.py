@@ -52,7 +52,7 @@ def _open(source: str | Path | bytes, limits: ImageLimits) -> Any:
         except Image.DecompressionBombError as exc:
             raise ImageTooLargeError(f"image refused as a decompression bomb: {exc}") from None
         except UnidentifiedImageError:
-            raise NotAnImageError("not an image: no decoder recognises these bytes") from None
+            raise NotAnImageError("not an image (cannot identify image file)") from None
     pixels = img.width * img.height
     if pixels > limits.max_pixels:
         img.close()

@@ -75,6 +75,14 @@ def browser() -> Iterator[object]:
         chrome.quit()
 
 
+def _element(chrome: object, css: str, timeout: float = 60) -> object:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(chrome, timeout).until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
+
+
 def _wait_for_text(chrome: object, text: str, timeout: float = 60) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -95,14 +103,13 @@ def test_switch_domains_upload_a_photo_and_read_the_result(
     _wait_for_text(chrome, "top-1")
     photo = tmp_path / "red.jpg"
     photo.write_bytes(jpeg("red", size=(320, 240), seed=1))
-    upload = chrome.find_element(By.CSS_SELECTOR, "input[type=file]")  # type: ignore[attr-defined]
-    upload.send_keys(str(photo))
+    _element(chrome, "input[type=file]").send_keys(str(photo))  # type: ignore[attr-defined]
     _wait_for_text(chrome, "Red")
     _wait_for_text(chrome, "ms on the server")
     chrome.save_screenshot(str(OUTPUT / "classify-tiny.png"))  # type: ignore[attr-defined]
 
     # switch to the other domain in the sidebar's select box: the photo is asked again
-    chrome.find_element(By.CSS_SELECTOR, "[data-testid=stSelectbox]").click()  # type: ignore[attr-defined]
+    _element(chrome, "[data-testid=stSelectbox]").click()  # type: ignore[attr-defined]
     option = [
         o
         for o in chrome.find_elements(By.CSS_SELECTOR, "[role=option]")  # type: ignore[attr-defined]
@@ -115,7 +122,7 @@ def test_switch_domains_upload_a_photo_and_read_the_result(
     body = chrome.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
     assert "Red" in body and "Traceback" not in body
     food = sorted((datasets_root / "south_asian_food" / "biryani").glob("*.jp*g"))[0]
-    chrome.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(food))  # type: ignore[attr-defined]
+    _element(chrome, "input[type=file]").send_keys(str(food))  # type: ignore[attr-defined]
     _wait_for_text(chrome, food.name)
     time.sleep(1.5)
     chrome.save_screenshot(str(OUTPUT / "classify-duo.png"))  # type: ignore[attr-defined]

@@ -53,7 +53,7 @@ def test_domains_are_listed_and_switching_keeps_the_uploads(server: Server) -> N
     picker.set_value("duo").run()
     assert not at.exception
     assert at.sidebar.selectbox(key="domain_select").value == "duo"
-    assert "v1 (latest) · fp32" in _texts(at) and "**Red**" in _texts(at)  # the same photo, asked again
+    assert "· fp32 ·" in _texts(at) and "**Red**" in _texts(at)  # duo serves fp32; the photo asked again
     assert len(at.session_state["uploads"]) == 1
 
 

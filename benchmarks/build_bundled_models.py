@@ -1,0 +1,118 @@
+"""Rebuild the bundled model registry (``models/``) from scratch: train each bundled domain with its
+pack's default recipe, export it with the pack's export settings (gated variants), publish it with
+alias ``production``, keep only what serving needs.
+
+    python benchmarks/build_bundled_models.py [--data DIR] [--domain south_asian_food] [--out models]
+
+Needs the datasets (``--data``, ``$THALI_DATA`` or ../shared/datasets) and the training install. Takes
+about half an hour per domain on a 2-core CPU. The card of every published version records the command,
+the data fingerprint and the validation metrics; ``thali registry show DOMAIN production --registry
+models`` prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = ("south_asian_food",)
+MAX_BYTES = 20 * 1024 * 1024  # per domain, everything it ships
+
+
+def main() -> int:
+    default_data = Path(os.environ.get("THALI_DATA") or REPO.parent / "shared" / "datasets")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data", type=Path, default=default_data, help="folder holding one folder per domain"
+    )
+    parser.add_argument("--domain", action="append", help=f"domains to build (default: {', '.join(BUNDLED)})")
+    parser.add_argument("--out", type=Path, default=REPO / "models", help="the bundled registry")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bundled", help="runs and exports")
+    parser.add_argument("--variants", default="fp32,int8", help="variants to export (fp32 is always made)")
+    args = parser.parse_args()
+
+    from thali.core import build_plugin_manager
+    from thali.core.domains import resolve_domain
+    from thali.core.exporting.pipeline import export_run
+    from thali.core.training.trainer import TrainOptions, train
+    from thali.registry import ModelRegistry
+
+    registries = build_plugin_manager(autoload=False).registries
+    registry = ModelRegistry(args.out, cache_dir=args.work / "cache")
+    for name in args.domain or BUNDLED:
+        data = args.data / name
+        if not data.is_dir():
+            print(f"error: {data}: no data for {name} (pass --data DIR or set THALI_DATA)", file=sys.stderr)
+            return 2
+        started = time.time()
+        run_dir = args.work / name / "run"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        config = resolve_domain(registries, name).load_config()
+        print(f"{name}: training the pack's default recipe on {data} …", flush=True)
+        result = train(config, registries, TrainOptions(run_dir=run_dir, data=str(data), progress=True))
+        val = result["metrics"]["val"]
+        print(f"{name}: val top-1 {val['top1']:.3f} top-5 {val['top5']:.3f} ECE {val['ece']:.3f}", flush=True)
+        export_dir = args.work / name / "export"
+        variants = [v for v in args.variants.split(",") if v]
+        export_run(
+            run_dir, registries, out_dir=export_dir, overrides=[f"export.variants={json.dumps(variants)}"]
+        )
+        published = registry.publish(export_dir, aliases=["production"])
+        version = published["version"]
+        size = sum(published["files"].values())
+        if size > MAX_BYTES:
+            print(
+                f"warning: {name} v{version} ships {size / 1e6:.1f} MB, over the 20 MB budget",
+                file=sys.stderr,
+            )
+        minutes = (time.time() - started) / 60
+        print(
+            f"{name}: published v{version} (production) to {args.out}: {size / 1e6:.1f} MB, {minutes:.0f} min"
+        )
+        write_readme(args.out, name, version, registry.show(name, version), minutes)
+    return 0
+
+
+def write_readme(out: Path, name: str, version: int, info: dict, minutes: float) -> None:
+    """``models/README.md``: how each bundled model was made, so it is never an unexplained binary."""
+    card = info["card"]
+    lines = [
+        f"## {name} v{version} (alias production)",
+        "",
+        f"- made with: `python benchmarks/build_bundled_models.py --domain {name}` ({minutes:.0f} min on "
+        "a 2-core CPU): the pack's default recipe, its export settings, gated variants",
+        f"- data: fingerprint `{card['dataset'].get('fingerprint', '?')}`, "
+        f"{card['dataset'].get('validation_images', '?')} validation images",
+        f"- licence of the data: {card['dataset'].get('licence', 'not stated')}",
+        "- files: " + ", ".join(f"`{f}` {b / 1e6:.2f} MB" for f, b in sorted(info["files"].items())),
+        "",
+        "| variant | top-1 | top-5 | ECE |",
+        "|---|---:|---:|---:|",
+    ]
+    for variant, m in card["metrics"].items():
+        lines.append(f"| {variant} | {100 * m['top1']:.1f} % | {100 * m['top5']:.1f} % | {m['ece']:.3f} |")
+    head = (
+        "# Bundled models\n\nA model registry (`thali serve --registry models`) with the models `make run` "
+        "serves. Rebuild with `python benchmarks/build_bundled_models.py`; validation figures are from the "
+        "pack's own split (same collections as training: expect lower numbers on other photos).\n\n"
+    )
+    readme = out / "README.md"
+    body = readme.read_text() if readme.exists() else head
+    section = "\n".join(lines) + "\n"
+    marker = f"## {name} v"
+    kept = [part for part in body.split("\n## ") if not ("## " + part).startswith(marker)]
+    body = "\n## ".join(kept).rstrip() + "\n\n" + section
+    readme.write_text(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""``thali up``: the REST service and the UI together, for a person at a terminal (``make run`` runs it).
+
+Starts ``thali serve`` and ``thali ui`` as child processes on 127.0.0.1, waits until ``/readyz`` and
+the UI answer, prints the three URLs, and stops both cleanly on Ctrl-C (or when either one dies)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from thali.core.errors import ThaliError
+
+from .context import Context
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="serve a registry and open the UI on it (Ctrl-C stops both)")
+    p.add_argument("--registry", help="registry URL (default $THALI_REGISTRY, else ./models if present)")
+    p.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
+    p.add_argument("--ui-port", type=int, default=8501, help="UI port (default 8501)")
+    p.add_argument("--timeout", type=float, default=180, help="seconds to wait for both to be ready")
+    p.set_defaults(func=run_up)
+
+
+def _thali() -> list[str]:
+    script = Path(sys.executable).parent / "thali"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "thali.core.cli"]
+
+
+def _answers(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def default_registry() -> str:
+    if os.environ.get("THALI_REGISTRY"):
+        return os.environ["THALI_REGISTRY"]
+    return "models" if Path("models").is_dir() else "model-registry"
+
+
+def run_up(ctx: Context) -> int:
+    args = ctx.args
+    registry = args.registry or default_registry()
+    api, ui = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{args.ui_port}"
+    serve = subprocess.Popen([*_thali(), "serve", "--registry", registry, "--port", str(args.port)])
+    children = [serve]
+    try:
+        children.append(subprocess.Popen([*_thali(), "ui", "--api", api, "--port", str(args.ui_port)]))
+        deadline = time.time() + args.timeout
+        while True:
+            ready, ui_ok = _answers(api + "/readyz"), _answers(ui + "/_stcore/health")
+            if ready in (200, 503) and ui_ok == 200:
+                break
+            dead = [c for c in children if c.poll() is not None]
+            if dead:
+                raise ThaliError(
+                    f"`thali {'serve' if dead[0] is serve else 'ui'}` exited; see its output above"
+                )
+            if time.time() > deadline:
+                raise ThaliError(f"the API or the UI did not come up within {args.timeout:g} s")
+            time.sleep(0.5)
+        note = "" if ready == 200 else f"  (not every domain loaded: see {api}/readyz)"
+        print(f"\nthali is up, serving {registry}{note}")
+        print(f"  UI       {ui}")
+        print(f"  API      {api}/v1/domains")
+        print(f"  Swagger  {api}/docs")
+        print("Ctrl-C stops both.", flush=True)
+        while all(c.poll() is None for c in children):
+            time.sleep(0.5)
+        raise ThaliError("a child process stopped; stopping the other")
+    except KeyboardInterrupt:
+        print("\nstopping …", flush=True)
+        return 0
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()

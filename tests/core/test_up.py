@@ -1,0 +1,55 @@
+"""``thali up`` (what ``make run`` runs): the API and the UI as real processes, their URLs printed, both
+stopped by one Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+from api_support import free_port, jpeg
+from helpers import thali_command
+
+
+def test_up_serves_a_registry_and_the_ui_and_stops_both_on_ctrl_c(api_registry: Path, tmp_path: Path) -> None:
+    port, ui_port = free_port(), free_port()
+    env = {**os.environ, "THALI_REGISTRY": str(api_registry), "THALI_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen(
+        [*thali_command(), "up", "--port", str(port), "--ui-port", str(ui_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        deadline = time.time() + 180
+        assert process.stdout is not None
+        while time.time() < deadline:
+            line = process.stdout.readline()
+            if not line and process.poll() is not None:
+                break
+            lines.append(line)
+            if line.startswith("Ctrl-C stops both"):
+                break
+        out = "".join(lines)
+        assert f"UI       http://127.0.0.1:{ui_port}" in out, out[-3000:]
+        assert f"Swagger  http://127.0.0.1:{port}/docs" in out and str(api_registry) in out
+        api = f"http://127.0.0.1:{port}"
+        answer = requests.post(
+            f"{api}/v1/domains/tiny/predict", files={"image": jpeg("red")}, timeout=30
+        ).json()
+        assert answer["predictions"][0]["label"] == "red"
+        assert requests.get(f"http://127.0.0.1:{ui_port}/_stcore/health", timeout=10).text.strip() == "ok"
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        assert process.wait(timeout=60) == 0
+        for url in (f"{api}/healthz", f"http://127.0.0.1:{ui_port}/_stcore/health"):
+            try:
+                requests.get(url, timeout=2)
+                raise AssertionError(f"{url} still answers after Ctrl-C")
+            except requests.ConnectionError:
+                pass
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
