@@ -318,7 +318,7 @@ class Trainer:
                 parts.save(
                     self.run_dir / "last.pt", state, classes=list(self.classes), preprocess=self.preprocess
                 )
-                log.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 4) for k, v in record.items()}))
+                log.info("%s", epoch_line(record, t.epochs, better))
             if t.early_stopping.enabled and state["bad_epochs"] >= t.early_stopping.patience:
                 self.notes.append(f"early stop after epoch {epoch + 1} (best epoch {state['best_epoch']})")
                 state["epoch"] = t.epochs
@@ -440,6 +440,18 @@ class Trainer:
         write_atomic(self.run_dir / "metrics.json", json.dumps(metrics, indent=1))
         write_atomic(self.run_dir / "calibration.json", json.dumps({"temperature": temperature}, indent=1))
         return {"metrics": metrics}
+
+
+def epoch_line(record: dict[str, Any], epochs: int, best: bool) -> str:
+    """One aligned, readable line per epoch (the machine form is in TensorBoard and ``--json``)."""
+    width = len(str(epochs))
+    return (
+        f"epoch {record['epoch']:>{width}}/{epochs}  "
+        f"train loss {record['train_loss']:.3f} acc {100 * record['train_top1']:5.1f} %  "
+        f"val loss {record['val_loss']:.3f} top-1 {100 * record['val_top1']:5.1f} % "
+        f"top-5 {100 * record['val_top5']:5.1f} %  lr {record['lr']:.1e}  "
+        f"{record['images_per_s']:6.0f} img/s" + ("  best" if best else "")
+    )
 
 
 def train(config: DomainConfig, registries: Registries, options: TrainOptions) -> dict[str, Any]:

@@ -182,3 +182,18 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
     b = torch.load(run_dir / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(value, b[key]) for key, value in a.items())
+
+
+def test_epoch_summaries_are_aligned_readable_lines() -> None:
+    from thali.core.training.trainer import epoch_line
+
+    record = {
+        "epoch": 3, "train_loss": 1.23456, "train_top1": 0.6124, "val_loss": 0.98765, "val_top1": 0.8012,
+        "val_top5": 0.95, "lr": 0.000321, "images_per_s": 311.7,
+    }  # fmt: skip
+    line = epoch_line(record, 24, best=True)
+    assert line == (
+        "epoch  3/24  train loss 1.235 acc  61.2 %  val loss 0.988 top-1  80.1 % top-5  95.0 %  "
+        "lr 3.2e-04     312 img/s  best"
+    )
+    assert len(epoch_line({**record, "epoch": 24}, 24, best=False)) == len(line) - len("  best")
