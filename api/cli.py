@@ -50,11 +50,16 @@ def settings_from(args: argparse.Namespace) -> Any:
         "trusted_keys": args.trusted_key,
     }
     try:
-        return Settings(**{k: v for k, v in given.items() if v is not None})
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"serve: {field}: {first['msg']}") from None
+    from .hosting import split_ref
+
+    for text in settings.domains:  # before any worker starts: a bad name is one line, not a boot loop
+        split_ref(text)
+    return settings
 
 
 def _log_to_terminal() -> None:

@@ -111,7 +111,13 @@ class Hosting:
         """Load every configured domain (or every domain of the registry); failures are recorded for
         /readyz, never raised, so one broken package does not stop the others being served."""
         if self.settings.domains:
-            wanted = [split_ref(text) for text in self.settings.domains]
+            wanted = []
+            for text in self.settings.domains:
+                try:
+                    wanted.append(split_ref(text))
+                except ConfigError as exc:
+                    self.failures[text[:80]] = exc.message
+                    log.error("not serving %r: %s", text[:80], exc.message)
         else:
             wanted = [(name, None) for name in self.registry.domains()]
             if not wanted:

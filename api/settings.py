@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -17,7 +18,7 @@ class Settings(BaseSettings):
     registry: str | None = Field(
         None, description="registry URL (default $THALI_REGISTRY or ./model-registry)"
     )
-    domains: list[str] = Field(
+    domains: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="NAME[@REF] to serve; empty: every domain of the registry"
     )
     backend: str | None = Field(None, description="serving backend for every domain (default: the pack's)")
@@ -30,16 +31,29 @@ class Settings(BaseSettings):
     cache_entries: int = Field(2048, ge=0, description="LRU entries of answers keyed by image bytes; 0: off")
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits for its batch")
     admin_key: SecretStr | None = Field(None, description="enables the admin endpoints (header X-API-Key)")
-    trusted_keys: list[str] = Field(
+    trusted_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="public keys packages must be signed by"
     )
     ort_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per model")
     ort_spinning: bool = Field(True, description="ONNX Runtime threads spin while idle (off: less CPU)")
     warmup: bool = Field(True, description="run one batch through each model before it takes traffic")
 
-    @field_validator("domains", "trusted_keys", mode="before")
+    @field_validator("domains", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
+        """``a@production,b`` from the environment; JSON lists work too."""
         if isinstance(value, str):
+            if value.strip().startswith("["):
+                import json
+
+                return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_keys", mode="before")
+    @classmethod
+    def _paths(cls, value: Any) -> Any:
+        """``a.pub:b.pub`` (``os.pathsep``), as ``$THALI_TRUSTED_KEYS`` means for the registry too."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(os.pathsep) if part.strip()]
         return value
