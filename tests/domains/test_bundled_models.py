@@ -1,0 +1,52 @@
+"""The bundled registry (``models/``) that ``make run`` serves: verified, within its size budget, and
+recognising real dish photos through a real ``thali serve``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from api_support import start_server, stop_server
+from helpers import REPO
+
+from thali.registry import ModelRegistry
+
+MODELS = REPO / "models"
+BUDGET = 20 * 1024 * 1024
+
+
+def _registry(tmp_path: Path) -> ModelRegistry:
+    if not (MODELS / "south_asian_food").is_dir():
+        pytest.skip(
+            "no bundled south_asian_food model in models/ (python benchmarks/build_bundled_models.py)"
+        )
+    return ModelRegistry(MODELS, cache_dir=tmp_path / "cache")
+
+
+def test_bundled_models_verify_and_fit_the_budget(tmp_path: Path) -> None:
+    registry = _registry(tmp_path)
+    for domain in registry.domains():
+        package = registry.resolve(domain, "production")  # every file against its sha256
+        assert sum(p.stat().st_size for p in package.files.values()) <= BUDGET, domain
+        assert package.card["dataset"]["licence"] and package.card["dataset"]["fingerprint"]
+        assert "int8" in package.variants and package.card["metrics"]["int8"]["gate"]["passed"]
+    assert (MODELS / "README.md").is_file()
+
+
+@pytest.mark.data
+def test_the_bundled_dish_recogniser_answers_real_photos(tmp_path: Path, datasets_root: Path) -> None:
+    _registry(tmp_path)
+    server = start_server(MODELS, tmp_path / "serve.log", {"THALI_CACHE": str(tmp_path / "cache")})
+    try:
+        right = 0
+        dishes = ["biryani", "dosa", "momo", "jalebi", "samosa", "idli"]
+        for dish in dishes:
+            photo = sorted((datasets_root / "south_asian_food" / dish).glob("*.jp*g"))[-1]
+            answer = server.post("/v1/domains/south_asian_food/predict", files={"image": photo.read_bytes()})
+            assert answer.status_code == 200, answer.text
+            labels = [p["label"] for p in answer.json()["predictions"]]
+            right += labels[0] == dish
+            assert dish in labels, (dish, labels)  # top-5
+        assert right >= len(dishes) - 1
+    finally:
+        stop_server(server)
