@@ -11,6 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` for reports that must stay one line (a plugin's error, a
+    broken file). A first line ending in ``:`` is joined with the next, as torch's state-dict errors need."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = [f"{lines[0]} {lines[1]}"]
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__
+
+
 class ThaliError(Exception):
     """Base class of every error thali reports to a user."""
 

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
-from .errors import DuplicateComponentError, PluginError, RegistryError, ThaliError, UnknownComponentError
+from .errors import (
+    DuplicateComponentError,
+    PluginError,
+    RegistryError,
+    ThaliError,
+    UnknownComponentError,
+    one_line,
+)
 
 T = TypeVar("T")
 
@@ -176,10 +183,8 @@ class Registry(Generic[T]):
         except ThaliError:
             raise
         except Exception as exc:
-            text = str(exc).strip().splitlines()
-            detail = f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
             raise PluginError(
-                f"{self.singular} {name!r} (plugin {entry.plugin!r}) failed to build: {detail}",
+                f"{self.singular} {name!r} (plugin {entry.plugin!r}) failed to build: {one_line(exc)}",
                 errors={"component": name, "kind": self.kind, "plugin": entry.plugin},
             ) from exc
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from thali.core import hookimpl
-from thali.core.errors import DataError, NotAvailableError
+from thali.core.errors import DataError, NotAvailableError, one_line
 from thali.core.registry import Registry
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -69,8 +69,7 @@ class OnnxRuntimeBackend:
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:
-            first = (str(exc).splitlines() or [""])[0][:200]
-            raise DataError(f"{self.path.name}: ONNX Runtime cannot load it ({first})") from None
+            raise DataError(f"{self.path.name}: ONNX Runtime cannot load it ({one_line(exc, 200)})") from None
         inputs = self.session.get_inputs()
         self.input_name = inputs[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from thali.core.config import DomainConfig, check_components
-from thali.core.errors import ConfigError, PluginError, ThaliError
+from thali.core.errors import ConfigError, PluginError, ThaliError, one_line
 from thali.core.export import (
     EXPORT_CONFIG,
     EXPORT_REPORT,
@@ -183,7 +183,7 @@ def export_run(
             try:
                 scores = summarize(run_onnx(produced, val.images), val.labels, classes, temperature)
             except Exception as exc:  # the file it wrote does not even run
-                rejected[variant] = {"reasons": [f"ONNX Runtime could not run it: {_first_line(exc)}"]}
+                rejected[variant] = {"reasons": [f"ONNX Runtime could not run it: {one_line(exc)}"]}
                 bar.update()
                 continue
             verdict = gate(scores, reference, settings.gate)
@@ -295,17 +295,12 @@ def sweep_stale(folder: Path) -> list[Path]:
     return removed
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
-
-
 def _failure(registries: Registries, name: str, exc: BaseException) -> str:
     """One line: what failed, in which plugin."""
     if isinstance(exc, ThaliError):
         return exc.message
     plugin = registries.exporters.get(name).plugin if name in registries.exporters else "?"
-    return f"exporter {name!r} of plugin {plugin!r} raised {_first_line(exc)}"
+    return f"exporter {name!r} of plugin {plugin!r} raised {one_line(exc)}"
 
 
 def _run_step(registries: Registries, name: str, context: ExportContext) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from thali.core.errors import DataError
+from thali.core.errors import DataError, one_line
 from thali.core.files import write_atomic
 
 LAST_KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "rng")
@@ -77,13 +77,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].endswith(":"):  # "Error(s) in loading state_dict for X:" + the first
-        lines = [f"{lines[0]} {lines[1]}"]
-    return f"{type(exc).__name__}: {lines[0][:240]}" if lines else type(exc).__name__
-
-
 def load(path: Path, need: Sequence[str] = ("model",)) -> dict[str, Any]:
     """The plain-data checkpoint at ``path`` (on the CPU), holding at least the keys ``need``.
 
@@ -107,7 +100,7 @@ def load(path: Path, need: Sequence[str] = ("model",)) -> dict[str, Any]:
         )
         raise DataError(f"{path}: unreadable checkpoint, not a thali checkpoint ({reason[:200]})") from None
     except Exception as exc:
-        raise DataError(f"{path}: unreadable checkpoint ({_first_line(exc)})") from None
+        raise DataError(f"{path}: unreadable checkpoint ({one_line(exc, 240)})") from None
     if not isinstance(saved, dict) or missing(saved, need):
         what = f"no {', '.join(missing(saved, need))}" if isinstance(saved, dict) else type(saved).__name__
         raise DataError(f"{path}: not a thali checkpoint ({what})")
@@ -123,7 +116,7 @@ def load_weights(module: nn.Module, weights: Any, path: Path) -> None:
     try:
         module.load_state_dict(weights)
     except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as exc:
-        raise DataError(f"{path}: the weights do not fit this model ({_first_line(exc)})") from None
+        raise DataError(f"{path}: the weights do not fit this model ({one_line(exc, 240)})") from None
 
 
 @dataclass
@@ -174,5 +167,5 @@ class TrainingParts:
             IndexError,
             OverflowError,
         ) as exc:
-            raise DataError(f"{path}: cannot resume from this checkpoint ({_first_line(exc)})") from None
+            raise DataError(f"{path}: cannot resume from this checkpoint ({one_line(exc, 240)})") from None
         return state
