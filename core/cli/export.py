@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .context import Context, print_json
+from .extras import require_train
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(ctx: Context) -> int:
+    require_train("export")
     from thali.core.exporting.pipeline import export_run
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -15,6 +15,7 @@ from thali.core.errors import ConfigError, DataError, NotAvailableError
 from thali.core.names import is_valid_name
 
 from .context import Context, print_json
+from .extras import require_train
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +60,7 @@ def _latest_run(domain: str) -> Path:
 
 
 def run_train(ctx: Context) -> int:
+    require_train("train")
     from thali.core.training.trainer import TrainOptions, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -136,6 +138,7 @@ def run_evaluate(ctx: Context) -> int:
         ]
         if given:
             raise ConfigError(f"{', '.join(given)}: for a registry model, not a training run ({args.model})")
+        require_train("evaluate RUN_DIR")
         from thali.core.training.evaluate import evaluate_run
 
         result = evaluate_run(

@@ -74,6 +74,12 @@ def _onnx_row(registries: Any, path: Path, variant: str, provider: str) -> Row:
     return Row(label, "onnxruntime", variant, provider, backend.predict, path.stat().st_size, placement)
 
 
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
@@ -113,9 +119,8 @@ def bench_model(
     from tqdm import tqdm
 
     from thali.core.export import read_export_report, variant_file
-    from thali.core.training.evaluate import load_run
+    from thali.core.inference.preprocess import Preprocessor
     from thali.core.training.metrics import topk_accuracy
-    from thali.core.training.transforms import eval_transform
 
     from .data import load_validation, run_split
     from .pipeline import sha256
@@ -134,7 +139,8 @@ def bench_model(
                 f"{run_dir}: the training run of this export is gone, and with it the validation split; "
                 "pass --synthetic to time on random input without top-1"
             )
-        val = load_validation(run_split(run_dir, data)[0], eval_transform(preprocess))
+        # the server's own preprocessing (OpenCV + numpy), so bench needs neither torch nor albumentations
+        val = load_validation(run_split(run_dir, data)[0], Preprocessor(preprocess))
         images, labels = val.images[:limit], val.labels[:limit]
     if len(images) < batch:
         reps = -(-batch // len(images))
@@ -158,7 +164,9 @@ def bench_model(
     if synthetic:
         notes.append("synthetic input: timings only, no top-1")
     setup = tqdm(desc="bench: loading", total=len(variants) * len(wanted) + 1, disable=not progress)
-    if torch_eager:
+    if torch_eager and not _has_torch():
+        notes.append("torch eager skipped: torch is not installed (pip install 'thali[train]')")
+    elif torch_eager:
         checkpoint = run_dir / "best.pt"
         if checkpoint.is_file() and sha256(checkpoint) != meta["lineage"].get("checkpoint_sha256"):
             notes.append(f"torch eager skipped: {checkpoint} is not the checkpoint this export was made from")
@@ -166,6 +174,8 @@ def bench_model(
             import copy
 
             import torch
+
+            from thali.core.training.evaluate import load_run
 
             model = load_run(run_dir, registries).model
             rows.append(_torch_row(model, "cpu"))

@@ -48,6 +48,16 @@ def fingerprint(run_dir: Path) -> str:
     return hashlib.sha256((run_dir / "split.json").read_bytes()).hexdigest()
 
 
+def _apply(transform: Any, rgb: np.ndarray) -> np.ndarray:
+    """A serving :class:`~thali.core.inference.Preprocessor` (torch-free, what ``thali bench`` uses) or
+    the training evaluation transform (albumentations, what the export gate uses)."""
+    from thali.core.inference.preprocess import Preprocessor
+
+    if isinstance(transform, Preprocessor):
+        return transform(rgb)
+    return transform(image=rgb)["image"].numpy()
+
+
 def _preprocess(
     samples: Sequence[Sample], transform: Any, limits: ImageLimits = DEFAULT_LIMITS
 ) -> tuple[np.ndarray | None, np.ndarray, list[tuple[Path, str]]]:
@@ -61,7 +71,7 @@ def _preprocess(
             why = exc.message if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
             problems.append((path, why))
             continue
-        images.append(transform(image=rgb)["image"].numpy())
+        images.append(_apply(transform, rgb))
         labels.append(label)
     stacked = np.stack(images).astype(np.float32) if images else None
     return stacked, np.array(labels, dtype=np.int64), problems
