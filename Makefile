@@ -1,24 +1,33 @@
 # Two entry points for a fresh machine: `make run` (serve the bundled models and open the UI; Ctrl-C
 # stops) and `make test` (lint + tests).
-# Both create .venv on first use and reuse it after; it is rebuilt when pyproject.toml changes.
+# Both create .venv on first use and reuse it after; it is updated when pyproject.toml changes.
+# `make run` needs only the serving install (no torch: seconds, not minutes); `make test` adds the
+# training stack and the test tools (extra `dev`, which includes `train`).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.thali-installed
+SERVE_STAMP := $(VENV)/.thali-serve
+DEV_STAMP := $(VENV)/.thali-dev
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: run test lint format clean browser
 
-$(STAMP): pyproject.toml
+$(SERVE_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e .
+	touch $(SERVE_STAMP)
+
+$(DEV_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -e '.[dev]'
-	touch $(STAMP)
+	touch $(DEV_STAMP) $(SERVE_STAMP)
 
-run: $(STAMP)
-	$(BIN)/thali up
+# make run ARGS="--port 8100 --ui-port 8600" passes options to `thali up`.
+run: $(SERVE_STAMP)
+	$(BIN)/thali up $(ARGS)
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
@@ -33,7 +42,7 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
 	    || echo "note: chromium not installed; the browser test will skip"; }
 
-format: $(STAMP)
+format: $(DEV_STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
