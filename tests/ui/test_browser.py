@@ -4,7 +4,6 @@ by headless Chromium through selenium. The screenshots land in ``test-output/ui/
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -14,18 +13,10 @@ from pathlib import Path
 import pytest
 import requests
 from api_support import Server, free_port, jpeg
+from browser_support import headless_chromium, wait_for_text
 from helpers import REPO, thali_command
 
 OUTPUT = REPO / "test-output" / "ui"
-
-
-def _chromium() -> tuple[str, str]:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    if not browser or not Path(driver).exists():
-        pytest.skip("headless Chromium is not installed (make test installs chromium and chromium-driver)")
-    pytest.importorskip("selenium")
-    return browser, driver
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +50,8 @@ def ui_url(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver = _chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        options.add_argument(flag)
-    chrome = webdriver.Chrome(service=Service(driver), options=options)
-    chrome.set_page_load_timeout(60)
-    try:
+    with headless_chromium() as chrome:
         yield chrome
-    finally:
-        chrome.quit()
 
 
 def _element(chrome: object, css: str, timeout: float = 60) -> object:
@@ -83,14 +62,6 @@ def _element(chrome: object, css: str, timeout: float = 60) -> object:
     return WebDriverWait(chrome, timeout).until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
 
 
-def _wait_for_text(chrome: object, text: str, timeout: float = 60) -> None:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(chrome, timeout).until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), text))
-
-
 def test_switch_domains_upload_a_photo_and_read_the_result(
     browser: object, ui_url: str, tmp_path: Path, datasets_root: Path
 ) -> None:
@@ -99,13 +70,13 @@ def test_switch_domains_upload_a_photo_and_read_the_result(
     chrome = browser
     OUTPUT.mkdir(parents=True, exist_ok=True)
     chrome.get(ui_url)  # type: ignore[attr-defined]
-    _wait_for_text(chrome, "Classify")
-    _wait_for_text(chrome, "top-1")
+    wait_for_text(chrome, "Classify")
+    wait_for_text(chrome, "top-1")
     photo = tmp_path / "red.jpg"
     photo.write_bytes(jpeg("red", size=(320, 240), seed=1))
     _element(chrome, "input[type=file]").send_keys(str(photo))  # type: ignore[attr-defined]
-    _wait_for_text(chrome, "Red")
-    _wait_for_text(chrome, "ms on the server")
+    wait_for_text(chrome, "Red")
+    wait_for_text(chrome, "ms on the server")
     chrome.save_screenshot(str(OUTPUT / "classify-tiny.png"))  # type: ignore[attr-defined]
 
     # switch to the other domain in the sidebar's select box: the photo is asked again
@@ -117,13 +88,13 @@ def test_switch_domains_upload_a_photo_and_read_the_result(
     ]
     assert option, "the domain switcher offers Duo"
     option[0].click()
-    _wait_for_text(chrome, "licence")
+    wait_for_text(chrome, "licence")
     time.sleep(1.0)
     body = chrome.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
     assert "Red" in body and "Traceback" not in body
     food = sorted((datasets_root / "south_asian_food" / "biryani").glob("*.jp*g"))[0]
     _element(chrome, "input[type=file]").send_keys(str(food))  # type: ignore[attr-defined]
-    _wait_for_text(chrome, food.name)
+    wait_for_text(chrome, food.name)
     time.sleep(1.5)
     chrome.save_screenshot(str(OUTPUT / "classify-duo.png"))  # type: ignore[attr-defined]
     assert (OUTPUT / "classify-duo.png").stat().st_size > 10_000
@@ -132,8 +103,8 @@ def test_switch_domains_upload_a_photo_and_read_the_result(
     link = [a for a in chrome.find_elements(By.TAG_NAME, "a") if "Model card" in a.text]  # type: ignore[attr-defined]
     assert link, "the page navigation offers the model card"
     link[0].click()
-    _wait_for_text(chrome, "Confusion matrix")
-    _wait_for_text(chrome, "Accuracy per class")
+    wait_for_text(chrome, "Confusion matrix")
+    wait_for_text(chrome, "Accuracy per class")
     time.sleep(2.0)  # let the charts draw
     chrome.save_screenshot(str(OUTPUT / "model-card-duo.png"))  # type: ignore[attr-defined]
     body = chrome.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
