@@ -1,0 +1,104 @@
+"""The README's main command, the way a newcomer runs it: a fresh clone with no dataset beside it,
+``make run`` (which builds the serving environment and starts ``thali up``), the URLs it prints, a real
+dish photo through the API to the bundled model, the UI page in headless Chromium, then Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from api_support import free_port
+from browser_support import headless_chromium, wait_for_text
+from helpers import REPO
+
+# Photos the bundled model gets right (top-1); read by the test client, never by the server.
+DISHES = ("jalebi", "dosa", "momo")
+
+
+def _readme_main_command() -> str:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```(?:sh|bash|console)?\n(.*?)```", text, re.S)
+    assert block, "the README starts with a code block holding the main command"
+    commands = [line.strip() for line in block.group(1).splitlines() if line.strip() and line[0] != "#"]
+    run = [c for c in commands if c.startswith("make run")]
+    assert run, f"no `make run` in the README's first code block: {commands}"
+    return run[0]
+
+
+def _newcomer_env() -> dict[str, str]:
+    drop = ("THALI_", "VIRTUAL_ENV", "PYTHONPATH", "MAKEFLAGS", "MAKELEVEL")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "/.venv/" not in p + "/")
+    return env
+
+
+def test_make_run_in_a_fresh_clone_serves_the_bundled_dish_recogniser(
+    tmp_path: Path, datasets_root: Path
+) -> None:
+    if not shutil.which("git") or not shutil.which("make"):
+        pytest.skip("git and make are needed to run the README's main command")
+    assert _readme_main_command() == "make run"
+    clone = tmp_path / "thali"  # no ../shared beside it, THALI_DATA unset
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=300)
+    assert not (clone.parent / "shared").exists()
+    port, ui_port = free_port(), free_port()
+    process = subprocess.Popen(
+        ["make", "run", f"ARGS=--port {port} --ui-port {ui_port}"],
+        cwd=clone, env=_newcomer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        deadline = time.time() + 900  # the serving install (from pip's cache here) and both servers
+        assert process.stdout is not None
+        while time.time() < deadline:
+            line = process.stdout.readline()
+            if not line and process.poll() is not None:
+                break
+            lines.append(line)
+            if line.startswith("Ctrl-C stops both"):
+                break
+        out = "".join(lines)
+        urls = dict(re.findall(r"^  (UI|API|Swagger)\s+(http://\S+)$", out, re.M))
+        assert set(urls) == {"UI", "API", "Swagger"}, out[-4000:]
+        assert "thali is up, serving models" in out
+        assert "Successfully installed" in out and " torch-" not in out  # the serving install only
+
+        assert requests.get(urls["Swagger"], timeout=10).status_code == 200
+        api = urls["API"].removesuffix("/v1/domains")
+        for dish in DISHES:
+            photo = sorted((datasets_root / "south_asian_food" / dish).glob("*.jp*g"))[-1]
+            answer = requests.post(
+                f"{api}/v1/domains/south_asian_food/predict", files={"image": photo.read_bytes()}, timeout=30
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["predictions"][0]["label"] == dish, (photo.name, answer.json())
+
+        with headless_chromium() as chrome:
+            chrome.get(urls["UI"])  # type: ignore[attr-defined]
+            wait_for_text(chrome, "Classify")
+            wait_for_text(chrome, "South Asian")
+            from selenium.webdriver.common.by import By
+
+            photo = sorted((datasets_root / "south_asian_food" / DISHES[0]).glob("*.jp*g"))[-1]
+            chrome.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(photo))  # type: ignore[attr-defined]
+            wait_for_text(chrome, "ms on the server")
+            body = chrome.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
+            assert "Jalebi" in body and "Traceback" not in body
+
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches make and thali up
+        process.wait(timeout=60)
+        for url in (f"{api}/healthz", urls["UI"]):
+            with pytest.raises(requests.ConnectionError):
+                requests.get(url, timeout=2)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
