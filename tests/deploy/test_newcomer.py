@@ -26,7 +26,7 @@ def _readme_main_command() -> str:
     text = (REPO / "README.md").read_text()
     block = re.search(r"```(?:sh|bash|console)?\n(.*?)```", text, re.S)
     assert block, "the README starts with a code block holding the main command"
-    commands = [line.strip() for line in block.group(1).splitlines() if line.strip() and line[0] != "#"]
+    commands = [line.split("#")[0].strip() for line in block.group(1).splitlines()]
     run = [c for c in commands if c.startswith("make run")]
     assert run, f"no `make run` in the README's first code block: {commands}"
     return run[0]
