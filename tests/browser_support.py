@@ -44,3 +44,12 @@ def wait_for_text(chrome: object, text: str, timeout: float = 60) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
     WebDriverWait(chrome, timeout).until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), text))
+
+
+def element(chrome: object, css: str, timeout: float = 60) -> object:
+    """The first element matching ``css``, once the page has drawn it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(chrome, timeout).until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))

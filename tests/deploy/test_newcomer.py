@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 from api_support import free_port
-from browser_support import headless_chromium, wait_for_text
+from browser_support import element, headless_chromium, wait_for_text
 from helpers import REPO
 
 # Photos the bundled model gets right (top-1); read by the test client, never by the server.
@@ -37,6 +37,14 @@ def _newcomer_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "/.venv/" not in p + "/")
     return env
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_make_run_in_a_fresh_clone_serves_the_bundled_dish_recogniser(
@@ -88,13 +96,17 @@ def test_make_run_in_a_fresh_clone_serves_the_bundled_dish_recogniser(
             from selenium.webdriver.common.by import By
 
             photo = sorted((datasets_root / "south_asian_food" / DISHES[0]).glob("*.jp*g"))[-1]
-            chrome.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(photo))  # type: ignore[attr-defined]
+            element(chrome, "input[type=file]").send_keys(str(photo))  # type: ignore[attr-defined]
             wait_for_text(chrome, "ms on the server")
             body = chrome.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
             assert "Jalebi" in body and "Traceback" not in body
 
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches make and thali up
         process.wait(timeout=60)
+        deadline = time.time() + 60  # make returns at once; thali up stops the API and the UI after it
+        while _group_alive(process.pid):
+            assert time.time() < deadline, "processes of make run still alive 60 s after Ctrl-C"
+            time.sleep(0.5)
         for url in (f"{api}/healthz", urls["UI"]):
             with pytest.raises(requests.ConnectionError):
                 requests.get(url, timeout=2)

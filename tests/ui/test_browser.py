@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 from api_support import Server, free_port, jpeg
-from browser_support import headless_chromium, wait_for_text
+from browser_support import element, headless_chromium, wait_for_text
 from helpers import REPO, thali_command
 
 OUTPUT = REPO / "test-output" / "ui"
@@ -54,14 +54,6 @@ def browser() -> Iterator[object]:
         yield chrome
 
 
-def _element(chrome: object, css: str, timeout: float = 60) -> object:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(chrome, timeout).until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
-
-
 def test_switch_domains_upload_a_photo_and_read_the_result(
     browser: object, ui_url: str, tmp_path: Path, datasets_root: Path
 ) -> None:
@@ -74,13 +66,13 @@ def test_switch_domains_upload_a_photo_and_read_the_result(
     wait_for_text(chrome, "top-1")
     photo = tmp_path / "red.jpg"
     photo.write_bytes(jpeg("red", size=(320, 240), seed=1))
-    _element(chrome, "input[type=file]").send_keys(str(photo))  # type: ignore[attr-defined]
+    element(chrome, "input[type=file]").send_keys(str(photo))  # type: ignore[attr-defined]
     wait_for_text(chrome, "Red")
     wait_for_text(chrome, "ms on the server")
     chrome.save_screenshot(str(OUTPUT / "classify-tiny.png"))  # type: ignore[attr-defined]
 
     # switch to the other domain in the sidebar's select box: the photo is asked again
-    _element(chrome, "[data-testid=stSelectbox]").click()  # type: ignore[attr-defined]
+    element(chrome, "[data-testid=stSelectbox]").click()  # type: ignore[attr-defined]
     option = [
         o
         for o in chrome.find_elements(By.CSS_SELECTOR, "[role=option]")  # type: ignore[attr-defined]
@@ -90,10 +82,10 @@ def test_switch_domains_upload_a_photo_and_read_the_result(
     option[0].click()
     wait_for_text(chrome, "licence")
     time.sleep(1.0)
-    body = chrome.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
+    body = chrome.findelement(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
     assert "Red" in body and "Traceback" not in body
     food = sorted((datasets_root / "south_asian_food" / "biryani").glob("*.jp*g"))[0]
-    _element(chrome, "input[type=file]").send_keys(str(food))  # type: ignore[attr-defined]
+    element(chrome, "input[type=file]").send_keys(str(food))  # type: ignore[attr-defined]
     wait_for_text(chrome, food.name)
     time.sleep(1.5)
     chrome.save_screenshot(str(OUTPUT / "classify-duo.png"))  # type: ignore[attr-defined]
@@ -107,5 +99,5 @@ def test_switch_domains_upload_a_photo_and_read_the_result(
     wait_for_text(chrome, "Accuracy per class")
     time.sleep(2.0)  # let the charts draw
     chrome.save_screenshot(str(OUTPUT / "model-card-duo.png"))  # type: ignore[attr-defined]
-    body = chrome.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
+    body = chrome.findelement(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
     assert "Licence" in body and "Traceback" not in body
