@@ -11,6 +11,7 @@ from typing import Any
 
 from thali.core import hookimpl
 from thali.core.export import ExportContext, variant_file
+from thali.core.quiet import quiet
 from thali.core.registry import Registry
 
 from .exporter_onnx import parity
@@ -21,10 +22,12 @@ class Float16:
 
     def run(self, context: ExportContext) -> dict[str, Any]:
         import onnx
-        from onnxruntime.transformers.float16 import convert_float_to_float16
 
         source = context.require("fp32_raw", by="fp16 export")
-        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+        with quiet("fp16 conversion"):
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
         path = context.out_dir / variant_file(self.produces)
         onnx.save(model, str(path))
         context.artifacts[self.produces] = path

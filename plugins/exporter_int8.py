@@ -23,6 +23,7 @@ from typing import Any
 from thali.core import hookimpl
 from thali.core.errors import ConfigError, ThaliError
 from thali.core.export import ExportContext, variant_file
+from thali.core.quiet import quiet
 from thali.core.registry import Registry
 
 from .exporter_onnx import INPUT, parity
@@ -115,10 +116,12 @@ def _preprocessed(context: ExportContext) -> Path:
     source = context.require("fp32_raw", by="int8 export")
     path = context.out_dir / "model.quant_pre.onnx"
     try:
-        quant_pre_process(str(source), str(path))
+        with quiet("quant_pre_process"):
+            quant_pre_process(str(source), str(path))
     except Exception as exc:  # ORT's symbolic shape inference gives up on some graphs: use ONNX's
         log.info("symbolic shape inference failed (%s); using ONNX shape inference", exc)
-        quant_pre_process(str(source), str(path), skip_symbolic_shape=True)
+        with quiet("quant_pre_process"):
+            quant_pre_process(str(source), str(path), skip_symbolic_shape=True)
     context.artifacts["quant_pre"] = path
     return path
 
@@ -143,18 +146,19 @@ class StaticInt8:
         excluded = select_nodes(onnx.load(str(source)), context.settings.exclude_nodes)
         path = context.out_dir / variant_file(self.produces)
         reader = _Reader(iter(context.calibration()))
-        quantize_static(
-            str(source),
-            str(path),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=methods[method],
-            nodes_to_exclude=excluded,
-        )
+        with quiet("static int8 quantisation"):  # ORT logs every tensor it leaves alone, on the root logger
+            quantize_static(
+                str(source),
+                str(path),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
+                nodes_to_exclude=excluded,
+            )
         if reader.images == 0:
             raise ThaliError("static int8: the calibration set is empty")
         context.artifacts[self.produces] = path
@@ -186,7 +190,8 @@ class DynamicInt8:
         context.warnings.append(self.WARNING)
         source = _preprocessed(context)
         path = context.out_dir / variant_file(self.produces)
-        quantize_dynamic(str(source), str(path), weight_type=QuantType.QUInt8, per_channel=False)
+        with quiet("dynamic int8 quantisation"):
+            quantize_dynamic(str(source), str(path), weight_type=QuantType.QUInt8, per_channel=False)
         context.artifacts[self.produces] = path
         report = {"path": str(path), "warning": self.WARNING}
         report.update(parity(path, context))

@@ -19,9 +19,11 @@ INPUT, OUTPUT, CAM = "input", "logits", "cam"
 
 
 def _session(path: Path, **options: Any) -> Any:
+    """A CPU session; ONNX Runtime's own log (C++, straight to stderr) is kept to errors."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.log_severity_level = 3
     for key, value in options.items():
         setattr(so, key, value)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -31,6 +31,7 @@ from thali.core.export import (
     variant_file,
 )
 from thali.core.files import fsync_dir, pid_alive
+from thali.core.quiet import no_update_checks
 from thali.core.registry import Registries
 
 from .data import calibration_batches, fingerprint, load_validation, run_split
@@ -104,6 +105,7 @@ def export_run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Export ``run_dir`` (a training run) to ``out_dir`` (default ``RUN_DIR/export``); returns the report."""
+    no_update_checks()
     import torch
     from tqdm import tqdm
 

@@ -6,13 +6,13 @@ class-activation maps (Zhou et al., 2016).
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from thali.core.quiet import quiet
 
 
 class WithCam(nn.Module):
@@ -46,13 +46,14 @@ def export_onnx(
     opset: int = 18,
     max_batch: int = 4096,
 ) -> Path:
-    """Export ``module`` (in eval mode) to ``path``; the exporter's chatty optimiser output is hidden.
+    """Export ``module`` (in eval mode) to ``path``; the exporter's chatty output (its prints, the
+    onnxscript optimiser's INFO log, warnings) is hidden: see :func:`thali.core.quiet.quiet`.
 
     ``output_names`` names a module with several outputs (in order); otherwise its one output is
     ``output_name``."""
     module.eval()
     batch = torch.export.Dim("batch", min=1, max=max_batch)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet("ONNX export"):
         program = torch.onnx.export(
             module,
             (example,),
@@ -63,5 +64,5 @@ def export_onnx(
             dynamic_shapes=({0: batch},),
             verbose=False,
         )
-    program.save(str(path))
+        program.save(str(path))
     return Path(path)

@@ -26,6 +26,7 @@ from torch import nn
 from thali.core.config import DomainConfig
 from thali.core.errors import DataError
 from thali.core.files import write_atomic
+from thali.core.quiet import no_update_checks, quiet
 from thali.core.registry import Registries
 
 from . import checkpoint as ckpt
@@ -160,7 +161,8 @@ class Trainer:
         t = self.config.training
         prefix = self.model.prefix()
         size = self.preprocess["input_size"]
-        engine = make_engine(prefix, torch.zeros(2, *size), self.device, t.feature_engine)
+        with quiet("frozen-part engine"):  # ONNX export and ONNX Runtime session; our fallback note stays
+            engine = make_engine(prefix, torch.zeros(2, *size), self.device, t.feature_engine)
         common = {
             "batch_size": max(t.batch_size, 32),
             "num_workers": t.num_workers,
@@ -456,4 +458,5 @@ def epoch_line(record: dict[str, Any], epochs: int, best: bool) -> str:
 
 def train(config: DomainConfig, registries: Registries, options: TrainOptions) -> dict[str, Any]:
     """Train ``config`` into ``options.run_dir``; see :class:`Trainer`."""
+    no_update_checks()
     return Trainer(config, registries, options).fit()
