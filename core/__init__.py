@@ -29,6 +29,16 @@ from .hookspecs import hookimpl, hookspec
 from .plugins import DEFAULT_PLUGINS, PluginInfo, ThaliPluginManager, build_plugin_manager
 from .registry import COMPONENT_KINDS, Entry, Registries, Registry
 
+
+def __getattr__(name: str) -> object:
+    """``thali.core.FeatureBackbone`` without importing torch when thali.core is imported."""
+    if name == "FeatureBackbone":
+        from .training.backbone import FeatureBackbone
+
+        return FeatureBackbone
+    raise AttributeError(f"module 'thali.core' has no attribute {name!r}")
+
+
 try:
     __version__ = metadata.version("thali")
 except metadata.PackageNotFoundError:  # running from a source tree that is not installed
@@ -43,6 +53,7 @@ __all__ = [
     "DomainPack",
     "DuplicateComponentError",
     "Entry",
+    "FeatureBackbone",
     "NotAvailableError",
     "PluginError",
     "PluginInfo",

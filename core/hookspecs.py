@@ -51,12 +51,27 @@ def thali_register_backbones(registry: Registry[Any]) -> None:
     """Register image backbones.
 
     Called once when the plugin manager is built. The factory is called as
-    ``factory(num_classes=0, pretrained="none", **params)`` and returns a ``torch.nn.Module`` that maps
+    ``factory(num_classes=0, pretrained="none", **params)`` (``params``: ``model.params`` of the domain
+    config, plus ``drop_path_rate`` when set) and returns a ``torch.nn.Module`` that maps
     ``(N, 3, H, W)`` images to ``(N, C, h, w)`` feature maps and exposes ``num_features`` (``C``).
     ``pretrained`` is ``"none"``, a named weight source listed in the entry's ``metadata["weights"]``,
     or a path to a local checkpoint. Entry metadata must carry the preprocessing the weights expect:
     ``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation``, ``crop_pct``, plus ``weights`` and
     ``licence``: it travels with the model into the model package, so nothing downstream hard-codes 224.
+
+    Two shapes are accepted:
+
+    * **a plain module** (the above): thali treats it as one stage. Training it whole (``training.mode:
+      full``) or not at all (``trainable_stages: 0``, a linear probe on cached features) works; partial
+      freezing and attention *between* stages have nothing to hold on to, and thali says so.
+    * **a** :class:`thali.core.FeatureBackbone` ``(stem, stages, head, num_features, stage_channels,
+      preprocess)``: use it when the network has stages worth freezing separately (the built-in
+      EfficientNets): ``training.trainable_stages`` then trains only the last stages, ``frozen_features``
+      caches the frozen prefix once, and attention can go after any stage.
+
+    Before training, thali runs one small batch through it: anything else (not a module, no integer
+    ``num_features``, output not ``(N, num_features, h, w)``, an exception) is one error line naming the
+    component, the plugin and its distribution.
     """
 
 
@@ -77,9 +92,12 @@ def thali_register_losses(registry: Registry[Any]) -> None:
 
     Called once when the plugin manager is built. The factory is called as
     ``factory(num_classes, class_counts=None, **params)`` (``class_counts``: training images per class,
-    for re-weighting losses; ``params``: the ``loss`` section of the config minus ``name``) and returns a
-    callable ``loss(logits, target) -> scalar tensor``; ``target`` is class indices or, under
-    mixup/cutmix, a ``(N, num_classes)`` probability matrix.
+    for re-weighting losses; ``params``: ``loss.params`` of the config, plus ``label_smoothing`` when the
+    factory accepts it) and returns a callable ``loss(logits, target) -> scalar tensor``: a plain
+    function or a ``torch.nn.Module`` (whose buffers then move to the training device with the model).
+    ``target`` is class indices or, under mixup/cutmix, a ``(N, num_classes)`` probability matrix.
+    thali calls it once on a tiny batch before training; an exception or a non-scalar result is one
+    error line naming the component and its plugin.
     """
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, ThaliError
+from .errors import PluginError, ThaliError, one_line
 from .registry import COMPONENT_KINDS, Registries
 
 ENTRY_POINT_GROUP = "thali"
@@ -228,14 +228,14 @@ def build_plugin_manager(
         registry = registries.of(kind)
         caller = getattr(pm.hook, f"thali_register_{kind}")
         for impl in caller.get_hookimpls():
-            with registry.registering_as(impl.plugin_name):
+            _, _, dist, version = origins.get(impl.plugin_name, ("", "", None, None))
+            origin = f"{dist} {version}" if dist else ""
+            with registry.registering_as(impl.plugin_name, origin):
                 try:
                     impl.function(registry=registry)
                 except ThaliError:
                     raise
                 except Exception as exc:
-                    raise PluginError(
-                        f"plugin {impl.plugin_name!r} failed in thali_register_{kind}: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
+                    where = f"plugin {impl.plugin_name!r}" + (f" ({origin})" if origin else "")
+                    raise PluginError(f"{where} failed in thali_register_{kind}: {one_line(exc)}") from exc
     return ThaliPluginManager(pm=pm, registries=registries, _origins=origins, blocked=blocked)

@@ -61,6 +61,12 @@ class Entry(Generic[T]):
     plugin: str
     description: str = ""
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    origin: str = ""  # "thali-plant-disease 0.1.0": the distribution and version the plugin came from
+
+    @property
+    def who(self) -> str:
+        """``plugin 'name', distribution version``: what an error about this component names."""
+        return f"plugin {self.plugin!r}" + (f", {self.origin}" if self.origin else "")
 
 
 def closest_names(name: str, candidates: list[str], n: int = 5) -> list[str]:
@@ -85,15 +91,17 @@ class Registry(Generic[T]):
         self.singular = _SINGULAR.get(kind, kind)
         self._entries: dict[str, Entry[T]] = {}
         self.current_plugin: str = "<direct>"
+        self.current_origin: str = ""
 
     @contextmanager
-    def registering_as(self, plugin: str) -> Iterator[Registry[T]]:
-        """Attribute every ``add`` inside the block to ``plugin``."""
-        previous, self.current_plugin = self.current_plugin, plugin
+    def registering_as(self, plugin: str, origin: str = "") -> Iterator[Registry[T]]:
+        """Attribute every ``add`` inside the block to ``plugin`` (from distribution ``origin``)."""
+        previous = self.current_plugin, self.current_origin
+        self.current_plugin, self.current_origin = plugin, origin
         try:
             yield self
         finally:
-            self.current_plugin = previous
+            self.current_plugin, self.current_origin = previous
 
     def add(
         self,
@@ -128,6 +136,7 @@ class Registry(Generic[T]):
             plugin=self.current_plugin,
             description=description,
             metadata=MappingProxyType(dict(metadata or {})),
+            origin=self.current_origin,
         )
         self._entries[name] = entry
         return entry
@@ -154,6 +163,7 @@ class Registry(Generic[T]):
             plugin=family.plugin,
             description=family.description,
             metadata=family.metadata,
+            origin=family.origin,
         )
 
     def unknown(self, name: str) -> UnknownComponentError:
@@ -184,8 +194,8 @@ class Registry(Generic[T]):
             raise
         except Exception as exc:
             raise PluginError(
-                f"{self.singular} {name!r} (plugin {entry.plugin!r}) failed to build: {one_line(exc)}",
-                errors={"component": name, "kind": self.kind, "plugin": entry.plugin},
+                f"{self.singular} {name!r} ({entry.who}) failed to build: {one_line(exc)}",
+                errors={"component": name, "kind": self.kind, "plugin": entry.plugin, "origin": entry.origin},
             ) from exc
 
     def list(self, pattern: str = "*") -> list[Entry[T]]:

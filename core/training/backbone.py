@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from thali.core.errors import ConfigError
+from thali.core.errors import ConfigError, PluginError
 
 
 class FeatureBackbone(nn.Module):
@@ -56,6 +56,83 @@ class FeatureBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from(self.forward_until(x, len(self.stages)), len(self.stages))
+
+
+PREPROCESS_KEYS = ("input_size", "mean", "std")  # required in a backbone entry's metadata
+CONTRACT = "see thali_register_backbones in thali.core.hookspecs"
+
+
+def as_feature_backbone(module: Any, name: str, who: str, metadata: Mapping[str, Any]) -> FeatureBackbone:
+    """What a backbone factory returned, as a :class:`FeatureBackbone`.
+
+    The hookspec promises that any ``torch.nn.Module`` with ``num_features`` mapping ``(N, 3, H, W)`` to
+    ``(N, num_features, h, w)`` is a backbone: such a plain module becomes a backbone of *one stage*
+    (no stem, no head), with the preprocessing taken from the entry's metadata. Anything else is one
+    :class:`PluginError` line naming the component and its plugin (``who``)."""
+    if isinstance(module, FeatureBackbone):
+        return module
+    if not isinstance(module, nn.Module):
+        raise PluginError(
+            f"backbone {name!r} ({who}) returned {type(module).__name__}, not a torch.nn.Module; {CONTRACT}"
+        )
+    channels = getattr(module, "num_features", None)
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
+        raise PluginError(
+            f"backbone {name!r} ({who}) returned a {type(module).__name__} without an integer "
+            f"num_features (the channel count C of its (N, C, h, w) feature maps); {CONTRACT}"
+        )
+    missing = [k for k in PREPROCESS_KEYS if k not in metadata]
+    if missing:
+        raise PluginError(
+            f"backbone {name!r} ({who}): its registry metadata lacks {', '.join(missing)} (the "
+            f"preprocessing its weights expect, carried into the model package); {CONTRACT}"
+        )
+    try:
+        c, h, w = (int(v) for v in metadata["input_size"])
+        preprocess = {
+            "input_size": (c, h, w),
+            "mean": tuple(float(v) for v in metadata["mean"]),
+            "std": tuple(float(v) for v in metadata["std"]),
+            "interpolation": str(metadata.get("interpolation", "bilinear")),
+            "crop_pct": float(metadata.get("crop_pct", 0.875)),
+        }
+    except (TypeError, ValueError) as exc:
+        raise PluginError(f"backbone {name!r} ({who}): unusable preprocessing metadata ({exc})") from None
+    if c != 3 or len(preprocess["mean"]) != 3 or len(preprocess["std"]) != 3:
+        raise PluginError(f"backbone {name!r} ({who}): input_size, mean and std must be for 3 channels (RGB)")
+    return FeatureBackbone(
+        nn.Identity(),
+        [module],
+        nn.Identity(),
+        num_features=channels,
+        stage_channels=[channels],
+        preprocess=preprocess,
+    )
+
+
+def check_output(backbone: FeatureBackbone, name: str, who: str) -> None:
+    """One small forward pass: the feature maps must be ``(N, num_features, h, w)``."""
+    size = min(64, int(backbone.preprocess.get("input_size", (3, 64, 64))[-1]))
+    x = torch.zeros(2, 3, size, size)
+    mode = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            out = backbone(x)
+    except Exception as exc:
+        raise PluginError(
+            f"backbone {name!r} ({who}) failed on a (2, 3, {size}, {size}) batch: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        ) from exc
+    finally:
+        backbone.train(mode)
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+    if shape is None or len(shape) != 4 or shape[:2] != (2, backbone.num_features):
+        got = shape if shape is not None else type(out).__name__
+        raise PluginError(
+            f"backbone {name!r} ({who}) returned {got} from (2, 3, {size}, {size}) images; a backbone must "
+            f"return 4-D feature maps (N, num_features={backbone.num_features}, h, w)"
+        )
 
 
 def probe_channels(stem: nn.Module, stages: Sequence[nn.Module], size: int = 64) -> list[int]:

@@ -16,7 +16,7 @@ from thali.core.config import DomainConfig
 from thali.core.errors import ConfigError
 from thali.core.registry import Registries
 
-from .backbone import FeatureBackbone
+from .backbone import FeatureBackbone, as_feature_backbone, check_output
 
 log = logging.getLogger("thali.model")
 
@@ -107,10 +107,17 @@ def build_classifier(
     num_classes = num_classes or len(config.classes)
     m = config.model
     params = {**m.params, **({"drop_path_rate": m.drop_path_rate} if m.drop_path_rate else {})}
-    backbone = registries.backbones.create(m.backbone, pretrained=m.pretrained, **params)
-    if not isinstance(backbone, FeatureBackbone):
-        raise ConfigError(f"model.backbone: {m.backbone!r} does not return a FeatureBackbone")
+    entry = registries.backbones.get(m.backbone)
+    made = registries.backbones.create(m.backbone, pretrained=m.pretrained, **params)
+    backbone = as_feature_backbone(made, m.backbone, entry.who, entry.metadata)
+    check_output(backbone, m.backbone, entry.who)
     n_stages = len(backbone.stages)
+    if backbone is not made:
+        log.info(
+            "backbone %s is a plain module: one stage (training.trainable_stages and attention after "
+            "stages apply to it as a whole; a FeatureBackbone with stages allows more)",
+            m.backbone,
+        )
     head_attention: list[nn.Module] = []
     first_attention_stage = n_stages
     for i, placement in enumerate(m.attention):

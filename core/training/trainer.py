@@ -42,6 +42,7 @@ from .data import (
 from .data import stratified_split as split_samples
 from .features import compute_features, make_engine
 from .logbook import write_epoch
+from .loss import build_loss
 from .metrics import fit_temperature, summarize
 from .mix import mix_batch
 from .model import Classifier, build_classifier
@@ -143,15 +144,15 @@ class Trainer:
         self.model = self.model.to(memory_format=torch.channels_last)
         self.preprocess = self.model.preprocess
         counts = self.split.class_counts(len(self.classes))
-        loss = self.config.loss
-        self.loss_fn = self.registries.losses.create(
-            loss.name,
-            len(self.classes),
-            class_counts=counts,
-            label_smoothing=loss.label_smoothing,
-            **loss.params,
-        ).to(self.device)
+        self.loss_fn = build_loss(self.config, self.registries, counts).to(self.device)
         self.cached = self.config.training.mode == "frozen_features"
+        if self.cached and self.model.cache_depth == 0:
+            self.cached = False
+            self.notes.append(
+                f"training.mode frozen_features: nothing of {self.config.model.backbone} is frozen "
+                f"(trainable_stages {self.config.training.trainable_stages} covers all its "
+                f"{len(self.model.backbone.stages)} stage(s)), so it trains in full mode"
+            )
         self.wrapped: nn.Module = CachedHead(self.model) if self.cached else self.model
         if self.dist.world > 1:  # DDP must see the forward that runs, to synchronise gradients
             ids = [self.device.index] if self.device.type == "cuda" else None
