@@ -18,14 +18,14 @@ $(SERVE_STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e .
 	touch $(SERVE_STAMP)
 
-$(DEV_STAMP): pyproject.toml
+$(DEV_STAMP): pyproject.toml domains/plant_disease/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev]' -e domains/plant_disease
 	touch $(DEV_STAMP) $(SERVE_STAMP)
 
 # make run ARGS="--port 8100 --ui-port 8600" passes options to `thali up`.
 run: $(SERVE_STAMP)
-	$(BIN)/thali up $(ARGS)
+	$(BIN)/thali up --ui-domain south_asian_food $(ARGS)
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

@@ -17,6 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api", help="the API's URL (default $THALI_API_URL or http://127.0.0.1:8000)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8501)
+    p.add_argument(
+        "--domain",
+        help="the domain shown first (default $THALI_UI_DOMAIN, else the first; ?domain= in a link)",
+    )
     p.set_defaults(func=run_ui)
 
 
@@ -38,6 +42,8 @@ def run_ui(ctx: Any) -> int:
     args = ctx.args
     api = (args.api or api_url()).rstrip("/")
     cmd, env = command(api, args.host, args.port)
+    if args.domain:
+        env["THALI_UI_DOMAIN"] = args.domain
     print(f"thali UI on http://{args.host}:{args.port}  (API: {api})", flush=True)
     try:
         return subprocess.call(cmd, env=env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import streamlit as st
@@ -51,7 +52,12 @@ def domain_switcher() -> dict[str, Any] | None:
             st.error("The API serves no domain yet: publish a model and load it.")
             return None
         names = sorted(domains)
-        current = st.session_state.get("domain")
+        # this session's choice, else a link's ?domain=, else `thali ui --domain` / $THALI_UI_DOMAIN
+        current = (
+            st.session_state.get("domain")
+            or st.query_params.get("domain")
+            or os.environ.get("THALI_UI_DOMAIN")
+        )
         index = names.index(current) if current in names else 0
         chosen = st.selectbox(
             "Domain",

@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry", help="registry URL (default $THALI_REGISTRY, else ./models if present)")
     p.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
     p.add_argument("--ui-port", type=int, default=8501, help="UI port (default 8501)")
+    p.add_argument("--ui-domain", help="the domain the UI shows first (default: the first one)")
     p.add_argument("--timeout", type=float, default=180, help="seconds to wait for both to be ready")
     p.set_defaults(func=run_up)
 
@@ -57,7 +58,10 @@ def run_up(ctx: Context) -> int:
     serve = subprocess.Popen([*_thali(), "serve", "--registry", registry, "--port", str(args.port)])
     children = [serve]
     try:
-        children.append(subprocess.Popen([*_thali(), "ui", "--api", api, "--port", str(args.ui_port)]))
+        ui_args = ["--domain", args.ui_domain] if args.ui_domain else []
+        children.append(
+            subprocess.Popen([*_thali(), "ui", "--api", api, "--port", str(args.ui_port), *ui_args])
+        )
         deadline = time.time() + args.timeout
         while True:
             ready, ui_ok = _answers(api + "/readyz"), _answers(ui + "/_stcore/health")

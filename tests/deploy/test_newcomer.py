@@ -4,6 +4,7 @@ dish photo through the API to the bundled model, the UI page in headless Chromiu
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -80,6 +81,8 @@ def test_make_run_in_a_fresh_clone_serves_the_bundled_dish_recogniser(
         assert "Successfully installed" in out and " torch-" not in out  # the serving install only
 
         assert requests.get(urls["Swagger"], timeout=10).status_code == 200
+        served = json.dumps(requests.get(urls["API"], timeout=10).json())
+        assert "south_asian_food" in served and "plant_disease" in served  # both bundled domains
         api = urls["API"].removesuffix("/v1/domains")
         for dish in DISHES:
             photo = sorted((datasets_root / "south_asian_food" / dish).glob("*.jp*g"))[-1]

@@ -29,12 +29,15 @@ def test_bundled_models_verify_and_fit_the_budget(tmp_path: Path) -> None:
         package = registry.resolve(domain, "production")  # every file against its sha256
         assert sum(p.stat().st_size for p in package.files.values()) <= BUDGET, domain
         assert package.card["dataset"]["licence"] and package.card["dataset"]["fingerprint"]
-        assert "int8" in package.variants and package.card["metrics"]["int8"]["gate"]["passed"]
+        for variant in package.variants:  # every optimised variant shipped passed its accuracy gate
+            assert variant == "fp32" or package.card["metrics"][variant]["gate"]["passed"], (domain, variant)
+    assert {"south_asian_food", "plant_disease"} <= set(registry.domains())
+    assert "int8" in registry.resolve("south_asian_food", "production").variants
     assert (MODELS / "README.md").is_file()
 
 
 @pytest.mark.data
-def test_the_bundled_dish_recogniser_answers_real_photos(tmp_path: Path, datasets_root: Path) -> None:
+def test_the_bundled_models_answer_real_photos(tmp_path: Path, datasets_root: Path) -> None:
     _registry(tmp_path)
     server = start_server(MODELS, tmp_path / "serve.log", {"THALI_CACHE": str(tmp_path / "cache")})
     try:
@@ -48,5 +51,10 @@ def test_the_bundled_dish_recogniser_answers_real_photos(tmp_path: Path, dataset
             right += labels[0] == dish
             assert dish in labels, (dish, labels)  # top-5
         assert right >= len(dishes) - 1
+        for disease in ("potato_early_blight", "potato_healthy", "potato_late_blight"):
+            leaf = sorted((datasets_root / "plant_disease" / disease).glob("*.jpg"))[-1]
+            answer = server.post("/v1/domains/plant_disease/predict", files={"image": leaf.read_bytes()})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["predictions"][0]["label"] == disease, leaf
     finally:
         stop_server(server)

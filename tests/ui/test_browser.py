@@ -82,7 +82,7 @@ def test_switch_domains_upload_a_photo_and_read_the_result(
     option[0].click()
     wait_for_text(chrome, "licence")
     time.sleep(1.0)
-    body = chrome.findelement(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
+    body = chrome.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
     assert "Red" in body and "Traceback" not in body
     food = sorted((datasets_root / "south_asian_food" / "biryani").glob("*.jp*g"))[0]
     element(chrome, "input[type=file]").send_keys(str(food))  # type: ignore[attr-defined]
@@ -99,5 +99,5 @@ def test_switch_domains_upload_a_photo_and_read_the_result(
     wait_for_text(chrome, "Accuracy per class")
     time.sleep(2.0)  # let the charts draw
     chrome.save_screenshot(str(OUTPUT / "model-card-duo.png"))  # type: ignore[attr-defined]
-    body = chrome.findelement(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
+    body = chrome.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
     assert "Licence" in body and "Traceback" not in body
