@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 from thali.core.errors import ThaliError
 
-from . import config, domains, export, later, plugins, train, up
+from . import check, config, domains, export, later, plugins, train, up
 from .context import Context
 
-COMMAND_GROUPS = (plugins, domains, config, train, export, up)
+COMMAND_GROUPS = (plugins, check, domains, config, train, export, up)
 # Command groups that live in rooms downstream of core (core never imports them at module level).
 DOWNSTREAM_GROUPS = ("thali.registry.cli", "thali.api.cli", "thali.ui.cli")
 
