@@ -15,15 +15,16 @@ def mix_batch(
     aug: AugmentationConfig,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return images and ``(N, num_classes)`` targets; unmixed batches get one-hot targets.
+    """Return images and targets: class indices ``(N,)`` for an unmixed batch, an ``(N, num_classes)``
+    probability matrix for a mixed one (what ``thali_register_losses`` promises a loss).
 
     With both alphas set, each mixed batch is mixup or cutmix with equal chance.
     """
-    target = torch.nn.functional.one_hot(labels, num_classes).float()
     use_mixup, use_cutmix = aug.mixup_alpha > 0, aug.cutmix_alpha > 0
     rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=generator)))
     if not (use_mixup or use_cutmix) or rng.random() > aug.mix_prob or images.shape[0] < 2:
-        return images, target
+        return images, labels
+    target = torch.nn.functional.one_hot(labels, num_classes).float()
     perm = torch.from_numpy(rng.permutation(images.shape[0]))
     cutmix = use_cutmix and (not use_mixup or rng.random() < 0.5)
     alpha = aug.cutmix_alpha if cutmix else aug.mixup_alpha

@@ -78,3 +78,13 @@ def test_ema_warms_up_and_tracks_the_model() -> None:
     for _ in range(200):
         ema.update(model)
     assert float(ema.module.weight[0, 0]) > 0.9  # a fixed 0.998 would give 1 - 0.998**200 = 0.33
+
+
+def test_an_unmixed_batch_keeps_class_index_targets() -> None:
+    """What thali_register_losses promises: indices, and a probability matrix only under mixup/cutmix."""
+    import torch
+
+    images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
+    for aug in (AugmentationConfig(mix_prob=0.0, mixup_alpha=0.4), AugmentationConfig(mixup_alpha=0.0)):
+        same, target = mix_batch(images, labels, 3, aug, torch.Generator().manual_seed(0))
+        assert torch.equal(same, images) and torch.equal(target, labels)
