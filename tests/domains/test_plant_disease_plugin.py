@@ -57,3 +57,10 @@ def test_thali_lists_the_plugin_and_validates_the_domain() -> None:
     assert "plant_disease  [entry point; thali-plant-disease 0.1.0" in plugins.stdout
     checked = run_thali("config", "validate", "plant_disease")
     assert checked.returncode == 0 and "plant_disease: ok (3 classes" in checked.stdout
+
+
+def test_thali_check_passes_on_the_plant_plugin() -> None:
+    done = run_thali("check", "plant_disease")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    assert "datasets plantvillage" in done.stdout and "domains plant_disease" in done.stdout
+    assert " 0 failed" in done.stdout.strip().splitlines()[-1]
