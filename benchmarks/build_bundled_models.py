@@ -6,9 +6,9 @@ alias ``production``, keep only what serving needs.
 
 Needs the datasets (``--data``, ``$THALI_DATA`` or ../shared/datasets), the training install and the
 plant_disease plugin package (``pip install -e domains/plant_disease``; ``make test`` installs it). Takes
-about half an hour for south_asian_food and a few minutes for plant_disease on a 2-core CPU. The card of every published version records the command,
-the data fingerprint and the validation metrics; ``thali registry show DOMAIN production --registry
-models`` prints it.
+about half an hour for south_asian_food and a few minutes for plant_disease on a 2-core CPU. The card
+of every published version records the command, the data fingerprint and the validation metrics;
+``thali registry show DOMAIN production --registry models`` prints it.
 """
 
 from __future__ import annotations

@@ -25,6 +25,6 @@ def thali_register_datasets(registry: Any) -> None:
     registry.add(
         "plantvillage",
         read_plantvillage,
-        description="PlantVillage folders (Crop___Disease or crop_disease), one crop or all, duplicates skipped",
+        description="PlantVillage folders (Crop___Disease or crop_disease), chosen crops, copies skipped",
         metadata={"params": {"crops": "list of crops to keep (default: all)", "dedupe": "skip exact copies"}},
     )

@@ -34,7 +34,8 @@ class PlantImages:
 
 
 def class_name(folder: str) -> str:
-    """``Potato___Early_blight`` -> ``potato_early_blight``; ``Corn_(maize)___healthy`` -> ``corn_maize_healthy``."""
+    """``Potato___Early_blight`` -> ``potato_early_blight``; ``Corn_(maize)___healthy`` ->
+    ``corn_maize_healthy``."""
     return re.sub(r"[^a-z0-9]+", "_", folder.lower()).strip("_")
 
 
@@ -61,14 +62,15 @@ def read_plantvillage(
         if crops and not any(name.startswith(class_name(c) + "_") for c in crops):
             continue
         if name in folders:
-            raise DataError(f"{root}: folders {folders[name].name!r} and {sub.name!r} both map to class {name!r}")
+            raise DataError(
+                f"{root}: folders {folders[name].name!r} and {sub.name!r} both map to class {name!r}"
+            )
         folders[name] = sub
     wanted = list(classes) if classes is not None else sorted(folders)
     missing = [c for c in wanted if c not in folders]
     if missing:
-        raise DataError(
-            f"{root}: no folder for class(es) {', '.join(missing)}; found {', '.join(sorted(folders)) or 'none'}"
-        )
+        found = ", ".join(sorted(folders)) or "none"
+        raise DataError(f"{root}: no folder for class(es) {', '.join(missing)}; found {found}")
     samples: list[tuple[Path, int]] = []
     problems: list[tuple[Path, str]] = []
     seen: dict[str, Path] = {}
