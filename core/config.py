@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError, UnknownComponentError
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
@@ -43,10 +51,91 @@ class ClassSpec(Strict):
         return self
 
 
+def _compiles(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"regular expression {pattern!r} does not compile: {exc}") from None
+    return pattern
+
+
+STYLE_NAME = r"^[A-Za-z0-9_-]{1,32}$"
+
+
+class StyleConfig(Strict):
+    """Sub-collections inside a group, told apart by a regex on one manifest column's file name."""
+
+    column: str = Field(
+        min_length=1, description="manifest column whose value's base name (after the last /) is matched"
+    )
+    patterns: dict[Annotated[str, Field(pattern=STYLE_NAME)], Annotated[str, AfterValidator(_compiles)]] = (
+        Field(
+            min_length=1,
+            description="sub-collection name -> regex (re.search on the base name); the group key gets "
+            "'#NAME' of the first that matches, '#other' when none does",
+        )
+    )
+    groups: list[str] = Field(
+        default_factory=list, description="only these group keys are divided by style (empty: every group)"
+    )
+
+
+def _relative_inside(value: str) -> str:
+    """A relative path that cannot leave the folder it is joined to (checked again on disk)."""
+    parts = value.replace("\\", "/").split("/")
+    if not value.strip() or "\x00" in value:
+        raise ValueError("expected a relative path inside the data folder")
+    if value.startswith(("/", "\\", "~")) or (len(value) > 1 and value[1] == ":"):
+        raise ValueError(f"{value!r} is not a relative path inside the data folder")
+    if ".." in parts:
+        raise ValueError(f"{value!r} leaves the data folder ('..' is not allowed)")
+    return value
+
+
+class GroupConfig(Strict):
+    """Cross-collection validation: which photo collection each image comes from, read from a CSV
+    manifest in the data folder. Per class, one whole collection is held out as validation."""
+
+    manifest: str = Field(
+        "manifest.csv", description="CSV inside the data folder (relative path, never outside it)"
+    )
+    file_column: str = Field(
+        "file", min_length=1, description="column with each image's path relative to the data folder"
+    )
+    columns: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["source_repo"],
+        min_length=1,
+        description="the group key: these columns' values, joined with '|'",
+    )
+    styles: StyleConfig | None = Field(
+        None, description="optional: sub-collections inside a group, by a regex on a column"
+    )
+    min_images: int = Field(
+        10, ge=1, description="a group with fewer images of a class is never that class's validation group"
+    )
+
+    @field_validator("manifest")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        return _relative_inside(v)
+
+    @field_validator("columns")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a column is listed twice")
+        return v
+
+
 class SplitConfig(Strict):
     val: float = Field(0.15, ge=0.0, lt=1.0)
     test: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 42
+    group: GroupConfig | None = Field(
+        None,
+        description="hold out whole photo collections per class (from a provenance manifest); "
+        "unset: a random stratified split",
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:

@@ -161,6 +161,10 @@ def run_evaluate(ctx: Context) -> int:
                 f"  {name:<24} precision {stats['precision']:.2f}  "
                 f"recall {stats['recall']:.2f}  n={stats['support']}"
             )
+    if result.get("val_cross"):
+        from thali.core.training.evaluate import cross_line
+
+        print(cross_line(result["val_cross"]))
     if result.get("problems"):
         print(f"note: {result['problems']}")
     return 0

@@ -1,23 +1,27 @@
 """The data pipeline: where the data is, reading it through a dataset plugin, finding broken images,
-a deterministic stratified split written beside the run, and a torch Dataset that skips bad files."""
+a deterministic split written beside the run (stratified, or holding out whole photo collections per
+class from a provenance manifest), and a torch Dataset that skips bad files."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
 import random
-from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from thali.core.config import DomainConfig
-from thali.core.errors import DataError
-from thali.core.files import write_atomic
+from thali.core.config import DomainConfig, GroupConfig
+from thali.core.errors import ConfigError, DataError
+from thali.core.files import read_bounded, write_atomic
 from thali.core.images import DEFAULT_LIMITS, ImageLimits, check_header, decode_rgb
 from thali.core.registry import Registries
 
@@ -86,12 +90,27 @@ class Split:
     train: list[Sample]
     val: list[Sample]
     test: list[Sample]
+    # cross-collection validation: indices into ``val`` of the images whose whole collection (group) was
+    # held out of training, and that group per class index; both empty for a random split
+    val_cross: list[int] = field(default_factory=list)
+    groups: dict[int, str] = field(default_factory=dict)
 
     def class_counts(self, num_classes: int) -> list[int]:
         counts = [0] * num_classes
         for _, label in self.train:
             counts[label] += 1
         return counts
+
+
+def _random_cut(items: list[Sample], val: float, test: float, split: Split) -> None:
+    """Add one class's shuffled ``items`` to ``split``: val and test fractions (rounded), rest train."""
+    n_val = round(len(items) * val) if val > 0 else 0
+    n_test = round(len(items) * test) if test > 0 else 0
+    if len(items) >= 3:
+        n_val = max(n_val, 1 if val > 0 else 0)
+    split.val += items[:n_val]
+    split.test += items[n_val : n_val + n_test]
+    split.train += items[n_val + n_test :]
 
 
 def stratified_split(samples: Sequence[Sample], val: float, test: float, seed: int) -> Split:
@@ -104,14 +123,240 @@ def stratified_split(samples: Sequence[Sample], val: float, test: float, seed: i
     for label in sorted(by_class):
         items = sorted(by_class[label], key=lambda s: str(s[0]))
         rng.shuffle(items)
-        n_val = round(len(items) * val) if val > 0 else 0
-        n_test = round(len(items) * test) if test > 0 else 0
-        if len(items) >= 3:
-            n_val = max(n_val, 1 if val > 0 else 0)
-        split.val += items[:n_val]
-        split.test += items[n_val : n_val + n_test]
-        split.train += items[n_val + n_test :]
+        _random_cut(items, val, test, split)
     return split
+
+
+# --- cross-collection split -------------------------------------------------------------------
+
+UNKNOWN_GROUP = "unknown"  # an image the manifest does not list; never held out as a group
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_MANIFEST_ROWS = 1_000_000
+MAX_GROUP_CHARS = 200  # a group key is shown in notes and split.json; manifest values are cut to this
+FIELD = "dataset.split.group"
+
+
+def _pick_group(
+    sizes: Counter[str], n: int, val: float, n_test: int, min_images: int, rng: random.Random
+) -> str | None:
+    """The group to hold out of a class of ``n`` images: the one whose size is closest to ``val * n``
+    (``rng`` breaks ties), among those with ``min_images`` or more that leave training at least half
+    of the class; ``None`` when no group qualifies."""
+    names = sorted(sizes)
+    rng.shuffle(names)
+    eligible = [g for g in names if sizes[g] >= min_images and n - sizes[g] - n_test >= 0.5 * n]
+    if not eligible:
+        return None
+    return min(eligible, key=lambda g: abs(sizes[g] - val * n))  # first of equals: the shuffled order
+
+
+def grouped_split(
+    samples: Sequence[Sample],
+    groups: Sequence[str],
+    val: float,
+    test: float,
+    seed: int,
+    min_images: int = 1,
+) -> Split:
+    """A split that measures the model on photo collections it never trained on.
+
+    ``groups[i]`` is the collection of ``samples[i]``. For each class with images from two or more known
+    groups, one whole group is the class's validation set (see :func:`_pick_group`); its other groups
+    are training images, minus a random ``test`` fraction. A class with a single known group (or none
+    that qualifies) gets the random cut of :func:`stratified_split`, the very same for the same seed.
+    Images of the group ``unknown`` are never held out. ``val_cross`` lists the held-out images.
+    """
+    if len(groups) != len(samples):
+        raise ValueError(f"{len(samples)} samples but {len(groups)} groups")
+    if val <= 0:
+        return stratified_split(samples, val, test, seed)
+    by_class: dict[int, list[tuple[Sample, str]]] = defaultdict(list)
+    for (path, label), group in zip(samples, groups, strict=True):
+        by_class[label].append(((path, label), group))
+    rng = random.Random(seed)  # consumed exactly as stratified_split does: one shuffle per class
+    split = Split([], [], [])
+    for label in sorted(by_class):
+        pairs = sorted(by_class[label], key=lambda s: str(s[0][0]))
+        rng.shuffle(pairs)
+        items = [sample for sample, _ in pairs]
+        n = len(items)
+        n_test = round(n * test) if test > 0 else 0
+        sizes = Counter(g for _, g in pairs if g != UNKNOWN_GROUP)
+        held = None
+        if len(sizes) >= 2:
+            held = _pick_group(sizes, n, val, n_test, min_images, random.Random(f"thali:{seed}:{label}"))
+        if held is None:
+            _random_cut(items, val, test, split)
+            continue
+        rest = [sample for sample, g in pairs if g != held]
+        start = len(split.val)
+        split.val += [sample for sample, g in pairs if g == held]
+        split.val_cross += range(start, len(split.val))
+        split.groups[label] = held
+        split.test += rest[:n_test]
+        split.train += rest[n_test:]
+    return split
+
+
+def data_folder(root: Path) -> Path:
+    """The folder the data lives in: ``root`` itself, or the folder of a manifest file."""
+    root = Path(root)
+    return root.parent if root.is_file() else root
+
+
+def _manifest_file(group: GroupConfig, root: Path) -> Path:
+    folder = data_folder(root)
+    path = folder / group.manifest
+    if not path.exists():
+        raise DataError(f"{FIELD}.manifest: no file {group.manifest!r} in the data folder {folder}")
+    real, base = path.resolve(), folder.resolve()
+    if not real.is_relative_to(base):
+        raise DataError(f"{FIELD}.manifest: {group.manifest!r} resolves outside the data folder ({real})")
+    if not real.is_file():
+        raise DataError(f"{FIELD}.manifest: {path} is not a regular file")
+    return real
+
+
+def _manifest_rows(path: Path, max_bytes: int, max_rows: int) -> tuple[list[str], Iterator[dict[Any, Any]]]:
+    """The header and rows (read as they are used) of an untrusted CSV, within ``max_bytes`` and
+    ``max_rows``; a malformed file is a one-line DataError."""
+    try:
+        raw = read_bounded(path, max_bytes, "group manifest")
+    except DataError as exc:
+        raise DataError(f"{FIELD}.manifest: {exc.message}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{FIELD}.manifest: {path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+
+    def malformed(exc: csv.Error) -> DataError:
+        return DataError(f"{FIELD}.manifest: {path}: near line {reader.line_num + 1}: {exc}")
+
+    try:
+        header = [str(name) for name in reader.fieldnames or []]
+    except csv.Error as exc:
+        raise malformed(exc) from None
+
+    def rows() -> Iterator[dict[Any, Any]]:
+        try:
+            for count, row in enumerate(reader, start=1):
+                if count > max_rows:
+                    raise DataError(f"{FIELD}.manifest: {path}: more than {max_rows:,} rows; refusing it")
+                yield row
+        except csv.Error as exc:
+            raise malformed(exc) from None
+
+    return header, rows()
+
+
+def _plain_relative(value: str) -> str | None:
+    """A manifest's file value as a clean relative POSIX path, or ``None`` if it could leave the folder."""
+    value = value.strip().replace("\\", "/")
+    if not value or "\x00" in value or value.startswith(("/", "~")):
+        return None
+    parts = [p for p in value.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return None
+    return "/".join(parts)
+
+
+def _cell(row: dict[Any, Any], column: str, limit: int = MAX_GROUP_CHARS) -> str:
+    value = row.get(column)  # None for a short row; a list under the key None holds a long row's extras
+    return value.strip()[:limit] if isinstance(value, str) else ""
+
+
+def read_groups(
+    group: GroupConfig,
+    root: Path,
+    samples: Sequence[Sample],
+    max_bytes: int = MAX_MANIFEST_BYTES,
+    max_rows: int = MAX_MANIFEST_ROWS,
+) -> tuple[list[str], list[str]]:
+    """The group of every sample from the manifest ``group`` names (``unknown`` for images it does
+    not list), and notes on what was ignored. The manifest is untrusted: it is read bounded, only its
+    relative paths inside the data folder are looked up, and no file it names is ever opened."""
+    path = _manifest_file(group, root)
+    header, rows = _manifest_rows(path, max_bytes, max_rows)
+    wanted = [("file_column", group.file_column)]
+    wanted += [(f"columns[{i}]", c) for i, c in enumerate(group.columns)]
+    if group.styles:
+        wanted.append(("styles.column", group.styles.column))
+    for name, column in wanted:
+        if column not in header:
+            shown = ", ".join(header[:20]) + (", …" if len(header) > 20 else "")
+            raise ConfigError(
+                f"{FIELD}.{name}: no column {column!r} in {path} (columns: {shown or 'none'})",
+                errors={f"{FIELD}.{name}": f"no column {column!r} in the manifest"},
+            )
+    styles = group.styles
+    compiled = [(n, re.compile(p)) for n, p in styles.patterns.items()] if styles else []
+    by_file: dict[str, str] = {}
+    outside = conflicts = 0
+    for row in rows:
+        rel = _plain_relative(_cell(row, group.file_column, limit=4096))
+        if rel is None:
+            outside += 1
+            continue
+        values = [_cell(row, c) for c in group.columns]
+        key = "|".join(values) if any(values) else UNKNOWN_GROUP
+        if styles and key != UNKNOWN_GROUP and (not styles.groups or key in styles.groups):
+            name = _cell(row, styles.column).replace("\\", "/").rsplit("/", 1)[-1]
+            key += next((f"#{style}" for style, pattern in compiled if pattern.search(name)), "#other")
+        if by_file.setdefault(rel, key) != key:
+            conflicts += 1
+    keys = _sample_keys(samples, data_folder(root))
+    found = [by_file.get(k, UNKNOWN_GROUP) if k else UNKNOWN_GROUP for k in keys]
+    missing = sum(1 for k in keys if k not in by_file)
+    unused = len(by_file.keys() - set(keys))
+    name = group.manifest
+    notes = []
+    if missing:
+        notes.append(f"{missing} image(s) are not in {name}: group {UNKNOWN_GROUP!r}, never held out")
+    if outside:
+        notes.append(f"{name}: ignored {outside} row(s) whose file is not a relative path inside the folder")
+    if conflicts:
+        notes.append(f"{name}: {conflicts} repeated row(s) name another group for a file; the first counts")
+    if unused:
+        notes.append(f"{name}: {unused} listed file(s) are not among the dataset's images (ignored)")
+    return found, notes
+
+
+def _sample_keys(samples: Sequence[Sample], folder: Path) -> list[str | None]:
+    """Each sample's path relative to ``folder`` (POSIX), ``None`` for one outside it."""
+    plain, real = folder.absolute(), folder.resolve()
+    keys: list[str | None] = []
+    for path, _ in samples:
+        path = Path(path).absolute()
+        if not path.is_relative_to(plain):  # a reader that resolved links (csv), or a path elsewhere
+            path, base = path.resolve(), real
+        else:
+            base = plain
+        keys.append(path.relative_to(base).as_posix() if path.is_relative_to(base) else None)
+    return keys
+
+
+def make_split(config: DomainConfig, root: Path, samples: Sequence[Sample]) -> tuple[Split, list[str]]:
+    """The split the config asks for, and notes on it: stratified, or cross-collection with a group."""
+    s = config.dataset.split
+    if s.group is None:
+        return stratified_split(samples, s.val, s.test, s.seed), []
+    groups, notes = read_groups(s.group, root, samples)
+    split = grouped_split(samples, groups, s.val, s.test, s.seed, s.group.min_images)
+    return split, [*notes, grouping_note(split, config.class_names)]
+
+
+def grouping_note(split: Split, classes: Sequence[str]) -> str:
+    """One line on what a cross-collection split held out."""
+    held = len(split.groups)
+    if not held:
+        return "cross-collection validation: no class has two collections to hold one out; random split"
+    return (
+        f"cross-collection validation: {held} of {len(classes)} classes hold out a whole collection "
+        f"({len(split.val_cross)} of {len(split.val)} validation images); the rest use a random cut"
+    )
 
 
 def write_split(path: Path, split: Split, root: Path, classes: Sequence[str]) -> None:
@@ -126,15 +371,28 @@ def write_split(path: Path, split: Split, root: Path, classes: Sequence[str]) ->
     def rows(items: Sequence[Sample]) -> list[list[Any]]:
         return [[rel(p), label] for p, label in items]
 
-    data = {"root": str(base), "classes": list(classes)}
+    data: dict[str, Any] = {"root": str(base), "classes": list(classes)}
     data.update({name: rows(getattr(split, name)) for name in ("train", "val", "test")})
+    if split.groups:  # a random split's file stays as it always was
+        data["val_cross"] = list(split.val_cross)
+        data["groups"] = {classes[label]: group for label, group in sorted(split.groups.items())}
     write_atomic(path, json.dumps(data, indent=1))
 
 
 def read_split(path: Path, root: Path | None = None) -> Split:
+    """A ``split.json``; files from before cross-collection splits read with empty ``val_cross``."""
     data = json.loads(path.read_text())
     base = Path(root or data["root"])
-    return Split(*([(base / p, int(label)) for p, label in data[name]] for name in ("train", "val", "test")))
+    split = Split(*([(base / p, int(label)) for p, label in data[name]] for name in ("train", "val", "test")))
+    cross, groups = data.get("val_cross") or [], data.get("groups") or {}
+    classes = list(data.get("classes") or [])
+    if not (isinstance(cross, list) and all(type(i) is int and 0 <= i < len(split.val) for i in cross)):
+        raise DataError(f"{path}: val_cross must list indices into val")
+    if not (isinstance(groups, dict) and all(k in classes and isinstance(v, str) for k, v in groups.items())):
+        raise DataError(f"{path}: groups must map class names to group names")
+    split.val_cross = sorted(set(cross))
+    split.groups = {classes.index(name): group for name, group in groups.items()}
+    return split
 
 
 def load_rgb(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:

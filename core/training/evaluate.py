@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from thali.core.config import DomainConfig, load_config
@@ -15,7 +16,15 @@ from thali.core.errors import DataError, NotAvailableError
 from thali.core.registry import Registries
 
 from . import checkpoint as ckpt
-from .data import ImageDataset, make_loader, report_problems, scoring_samples, verify_images
+from .data import (
+    ImageDataset,
+    Sample,
+    make_loader,
+    read_split,
+    report_problems,
+    scoring_samples,
+    verify_images,
+)
 from .metrics import summarize
 from .model import Classifier, build_classifier
 from .transforms import eval_transform
@@ -47,6 +56,55 @@ def load_run(run_dir: Path, registries: Registries, overrides: Sequence[str] = (
     return TrainedRun(config, model, float(temperature))
 
 
+def cross_summary(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    cross: Sequence[int],
+    groups: Mapping[int, str],
+    classes: Sequence[str],
+    temperature: float = 1.0,
+) -> dict[str, Any] | None:
+    """Metrics on the cross-collection images alone (rows whose ``indices`` are in ``cross``): top-1,
+    top-5, NLL, ECE and, per class with such images, its accuracy, image count and held-out group.
+    ``None`` when none of them was scored."""
+    mask = np.isin(np.asarray(indices), np.asarray(list(cross), dtype=np.int64))
+    if not mask.any():
+        return None
+    full = summarize(np.asarray(logits)[mask], np.asarray(labels)[mask], classes, temperature)
+    per_class = {
+        name: {"accuracy": stats["recall"], "support": stats["support"], "group": groups.get(i)}
+        for i, (name, stats) in enumerate(full["per_class"].items())
+        if stats["support"]
+    }
+    keys = ("images", "top1", "top5", "nll", "ece", "temperature")
+    return {**{k: full[k] for k in keys}, "classes": len(per_class), "per_class": per_class}
+
+
+def cross_line(summary: Mapping[str, Any]) -> str:
+    """The one-line form of :func:`cross_summary` that ``thali train`` and ``thali evaluate`` print."""
+    return (
+        f"cross-collection val ({summary['images']} images of {summary['classes']} classes, collections "
+        f"never trained on): top-1 {summary['top1']:.3f}  top-5 {summary['top5']:.3f}  "
+        f"ECE {summary['ece']:.3f}"
+    )
+
+
+def _run_cross_samples(run_dir: Path, data_dir: Path, samples: Sequence[Sample]) -> tuple[list[int], dict]:
+    """Which of ``samples`` are the run's cross-collection validation images: only when ``data_dir`` is
+    the folder the run was split from (a file name alone could match another dataset's photo)."""
+    split_file = run_dir / "split.json"
+    if not split_file.is_file():
+        return [], {}
+    data = json.loads(split_file.read_text())
+    if not data.get("val_cross") or Path(data.get("root", "")).resolve() != data_dir.resolve():
+        return [], {}
+    split = read_split(split_file, data_dir)
+    wanted = {(Path(split.val[i][0]).absolute(), split.val[i][1]) for i in split.val_cross}
+    found = [i for i, (path, label) in enumerate(samples) if (Path(path).absolute(), label) in wanted]
+    return found, split.groups
+
+
 def evaluate_run(
     run_dir: Path, data_dir: Path, registries: Registries, batch_size: int = 32, progress: bool = True
 ) -> dict[str, Any]:
@@ -66,15 +124,24 @@ def evaluate_run(
     )
     from tqdm import tqdm
 
-    logits, labels = [], []
+    logits, labels, indices = [], [], []
     with torch.no_grad():
         for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
             if batch["images"] is not None:
                 logits.append(model(batch["images"]))
                 labels.append(batch["labels"])
+                indices.append(batch["indices"])
     if not logits:
         raise DataError(f"{data_dir}: no readable images")
-    result = summarize(torch.cat(logits).numpy(), torch.cat(labels).numpy(), classes, temperature)
+    all_logits, all_labels = torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    result = summarize(all_logits, all_labels, classes, temperature)
+    cross, groups = _run_cross_samples(run_dir, data_dir, samples)
+    if cross:  # the run's held-out collections are in this folder: score them on their own too
+        summary = cross_summary(
+            all_logits, all_labels, torch.cat(indices).numpy(), cross, groups, classes, temperature
+        )
+        if summary:
+            result["val_cross"] = summary
     result["skipped"] = len(problems)
     if message := report_problems(problems):
         result["problems"] = message

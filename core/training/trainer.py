@@ -2,7 +2,8 @@
 
 ``run_dir`` holds ``config.yaml`` (resolved), ``split.json``, ``last.pt`` (every epoch), ``best.pt``,
 ``metrics.json`` (top-1, top-5, per-class precision/recall, confusion matrix, ECE before and after
-temperature scaling), ``calibration.json`` and TensorBoard events under ``tb/``.
+temperature scaling; with a cross-collection split also ``val_cross``, the same on the held-out
+collections alone), ``calibration.json`` and TensorBoard events under ``tb/``.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from . import checkpoint as ckpt
 from .data import (
     ImageDataset,
     make_loader,
+    make_split,
     read_samples,
     read_split,
     report_problems,
     resolve_data_root,
     write_split,
 )
-from .data import stratified_split as split_samples
+from .evaluate import cross_line, cross_summary
 from .features import compute_features, make_engine
 from .logbook import write_epoch
 from .loss import build_loss
@@ -132,8 +134,8 @@ class Trainer:
             self.notes.append(message)
             if self.dist.main:
                 write_atomic(self.run_dir / "problems.txt", "".join(f"{p}\t{why}\n" for p, why in problems))
-        s = self.config.dataset.split
-        self.split = split_samples(samples, s.val, s.test, s.seed)
+        self.split, notes = make_split(self.config, root, samples)
+        self.notes += notes
         if not self.split.train or not self.split.val:
             raise DataError(f"{root}: too few images for a train/val split ({len(samples)} readable)")
         if self.dist.main:
@@ -392,16 +394,21 @@ class Trainer:
 
     # --- evaluation -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _predict(self, model: nn.Module, which: str) -> tuple[np.ndarray, np.ndarray]:
+        logits, labels, _ = self._predict_indexed(model, which)
+        return logits, labels
+
+    @torch.no_grad()
+    def _predict_indexed(self, model: nn.Module, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits and labels of the readable images of a split part, and each one's index in it."""
         model.eval()
-        out, labels = [], []
+        out, labels, indices = [], [], []
         if self.cached and which == "val":
             cache = self.val_feats
             for start in range(0, len(cache.labels), 256):
                 chunk = cache.features[start : start + 256].float().to(self.device)
                 out.append(model.forward_cached(chunk).float().cpu())
-            return torch.cat(out).numpy(), cache.labels.numpy()
+            return torch.cat(out).numpy(), cache.labels.numpy(), cache.indices.numpy()
         samples = getattr(self.split, which)
         loader = make_loader(
             ImageDataset(samples, eval_transform(self.preprocess), limits=self.config.dataset.image_limits()),
@@ -416,12 +423,13 @@ class Trainer:
                     model(batch["images"].to(self.device, memory_format=torch.channels_last)).float().cpu()
                 )
                 labels.append(batch["labels"])
-        return torch.cat(out).numpy(), torch.cat(labels).numpy()
+                indices.append(batch["indices"])
+        return torch.cat(out).numpy(), torch.cat(labels).numpy(), torch.cat(indices).numpy()
 
     def _final_metrics(self) -> dict[str, Any]:
         best = ckpt.load(self.run_dir / "best.pt", ("model", "epoch"))
         ckpt.load_weights(self.model, best["model"], self.run_dir / "best.pt")
-        logits, labels = self._predict(self.model, "val")
+        logits, labels, indices = self._predict_indexed(self.model, "val")
         temperature = fit_temperature(logits, labels)
         raw = summarize(logits, labels, self.classes)
         calibrated = summarize(logits, labels, self.classes, temperature)
@@ -437,6 +445,13 @@ class Trainer:
                 "nll_after": calibrated["nll"],
             },
         }
+        if self.split.val_cross:  # the held-out collections alone: images of sources never trained on
+            cross = cross_summary(
+                logits, labels, indices, self.split.val_cross, self.split.groups, self.classes, temperature
+            )
+            if cross:
+                metrics["val_cross"] = cross
+                self.notes.append(cross_line(cross))
         if self.split.test:
             test_logits, test_labels = self._predict(self.model, "test")
             metrics["test"] = summarize(test_logits, test_labels, self.classes, temperature)
