@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from api_support import api_registry, explain_export, second_export, server  # noqa: F401 (fixtures)
-from helpers import find_datasets, write_demo_distribution
+from helpers import find_datasets, use_site, write_demo_distribution
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -23,12 +23,7 @@ def datasets_root() -> Path:
 @pytest.fixture
 def demo_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A third-party plugin distribution on sys.path (and PYTHONPATH for subprocesses)."""
-    site = write_demo_distribution(tmp_path / "site")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.delenv("THALI_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    monkeypatch.delenv("THALI_BLOCK_PLUGINS", raising=False)
-    return site
+    return use_site(write_demo_distribution(tmp_path / "site"), monkeypatch)
 
 
 @pytest.fixture(scope="session")

@@ -141,3 +141,32 @@ def write_tiny_domain(folder: Path, extra: str = "") -> Path:
     path = folder / "domain.yaml"
     path.write_text(TINY_DOMAIN + extra)
     return path
+
+
+def read_until(process: subprocess.Popen[str], prefix: str, seconds: float) -> str:
+    """The output of ``process`` (text, stdout piped) up to and including the first line starting
+    with ``prefix``, or all of it when the process ends or ``seconds`` pass first."""
+    import time
+
+    assert process.stdout is not None
+    lines: list[str] = []
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        lines.append(line)
+        if line.startswith(prefix):
+            break
+    return "".join(lines)
+
+
+def use_site(site: Path, monkeypatch: object) -> Path:
+    """Put a folder of installed distributions on sys.path and PYTHONPATH (for subprocesses), with
+    third-party plugin loading on, for one test."""
+    monkeypatch.syspath_prepend(str(site))  # type: ignore[attr-defined]
+    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    monkeypatch.setenv("PYTHONPATH", path)  # type: ignore[attr-defined]
+    monkeypatch.delenv("THALI_DISABLE_PLUGIN_AUTOLOAD", raising=False)  # type: ignore[attr-defined]
+    monkeypatch.delenv("THALI_BLOCK_PLUGINS", raising=False)  # type: ignore[attr-defined]
+    return site

@@ -5,14 +5,13 @@ component and the failing check (exit code 1, no traceback)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import run_thali
+from helpers import run_thali, use_site
 
 from thali.core import build_plugin_manager, hookimpl
 from thali.testing import (
@@ -97,12 +96,7 @@ def write_broken_distribution(site: Path) -> Path:
 
 @pytest.fixture
 def broken_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    site = write_broken_distribution(tmp_path / "site")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.delenv("THALI_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    monkeypatch.delenv("THALI_BLOCK_PLUGINS", raising=False)
-    return site
+    return use_site(write_broken_distribution(tmp_path / "site"), monkeypatch)
 
 
 def test_thali_check_passes_builtin_plugins() -> None:

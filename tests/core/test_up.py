@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import requests
 from api_support import free_port, jpeg
-from helpers import thali_command
+from helpers import read_until, thali_command
 
 
 def test_up_serves_a_registry_and_the_ui_and_stops_both_on_ctrl_c(api_registry: Path, tmp_path: Path) -> None:
@@ -21,18 +20,8 @@ def test_up_serves_a_registry_and_the_ui_and_stops_both_on_ctrl_c(api_registry: 
         [*thali_command(), "up", "--port", str(port), "--ui-port", str(ui_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )  # fmt: skip
-    lines: list[str] = []
     try:
-        deadline = time.time() + 180
-        assert process.stdout is not None
-        while time.time() < deadline:
-            line = process.stdout.readline()
-            if not line and process.poll() is not None:
-                break
-            lines.append(line)
-            if line.startswith("Ctrl-C stops both"):
-                break
-        out = "".join(lines)
+        out = read_until(process, "Ctrl-C stops both", 180)
         assert f"UI       http://127.0.0.1:{ui_port}" in out, out[-3000:]
         assert f"Swagger  http://127.0.0.1:{port}/docs" in out and str(api_registry) in out
         api = f"http://127.0.0.1:{port}"

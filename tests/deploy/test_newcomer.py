@@ -17,7 +17,7 @@ import pytest
 import requests
 from api_support import free_port
 from browser_support import element, headless_chromium, wait_for_text
-from helpers import REPO
+from helpers import REPO, read_until
 
 # Photos the bundled model gets right (top-1); read by the test client, never by the server.
 DISHES = ("jalebi", "dosa", "momo")
@@ -63,18 +63,10 @@ def test_make_run_in_a_fresh_clone_serves_the_bundled_dish_recogniser(
         cwd=clone, env=_newcomer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip
-    lines: list[str] = []
     try:
-        deadline = time.time() + 900  # the serving install (from pip's cache here) and both servers
-        assert process.stdout is not None
-        while time.time() < deadline:
-            line = process.stdout.readline()
-            if not line and process.poll() is not None:
-                break
-            lines.append(line)
-            if line.startswith("Ctrl-C stops both"):
-                break
-        out = "".join(lines)
+        out = read_until(
+            process, "Ctrl-C stops both", 900
+        )  # the serving install (from pip's cache here) and both servers
         urls = dict(re.findall(r"^  (UI|API|Swagger)\s+(http://\S+)$", out, re.M))
         assert set(urls) == {"UI", "API", "Swagger"}, out[-4000:]
         assert "thali is up, serving models" in out
