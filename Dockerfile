@@ -38,6 +38,7 @@ COPY domains ./domains
 COPY registry ./registry
 COPY api ./api
 COPY ui ./ui
+COPY testing ./testing
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install ".${THALI_EXTRAS:+[$THALI_EXTRAS]}" \
     && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then \

@@ -51,10 +51,18 @@ def default_registry() -> str:
     return "models" if Path("models").is_dir() else "model-registry"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_up(ctx: Context) -> int:
     args = ctx.args
     registry = args.registry or default_registry()
     api, ui = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{args.ui_port}"
+    # Ctrl-C and `kill` stop both cleanly, also where SIGINT arrives ignored (a background job of a
+    # non-interactive shell starts with SIGINT ignored, and Python then never raises KeyboardInterrupt).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     serve = subprocess.Popen([*_thali(), "serve", "--registry", registry, "--port", str(args.port)])
     children = [serve]
     try:

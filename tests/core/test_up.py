@@ -19,6 +19,8 @@ def test_up_serves_a_registry_and_the_ui_and_stops_both_on_ctrl_c(api_registry: 
     process = subprocess.Popen(
         [*thali_command(), "up", "--port", str(port), "--ui-port", str(ui_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        # started the way a shell starts a background job: SIGINT ignored; Ctrl-C must still stop both
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
     try:
         out = read_until(process, "Ctrl-C stops both", 180)

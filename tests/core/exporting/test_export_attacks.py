@@ -155,5 +155,5 @@ def test_a_plugin_factory_that_rejects_config_params_is_one_line(tmp_path: Path,
     )  # fmt: skip
     assert result.returncode == 3, result.stderr
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: dataset 'imagefolder' (plugin 'thali.plugins.datasets') failed to build")
+    assert line.startswith("error: dataset 'imagefolder' (plugin 'thali.plugins.datasets', thali ")
     assert "foo" in line and "Traceback" not in result.stderr
