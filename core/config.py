@@ -204,12 +204,46 @@ class AugmentationConfig(Strict):
     mixup_alpha: float = Field(0.0, ge=0.0)
     cutmix_alpha: float = Field(0.0, ge=0.0)
     mix_prob: float = Field(0.5, ge=0.0, le=1.0)
+    # Cross-collection robustness (other cameras, JPEG quality, light, plating); all off by default.
+    # Hue: color_jitter already shifts hue by up to color_jitter / 4 of the hue circle, so no field here.
+    jpeg_quality: tuple[int, int] | None = Field(
+        None,
+        description="[min, max] JPEG quality (1-100) an image is re-encoded at, with probability jpeg_prob; "
+        "null: off",
+    )
+    jpeg_prob: float = Field(
+        0.5, ge=0.0, le=1.0, description="probability of the JPEG re-encoding (only used with jpeg_quality)"
+    )
+    blur: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="probability of one mild blur: Gaussian or motion (3-5 px kernel) or defocus "
+        "(radius 1-3 px)",
+    )
+    noise: float = Field(
+        0.0, ge=0.0, le=1.0, description="probability of mild Gaussian or camera (ISO) noise"
+    )
+    random_erasing: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="probability of erasing 1-3 rectangles (each 10-25% of height and width) to the mean "
+        "colour, after normalisation",
+    )
 
     @field_validator("random_resized_crop_scale")
     @classmethod
     def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not 0.0 < v[0] <= v[1] <= 1.0:
             raise ValueError("expected [min, max] with 0 < min <= max <= 1")
+        return v
+
+    @field_validator("jpeg_quality")
+    @classmethod
+    def _jpeg_quality(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not 1 <= v[0] <= v[1] <= 100:
+            raise ValueError("expected [min, max] with 1 <= min <= max <= 100")
         return v
 
 

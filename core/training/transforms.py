@@ -61,8 +61,47 @@ def train_transform(aug: AugmentationConfig, preprocess: Mapping[str, Any], seed
     if aug.color_jitter:
         c = aug.color_jitter
         steps.append(A.ColorJitter(brightness=c, contrast=c, saturation=c, hue=min(0.5, c / 4), p=0.5))
-    steps += [
-        A.Normalize(mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]), max_pixel_value=255.0),
-        ToTensorV2(),
-    ]
+    # Capture degradations, in the order a camera makes them: optics (blur), sensor (noise), encoder (JPEG).
+    if aug.blur:
+        steps.append(
+            A.OneOf(
+                [
+                    A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.3, 1.2)),
+                    A.Defocus(radius=(1, 3), alias_blur=(0.1, 0.3)),
+                    A.MotionBlur(blur_limit=(3, 5)),
+                ],
+                p=aug.blur,
+            )
+        )
+    if aug.noise:
+        steps.append(
+            A.OneOf(
+                [
+                    A.GaussNoise(std_range=(0.02, 0.06)),  # fraction of 255: sd about 5-15 levels
+                    A.ISONoise(color_shift=(0.01, 0.04), intensity=(0.1, 0.3)),
+                ],
+                p=aug.noise,
+            )
+        )
+    if aug.jpeg_quality is not None and aug.jpeg_prob:
+        steps.append(
+            A.ImageCompression(
+                compression_type="jpeg", quality_range=tuple(aug.jpeg_quality), p=aug.jpeg_prob
+            )
+        )
+    steps.append(
+        A.Normalize(mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]), max_pixel_value=255.0)
+    )
+    if aug.random_erasing:
+        # after normalisation, so fill 0 is the dataset mean colour (as torchvision's RandomErasing)
+        steps.append(
+            A.CoarseDropout(
+                num_holes_range=(1, 3),
+                hole_height_range=(0.1, 0.25),
+                hole_width_range=(0.1, 0.25),
+                fill=0,
+                p=aug.random_erasing,
+            )
+        )
+    steps.append(ToTensorV2())
     return A.Compose(steps, seed=seed)
