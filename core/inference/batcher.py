@@ -60,6 +60,7 @@ class MicroBatcher:
         self.takes_flag = takes_flag
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._closed = False
+        self._closing = threading.Lock()  # no job can be queued behind close()'s end-of-queue marker
         self._incoming = 0  # requests announced (decoding) but not yet submitted
         self._incoming_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
@@ -79,15 +80,19 @@ class MicroBatcher:
         """Queue ``inputs``; ``flag`` reaches ``run(batch, flag)`` (true if any job of the batch set it)."""
         if announced:
             self.withdraw()
-        if self._closed:
-            raise BatcherClosed("the model is being unloaded")
         job = _Job(np.ascontiguousarray(inputs, dtype=np.float32), flag)
-        self._queue.put(job)
+        with (
+            self._closing
+        ):  # checked and queued in one step: a job queued after the marker would wait for ever
+            if self._closed:
+                raise BatcherClosed("the model is being unloaded")
+            self._queue.put(job)
         return job.future
 
     def close(self, drain: bool = True) -> None:
         """Stop taking jobs; with ``drain`` the queued ones still run, else they fail with BatcherClosed."""
-        self._closed = True
+        with self._closing:
+            self._closed = True
         if not drain:
             while True:
                 try:

@@ -87,3 +87,37 @@ def test_close_drains_what_was_accepted() -> None:
     futures = [batcher.submit(_inputs(1, i)) for i in range(6)]
     batcher.close(drain=True)
     assert all(f.result(timeout=1)[0].shape == (1, 4) for f in futures)
+
+
+def test_a_request_racing_the_close_is_answered_or_refused_never_left_waiting() -> None:
+    """Found under load in CI (a hot swap left one request waiting until its 30 s timeout): a job
+    queued after close()'s end-of-queue marker was never run. Every submit now either gets an answer
+    or BatcherClosed, however it interleaves with close()."""
+    import sys
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, to hit the interleavings
+    try:
+        for _ in range(150):  # bounded
+            batcher = MicroBatcher(lambda batch: batch, max_batch_size=4, max_wait_ms=0.5)
+            futures, lock = [], threading.Lock()
+
+            def client(batcher: MicroBatcher = batcher, futures: list = futures, lock=lock) -> None:
+                for _ in range(50):
+                    try:
+                        future = batcher.submit(np.zeros((1, 3, 2, 2), np.float32))
+                    except BatcherClosed:
+                        return
+                    with lock:
+                        futures.append(future)
+
+            threads = [threading.Thread(target=client) for _ in range(3)]
+            for t in threads:
+                t.start()
+            batcher.close()
+            for t in threads:
+                t.join(timeout=10)
+            for future in futures:
+                future.result(timeout=5)  # never a TimeoutError: every queued job ran
+    finally:
+        sys.setswitchinterval(switch)
