@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -67,6 +68,15 @@ class Entry(Generic[T]):
     def who(self) -> str:
         """``plugin 'name', distribution version``: what an error about this component names."""
         return f"plugin {self.plugin!r}" + (f", {self.origin}" if self.origin else "")
+
+
+def accepts(factory: Callable[..., Any], name: str) -> bool:
+    """Whether ``factory`` takes the keyword ``name`` (or any keyword); unknown signatures: yes."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def closest_names(name: str, candidates: list[str], n: int = 5) -> list[str]:

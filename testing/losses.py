@@ -10,25 +10,15 @@ matter: thali's training loop hands the loss a ``(N, num_classes)`` float matrix
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from thali.core.registry import Entry
+from thali.core.registry import Entry, accepts
 
 from .checks import TORCH, Check, CheckFailed, params_of, shape
 
 LOSS_OPTIONS = frozenset({"num_classes", "class_counts", "params"})
 BATCH = 6
-
-
-def _accepts(factory: Any, name: str) -> bool:
-    """Whether ``factory`` takes keyword ``name`` (or any keyword), as thali's trainer decides."""
-    try:
-        parameters = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def loss_checks(entry: Entry[Any], registries: Any, options: Mapping[str, Any]) -> list[Check]:
@@ -38,7 +28,7 @@ def loss_checks(entry: Entry[Any], registries: Any, options: Mapping[str, Any]) 
 
     def build() -> Any:
         kwargs = {"class_counts": counts, **params}
-        if _accepts(entry.factory, "label_smoothing"):
+        if accepts(entry.factory, "label_smoothing"):
             kwargs.setdefault("label_smoothing", 0.0)
         loss = entry.factory(num_classes, **kwargs)
         if not callable(loss):

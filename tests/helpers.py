@@ -104,6 +104,15 @@ def onnx_roundtrip(module: object, example: object, path: Path) -> object:
     return session.run(None, {"input": example.numpy()})[0]
 
 
+# the preprocessing spec of a 32 px model, for transform and data tests
+TINY_PREPROCESS = {
+    "input_size": (3, 32, 32),
+    "mean": (0.5,) * 3,
+    "std": (0.5,) * 3,
+    "interpolation": "bicubic",
+    "crop_pct": 0.875,
+}
+
 TINY_DOMAIN = """
 name: tiny
 classes: [{name: blue}, {name: green}, {name: red}]

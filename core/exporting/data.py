@@ -16,6 +16,7 @@ import numpy as np
 
 from thali.core.errors import DataError
 from thali.core.images import DEFAULT_LIMITS, ImageLimits
+from thali.core.inference.preprocess import Preprocessor
 from thali.core.training.data import Sample, Split, load_rgb, read_split, report_problems, verify_images
 
 log = logging.getLogger("thali.export")
@@ -51,8 +52,6 @@ def fingerprint(run_dir: Path) -> str:
 def _apply(transform: Any, rgb: np.ndarray) -> np.ndarray:
     """A serving :class:`~thali.core.inference.Preprocessor` (torch-free, what ``thali bench`` uses) or
     the training evaluation transform (albumentations, what the export gate uses)."""
-    from thali.core.inference.preprocess import Preprocessor
-
     if isinstance(transform, Preprocessor):
         return transform(rgb)
     return transform(image=rgb)["image"].numpy()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from thali.core.errors import ConfigError, PluginError
+from thali.core.errors import ConfigError, PluginError, one_line
 
 
 class FeatureBackbone(nn.Module):
@@ -121,8 +121,7 @@ def check_output(backbone: FeatureBackbone, name: str, who: str) -> None:
             out = backbone(x)
     except Exception as exc:
         raise PluginError(
-            f"backbone {name!r} ({who}) failed on a (2, 3, {size}, {size}) batch: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            f"backbone {name!r} ({who}) failed on a (2, 3, {size}, {size}) batch: {one_line(exc, 200)}"
         ) from exc
     finally:
         backbone.train(mode)

@@ -8,17 +8,15 @@ the middle of an epoch."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
 from thali.core.config import DomainConfig
-from thali.core.errors import PluginError
-from thali.core.registry import Registries
+from thali.core.errors import PluginError, one_line
+from thali.core.registry import Registries, accepts
 
 log = logging.getLogger("thali.loss")
 CONTRACT = "see thali_register_losses in thali.core.hookspecs"
@@ -36,20 +34,12 @@ class LossFunction(nn.Module):
         return self.fn(logits, target)
 
 
-def _accepts(factory: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
 def build_loss(config: DomainConfig, registries: Registries, class_counts: Sequence[int]) -> nn.Module:
     """``factory(num_classes, class_counts=..., **params)`` for ``config.loss``, checked on a tiny batch."""
     section, num_classes = config.loss, len(config.classes)
     entry = registries.losses.get(section.name)
     params = dict(section.params)
-    if _accepts(entry.factory, "label_smoothing"):
+    if accepts(entry.factory, "label_smoothing"):
         params.setdefault("label_smoothing", section.label_smoothing)
     elif section.label_smoothing:
         log.info("loss %s takes no label_smoothing: loss.label_smoothing is not used", section.name)
@@ -78,10 +68,9 @@ def _probe(loss: nn.Module, name: str, who: str, num_classes: int, soft: bool) -
         try:
             value = loss(logits, target)
         except Exception as exc:
-            first = str(exc).splitlines()[0][:200] if str(exc) else ""
             raise PluginError(
                 f"loss {name!r} ({who}) failed on (2, {num_classes}) logits with {kind} targets: "
-                f"{type(exc).__name__}: {first}"
+                f"{one_line(exc, 200)}"
             ) from exc
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__

@@ -3,6 +3,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from helpers import TINY_PREPROCESS
+
 from thali.core.training.data import (
     ImageDataset,
     collate_skip_broken,
@@ -13,13 +15,7 @@ from thali.core.training.data import (
 )
 from thali.core.training.transforms import eval_transform, train_transform
 
-PRE = {
-    "input_size": (3, 32, 32),
-    "mean": (0.5,) * 3,
-    "std": (0.5,) * 3,
-    "interpolation": "bicubic",
-    "crop_pct": 0.875,
-}
+PRE = TINY_PREPROCESS
 
 
 def test_broken_image_is_reported_and_skipped(tiny_data: Path, registries: object) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_tiny_domain
+from helpers import TINY_PREPROCESS, write_tiny_domain
 
 from thali.core import ConfigError, load_config
 from thali.core.errors import DataError
@@ -19,13 +19,7 @@ from thali.core.images import ImageLimits, decode_rgb
 from thali.core.training.data import ImageDataset, Split, load_rgb, read_samples, verify_images
 from thali.core.training.transforms import eval_transform
 
-PRE = {
-    "input_size": (3, 32, 32),
-    "mean": (0.5,) * 3,
-    "std": (0.5,) * 3,
-    "interpolation": "bicubic",
-    "crop_pct": 0.875,
-}
+PRE = TINY_PREPROCESS
 CLASSES = ["blue", "green", "red"]
 SIDE = 13_300
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY_PREPROCESS
 
 from thali.core import ConfigError, build_plugin_manager, check_components, load_config, resolve_domain
 from thali.core.config import AugmentationConfig
@@ -14,13 +15,7 @@ from thali.core.training.transforms import eval_transform, train_transform
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-PRE = {
-    "input_size": (3, 32, 32),
-    "mean": (0.5,) * 3,
-    "std": (0.5,) * 3,
-    "interpolation": "bicubic",
-    "crop_pct": 0.875,
-}
+PRE = TINY_PREPROCESS
 ROBUST = {"jpeg_quality": (30, 95), "jpeg_prob": 1.0, "blur": 1.0, "noise": 1.0, "random_erasing": 1.0}
 # the train pipeline of AugmentationConfig() before these options existed
 BEFORE = [
