@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ def run_ui(ctx: Any) -> int:
     if args.domain:
         env["THALI_UI_DOMAIN"] = args.domain
     print(f"thali UI on http://{args.host}:{args.port}  (API: {api})", flush=True)
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 130
+    # Become Streamlit rather than wait on it: Ctrl-C and SIGTERM (from `thali up`, Docker, Kubernetes)
+    # then reach the server itself, and no orphaned Streamlit outlives `thali ui`.
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
