@@ -18,6 +18,8 @@ from thali.core.errors import ConfigError, NotFoundError, ThaliError
 from thali.core.images import ImageLimits
 from thali.core.inference import BatcherClosed, MicroBatcher, Preprocessor, load_backend, predictions
 from thali.core.inference.postprocess import heatmap_png
+from thali.core.inference.unknown import UnknownScore
+from thali.core.inference.unknown import load_spec as load_unknown
 from thali.core.names import check_name
 from thali.core.registry import Registries
 
@@ -47,6 +49,7 @@ class LoadedModel:
     card: dict[str, Any]
     top_k: int
     info: dict[str, Any]
+    unknown: UnknownScore | None = None  # the package's feature score, when the backend gives features
     signed_by: str | None = None
     loaded_at: float = field(default_factory=time.time)
 
@@ -164,10 +167,21 @@ class Hosting:
         backend = load_backend(self.registries, backend_name, package.model_path(variant), **params)
         info = dict(backend.info())
         explain = bool(info.get("explain")) and callable(getattr(backend, "explain", None))
+        unknown = load_unknown(package.calibration)  # checked before serving: a bad spec fails the load
+        infer = getattr(backend, "infer", None) if unknown is not None else None
+        if unknown is not None and (not callable(infer) or info.get("features") is False):
+            log.warning(
+                "%s v%d: backend %s gives no features, so the unknown flag uses the top probability",
+                domain, package.version, backend_name,
+            )  # fmt: skip
+            unknown, infer = None, None
 
         def run(batch: np.ndarray, wants_heatmaps: bool) -> Any:
             # heatmaps cost ~15 % of the engine's throughput: only batches that hold an explain request
-            return backend.explain(batch) if explain and wants_heatmaps else backend.predict(batch)
+            heatmaps = explain and wants_heatmaps
+            if callable(infer):  # logits and features (the unknown score) from one run
+                return infer(batch, cam=heatmaps)
+            return backend.explain(batch) if heatmaps else backend.predict(batch)
 
         batch = self.settings.max_batch_size or int(serving.get("max_batch_size") or 32)
         wait = self.settings.max_wait_ms
@@ -199,6 +213,7 @@ class Hosting:
             preprocessor=preprocessor,
             labels=package.labels,
             calibration=package.calibration,
+            unknown=unknown,
             card=package.card,
             top_k=int(serving.get("top_k") or 5),
             info=info,
@@ -334,8 +349,14 @@ class Hosting:
                     "unavailable",
                     f"{model.domain}: no answer within {self.settings.request_timeout_s:g} s (overloaded)",
                 ) from None
-        logits, cams = outputs if isinstance(outputs, tuple) else (outputs, None)
-        results = predictions(logits, model.labels.get("classes", []), model.calibration, k)
+        if isinstance(outputs, dict):
+            logits, features, cams = outputs["logits"], outputs.get("features"), outputs.get("cam")
+        else:
+            (logits, cams), features = (outputs if isinstance(outputs, tuple) else (outputs, None)), None
+        classes = model.labels.get("classes", [])
+        results = predictions(
+            logits, classes, model.calibration, k, features=features, unknown_score=model.unknown
+        )
         for n, (i, result) in enumerate(zip(todo, results, strict=True)):
             answer = {
                 "domain": model.domain,

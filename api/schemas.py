@@ -56,8 +56,19 @@ class PredictionSchema(Schema):
     version = fields.Integer(required=True)
     variant = fields.String(required=True)
     predictions = fields.List(fields.Nested(LabelSchema), required=True)
-    unknown = fields.Boolean(required=True, metadata={"description": "top probability under the threshold"})
-    unknown_threshold = fields.Float(allow_none=True)
+    unknown = fields.Boolean(
+        required=True,
+        metadata={"description": "not one of the domain's classes: unknown_score under unknown_threshold"},
+    )
+    unknown_threshold = fields.Float(allow_none=True, metadata={"description": "the package's threshold"})
+    unknown_score = fields.Float(
+        allow_none=True,
+        metadata={
+            "description": "knn_cosine: similarity to the k-th nearest training photo (penultimate "
+            "features); max_probability (packages without a feature score): the top calibrated probability"
+        },
+    )
+    unknown_method = fields.String(allow_none=True, metadata={"description": "knn_cosine or max_probability"})
     cached = fields.Boolean(required=True, metadata={"description": "answered from the cache"})
     timings_ms = fields.Dict(keys=fields.String(), values=fields.Float(), required=True)
     heatmap_png = fields.String(metadata={"description": "explain=true: PNG overlay, base64"})

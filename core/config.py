@@ -312,6 +312,34 @@ class GateConfig(Strict):
     )
 
 
+class UnknownConfig(Strict):
+    """The unknown flag the export ships (see :mod:`thali.core.inference.unknown`)."""
+
+    method: Literal["auto", "knn_cosine", "max_probability"] = Field(
+        "auto",
+        description="auto: the score that flags more out-of-domain photos (knn_cosine without any)",
+    )
+    max_in_domain_flagged: float = Field(
+        0.05, ge=0.0, lt=1.0, description="share of held-out photos of our own classes the threshold may flag"
+    )
+    ood: list[str] = Field(
+        default_factory=list,
+        description="out-of-domain photo folders beside the data folder (plain names, e.g. "
+        "ood_other_cuisines): never trained on, used to choose the score and reported in the card",
+    )
+    k: int = Field(5, ge=1, le=100, description="the k-th nearest training photo gives the score")
+    dims: int = Field(128, ge=8, le=2048, description="principal axes kept, so the package stays small")
+    max_bank: int = Field(4096, ge=16, le=50_000, description="training photos kept in the bank at most")
+
+    @field_validator("ood")
+    @classmethod
+    def _plain_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or name in {".", ".."} or "/" in name or "\\" in name or name.startswith("."):
+                raise ValueError(f"{name!r}: a plain folder name beside the data folder, not a path")
+        return v
+
+
 class ExportConfig(Strict):
     opset: int = Field(18, ge=18)
     variants: list[str] = Field(
@@ -326,6 +354,7 @@ class ExportConfig(Strict):
     explain: bool = Field(
         False, description="also export a 'cam' output: class-activation maps (N, K, h, w) for heatmaps"
     )
+    unknown: UnknownConfig = Field(default_factory=UnknownConfig)
 
 
 class ServingConfig(Strict):

@@ -2,8 +2,10 @@
 ``ort_optimize`` (ONNX Runtime graph optimisation at the extended level, saved offline as the fp32
 artifact, with node counts before and after).
 
-With ``export.explain`` the model gets a second output, ``cam``: class-activation maps ``(N, K, h, w)``
-(:class:`thali.core.training.onnx.WithCam`), checked against torch like the logits."""
+A thali classifier's export has a second output, ``features`` (N, C): the pooled penultimate features
+the unknown score reads (:mod:`thali.core.inference.unknown`). With ``export.explain`` it also gets
+``cam``: class-activation maps ``(N, K, h, w)`` (:class:`thali.core.training.onnx.ServingOutputs`),
+checked against torch like the logits."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from thali.core.errors import ThaliError
 from thali.core.export import ExportContext
 from thali.core.registry import Registry
 
-INPUT, OUTPUT, CAM = "input", "logits", "cam"
+INPUT, OUTPUT, FEATURES, CAM = "input", "logits", "features", "cam"
 
 
 def _session(path: Path, **options: Any) -> Any:
@@ -75,13 +77,14 @@ class OnnxExport:
         self.tolerance = tolerance
 
     def run(self, context: ExportContext) -> dict[str, Any]:
-        from thali.core.training.onnx import WithCam, export_onnx
+        from thali.core.training.onnx import ServingOutputs, export_onnx
 
         path = context.out_dir / "model.raw.onnx"
         context.model.eval()
         explain = context.settings.explain
-        module = WithCam(context.model) if explain else context.model
-        outputs = [OUTPUT, CAM] if explain else [OUTPUT]
+        features = all(hasattr(context.model, m) for m in ("backbone", "attention", "dropout", "fc"))
+        module = ServingOutputs(context.model, cam=explain) if features or explain else context.model
+        outputs = [OUTPUT, *([FEATURES] if features else []), *([CAM] if explain else [])]
         export_onnx(module, context.example, path, output_names=outputs, opset=context.opset)
         report = {"path": str(path), "opset": context.opset, "nodes": node_count(path), "outputs": outputs}
         report.update(parity(path, context))

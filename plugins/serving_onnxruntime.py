@@ -38,7 +38,8 @@ def provider_chain(provider: str | None = None) -> list[str]:
 
 
 class OnnxRuntimeBackend:
-    """``predict(batch)``, ``explain(batch)`` when the model has a ``cam`` output, ``info()``."""
+    """``predict(batch)``, ``explain(batch)`` when the model has a ``cam`` output, ``infer(batch, cam)``
+    (logits and the ``features`` output the unknown score reads), ``info()``."""
 
     def __init__(
         self,
@@ -74,6 +75,7 @@ class OnnxRuntimeBackend:
         self.input_name = inputs[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.has_cam = "cam" in self.outputs
+        self.has_features = "features" in self.outputs
         self.logits_name = "logits" if "logits" in self.outputs else self.outputs[0]
         import numpy as np
 
@@ -111,6 +113,15 @@ class OnnxRuntimeBackend:
         logits, cam = self.session.run([self.logits_name, "cam"], {self.input_name: batch})
         return logits, cam
 
+    def infer(self, batch: Any, cam: bool = False) -> dict[str, Any]:
+        """Every output a request needs, in one run: ``logits``, ``features`` when the model has them
+        (the unknown score), ``cam`` when asked for and available."""
+        names = [self.logits_name]
+        names += ["features"] if self.has_features else []
+        names += ["cam"] if cam and self.has_cam else []
+        values = self.session.run(names, {self.input_name: batch})
+        return dict(zip(["logits", *names[1:]], values, strict=True))
+
     def info(self) -> dict[str, Any]:
         return {
             "backend": "onnxruntime",
@@ -122,6 +133,7 @@ class OnnxRuntimeBackend:
             "fell_back_to_cpu": self.requested[0] != "CPUExecutionProvider"
             and self.provider_used == "CPUExecutionProvider",
             "explain": self.has_cam,
+            "features": self.has_features,
         }
 
 

@@ -37,7 +37,8 @@ def _checkpoint(package: Any) -> Path:
 
 
 class TorchBackend:
-    """``predict(batch)``, ``explain(batch)`` and ``info()`` on the package's fp32 training checkpoint."""
+    """``predict(batch)``, ``explain(batch)``, ``infer(batch, cam)`` and ``info()`` on the package's fp32
+    training checkpoint."""
 
     def __init__(
         self,
@@ -57,7 +58,7 @@ class TorchBackend:
         import torch
 
         from thali.core.training.evaluate import load_run
-        from thali.core.training.onnx import WithCam
+        from thali.core.training.onnx import ServingOutputs, WithCam
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,6 +70,7 @@ class TorchBackend:
         self.torch = torch
         self.model = load_run(self.checkpoint.parent, registries).model.to(self.device).eval()
         self.with_cam = WithCam(self.model).eval()
+        self.outputs = {flag: ServingOutputs(self.model, cam=flag).eval() for flag in (False, True)}
         self.variant = variant or "fp32"
 
     def _input(self, batch: Any) -> Any:
@@ -86,12 +88,21 @@ class TorchBackend:
             logits, cam = self.with_cam(self._input(batch))
             return logits.float().cpu().numpy(), cam.float().cpu().numpy()
 
+    def infer(self, batch: Any, cam: bool = False) -> dict[str, Any]:
+        """Logits, the penultimate ``features`` (the unknown score) and, if asked, ``cam``: the outputs
+        an export of this checkpoint has."""
+        with self.torch.inference_mode():
+            values = self.outputs[bool(cam)](self._input(batch))
+        names = ["logits", "features", "cam"][: len(values)]
+        return {n: v.float().cpu().numpy() for n, v in zip(names, values, strict=True)}
+
     def info(self) -> dict[str, Any]:
         return {
             "backend": "torch",
             "variant": self.variant,
             "provider": str(self.device),
             "explain": True,
+            "features": True,
             "checkpoint": str(self.checkpoint),
         }
 

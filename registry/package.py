@@ -69,6 +69,7 @@ def _card(export_dir: Path, export: dict[str, Any], config_text: bytes, version:
             for k, v in export.get("rejected", {}).items()
         },
         "parity": export.get("parity"),
+        "unknown": export.get("unknown"),
         "dataset": dataset,
         "config": config,
         "lineage": {

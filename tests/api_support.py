@@ -141,6 +141,26 @@ def second_export(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, reg
     return out
 
 
+# tiny v1 ships this unknown threshold: the tiny model's k-NN scores sit at ~0.9999 for its colours and
+# ~0.7 for a checkerboard, and 6 validation photos cannot place a 5 % threshold between them
+SHIPPED_THRESHOLD = 0.9
+
+
+def with_unknown_threshold(export: Path, out: Path, threshold: float) -> Path:
+    """A copy of ``export`` whose calibration.json ships ``threshold`` for its k-NN unknown score (the
+    export report's checksum follows, as ``thali export`` would have written it)."""
+    import hashlib
+
+    shutil.copytree(export, out)
+    calibration = json.loads((out / "calibration.json").read_text())
+    calibration["unknown"]["threshold"] = threshold
+    (out / "calibration.json").write_text(json.dumps(calibration))
+    report = json.loads((out / "export.json").read_text())
+    report["files"]["calibration.json"] = hashlib.sha256((out / "calibration.json").read_bytes()).hexdigest()
+    (out / "export.json").write_text(json.dumps(report))
+    return out
+
+
 @pytest.fixture(scope="session")
 def api_registry(
     tmp_path_factory: pytest.TempPathFactory, explain_export: Path, second_export: Path, tiny_export: Path
@@ -150,7 +170,9 @@ def api_registry(
 
     root = tmp_path_factory.mktemp("api_registry")
     registry = ModelRegistry(root / "registry", cache_dir=root / "cache")
-    registry.publish(explain_export, aliases=["production"])
+    registry.publish(
+        with_unknown_threshold(explain_export, root / "v1", SHIPPED_THRESHOLD), aliases=["production"]
+    )
     registry.publish(explain_export)
     registry.publish(second_export)
     broken = root / "broken_export"

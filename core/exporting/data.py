@@ -8,7 +8,7 @@ import json
 import logging
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ class ValidationSet:
     labels: np.ndarray  # int64 (N,)
     skipped: int
     problems: str | None
+    indices: list[int] = field(default_factory=list)  # of each image in the split's ``val`` list
 
 
 def run_split(run_dir: Path, data: str | Path | None) -> tuple[Split, Path]:
@@ -87,7 +88,12 @@ def load_validation(
     problems += broken
     if images is None:
         raise DataError(f"none of the {len(split.val)} validation images could be read")
-    return ValidationSet(images, labels, len(problems), report_problems(problems, "validation images"))
+    position = {str(path): i for i, (path, _) in enumerate(split.val)}
+    broken_paths = {str(path) for path, _ in broken}
+    indices = [position[str(path)] for path, _ in good if str(path) not in broken_paths]
+    return ValidationSet(
+        images, labels, len(problems), report_problems(problems, "validation images"), indices
+    )
 
 
 def calibration_batches(

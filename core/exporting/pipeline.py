@@ -36,6 +36,7 @@ from thali.core.registry import Registries
 
 from .data import calibration_batches, fingerprint, load_validation, run_split
 from .gate import gate, run_onnx
+from .unknown import fit_unknown
 
 FP32_STEPS = ("onnx", "ort_optimize")
 #: Staging folders beside the destination: ``.thali-export-<pid>-…``; a killed export's are swept.
@@ -80,17 +81,6 @@ def labels_spec(config: DomainConfig) -> dict[str, Any]:
     }
 
 
-def unknown_threshold(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    """5th percentile of the calibrated confidence of correct validation predictions: below it, a
-    prediction is less sure than 95 % of the right answers were."""
-    from thali.core.training.metrics import softmax
-
-    probs = softmax(logits, temperature)
-    right = probs.argmax(1) == labels
-    confidence = probs.max(1)[right] if right.any() else probs.max(1)
-    return float(np.percentile(confidence, 5))
-
-
 def _spread(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(int))
 
@@ -125,7 +115,7 @@ def export_run(
     split, root = run_split(run_dir, data)
     classes = config.class_names
 
-    bar = tqdm(total=3 + 2 * len(variants), desc="export", unit="step", disable=not progress)
+    bar = tqdm(total=4 + 2 * len(variants), desc="export", unit="step", disable=not progress)
 
     def step(text: str) -> None:
         bar.set_postfix_str(text)
@@ -208,16 +198,26 @@ def export_run(
                 "size_ratio_vs_fp32": round(fp32_size / size, 2),
                 "sha256": sha256(target),
             }
-        threshold = unknown_threshold(reference_logits, val.labels, temperature)
+        step("unknown score")
+        unknown_calibration, unknown_report = fit_unknown(
+            package / variant_file("fp32"),
+            split,
+            root,
+            transform,
+            val,
+            temperature,
+            settings.unknown,
+            limits=limits,
+            progress=progress,
+        )
+        bar.update()
         metadata = {
             "labels.json": json.dumps(labels_spec(config), indent=1),
             "preprocess.json": json.dumps(
                 {**preprocess_spec(model.preprocess), "explain_output": "cam" if settings.explain else None},
                 indent=1,
             ),
-            "calibration.json": json.dumps(
-                {"temperature": temperature, "unknown_threshold": threshold}, indent=1
-            ),
+            "calibration.json": json.dumps({"temperature": temperature, **unknown_calibration}, indent=1),
             EXPORT_CONFIG: (run_dir / EXPORT_CONFIG).read_text(encoding="utf-8"),  # validated by load_run
         }
         for name, text in metadata.items():
@@ -238,6 +238,7 @@ def export_run(
                 "validation_skipped": val.skipped,
             },
             "parity": {k: context.reports["onnx"][k] for k in ("max_abs_logit_diff", "top1_agreement")},
+            "unknown": unknown_report,
             "steps": {name: context.reports[name] for name in FP32_STEPS},
             "variants": results,
             "files": {name: sha256(package / name) for name in metadata},

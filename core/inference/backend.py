@@ -20,8 +20,12 @@ class ServingBackend(Protocol):
     ``info()``: a JSON-able dict; ``backend``, ``variant``, ``provider`` (the execution provider that
     really ran the model's nodes, not merely the one asked for) and ``explain`` (bool) are shown by the
     API. Optional ``explain(batch)``: ``(logits, cam)`` with ``cam`` ``(N, K, h, w)`` class-activation
-    maps, for models exported with ``export.explain: true``. Must be safe to call from one thread at a
-    time (the micro-batcher's); it is never called concurrently."""
+    maps, for models exported with ``export.explain: true``. Optional ``infer(batch, cam=False)``: a dict
+    of every output one run gives, ``logits`` always, ``features`` ``(N, C)`` (the pooled penultimate
+    features every thali export has; the package's unknown score reads them, so without them the
+    unknown flag falls back to the top probability) and ``cam`` when ``cam`` is true and the model has
+    it; when present, the server calls it instead of ``predict``/``explain``. Must be safe to call from
+    one thread at a time (the micro-batcher's); it is never called concurrently."""
 
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
 

@@ -155,11 +155,12 @@ class MicroBatcher:
         start = 0
         for j in jobs:
             n = len(j.inputs)
-            rows = (
-                tuple(o[start : start + n] for o in outputs)
-                if isinstance(outputs, tuple)
-                else outputs[start : start + n]
-            )
+            if isinstance(outputs, tuple):
+                rows: Any = tuple(o[start : start + n] for o in outputs)
+            elif isinstance(outputs, dict):
+                rows = {name: o[start : start + n] for name, o in outputs.items()}
+            else:
+                rows = outputs[start : start + n]
             j.future.set_result((rows, BatchStats(len(batch), started - j.queued_at, took)))
             start += n
         if self.on_batch:

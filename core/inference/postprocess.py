@@ -1,5 +1,6 @@
 """From logits to answers: temperature-scaled probabilities, top-k with display names, the unknown
-flag (top probability under the package's threshold), and class-activation heatmaps."""
+flag (the package's k-NN feature score under its threshold, see :mod:`.unknown`; for a package without
+one, the top probability under ``unknown_threshold``), and class-activation heatmaps."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .unknown import UnknownScore
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -25,9 +28,17 @@ class Prediction:
     top: list[dict[str, Any]]
     unknown: bool
     threshold: float | None
+    score: float | None = None
+    method: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"predictions": self.top, "unknown": self.unknown, "unknown_threshold": self.threshold}
+        return {
+            "predictions": self.top,
+            "unknown": self.unknown,
+            "unknown_threshold": self.threshold,
+            "unknown_score": self.score,
+            "unknown_method": self.method,
+        }
 
 
 def predictions(
@@ -35,14 +46,24 @@ def predictions(
     classes: Sequence[Mapping[str, Any]],
     calibration: Mapping[str, Any],
     top_k: int = 5,
+    *,
+    features: np.ndarray | None = None,
+    unknown_score: UnknownScore | None = None,
 ) -> list[Prediction]:
-    """A :class:`Prediction` per row of ``logits`` (N, K)."""
+    """A :class:`Prediction` per row of ``logits`` (N, K). With ``unknown_score`` (the package's, see
+    :func:`.unknown.load_spec`) and the model's ``features`` (N, D), the unknown flag is that score under
+    its threshold; otherwise the top probability under ``calibration["unknown_threshold"]``."""
     temperature = float(calibration.get("temperature") or 1.0)
-    threshold = calibration.get("unknown_threshold")
     probs = softmax(np.atleast_2d(logits), temperature)
+    if unknown_score is not None and features is not None:
+        method, threshold = "knn_cosine", unknown_score.threshold
+        values = unknown_score.scores(features)
+    else:
+        method, threshold = "max_probability", calibration.get("unknown_threshold")
+        values = probs.max(axis=1)
     k = max(1, min(int(top_k), probs.shape[1]))
     out = []
-    for row in probs:
+    for row, value in zip(probs, values, strict=True):
         order = np.argsort(-row, kind="stable")[:k]
         top = [
             {
@@ -53,8 +74,16 @@ def predictions(
             }
             for i in order
         ]
-        unknown = threshold is not None and float(row[order[0]]) < float(threshold)
-        out.append(Prediction(top, bool(unknown), None if threshold is None else float(threshold)))
+        unknown = threshold is not None and float(value) < float(threshold)
+        out.append(
+            Prediction(
+                top,
+                bool(unknown),
+                None if threshold is None else float(threshold),
+                round(float(value), 6),
+                method if threshold is not None else None,
+            )
+        )
     return out
 
 

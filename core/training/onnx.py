@@ -1,7 +1,8 @@
 """ONNX export of a torch module with the dynamo exporter: opset 18, dynamic batch axis, named I/O.
 
-Also :class:`WithCam`, the module ``export.explain`` exports: the classifier's logits and its
-class-activation maps (Zhou et al., 2016).
+Also :class:`ServingOutputs`, the module every export writes: the classifier's logits, its
+penultimate ``features`` (what the unknown score reads, :mod:`thali.core.inference.unknown`) and, with
+``export.explain``, its class-activation maps (Zhou et al., 2016; :class:`WithCam`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,26 @@ class WithCam(nn.Module):
         logits = self.fc(self.dropout(features.mean(dim=(2, 3))))
         cam = torch.einsum("nchw,kc->nkhw", features, self.fc.weight)
         return logits, cam
+
+
+class ServingOutputs(nn.Module):
+    """``x -> (logits, features)``, or ``(logits, features, cam)`` with ``cam=True``, for a
+    :class:`~thali.core.training.model.Classifier`; ``features`` (N, C) is the attended last feature map,
+    average-pooled: the input of the classifier's linear layer. Module paths are the classifier's."""
+
+    def __init__(self, classifier: nn.Module, cam: bool = False) -> None:
+        super().__init__()
+        self.backbone, self.attention = classifier.backbone, classifier.attention
+        self.dropout, self.fc = classifier.dropout, classifier.fc
+        self.cam = cam
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps = self.attention(self.backbone(x))
+        features = maps.mean(dim=(2, 3))
+        logits = self.fc(self.dropout(features))
+        if not self.cam:
+            return logits, features
+        return logits, features, torch.einsum("nchw,kc->nkhw", maps, self.fc.weight)
 
 
 def export_onnx(

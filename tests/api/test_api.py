@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import requests
-from api_support import Server, jpeg
+from api_support import SHIPPED_THRESHOLD, Server, jpeg
 
 ERROR_KEYS = {"code", "status", "message", "errors"}
 
@@ -42,7 +42,8 @@ def test_predict_multipart_and_base64_json(server: Server) -> None:
         assert answer["predictions"][0]["display_name"] == colour.title()
         assert answer["domain"] == "tiny" and answer["version"] == 1 and answer["variant"] == "int8"
         assert 0.99 < sum(p["probability"] for p in answer["predictions"]) <= 1.0001
-        assert isinstance(answer["unknown"], bool) and 0 < answer["unknown_threshold"] <= 1
+        assert answer["unknown"] is False and answer["unknown_method"] == "knn_cosine"
+        assert answer["unknown_score"] >= answer["unknown_threshold"] == SHIPPED_THRESHOLD
         assert {"decode", "queue", "inference"} <= set(answer["timings_ms"])
     encoded = base64.b64encode(jpeg("green", seed=11)).decode()
     answer = server.post("/v1/domains/tiny/predict", json={"image": encoded, "top_k": 2}).json()
@@ -73,6 +74,41 @@ def test_explain_returns_a_heatmap_overlay(server: Server) -> None:
         "/v1/domains/duo/predict", files={"image": jpeg("red")}, params={"explain": "true"}
     )
     assert_error(no_heatmaps, 422, "explain_not_available")
+
+
+def test_the_packages_unknown_score_and_threshold_are_what_the_server_applies(
+    server: Server, api_registry: Any
+) -> None:
+    """The k-NN feature score shipped in calibration.json, computed by the serving backend's own run
+    (int8 here): the same score as the package gives offline, under the threshold the package ships
+    (set to SHIPPED_THRESHOLD in tiny v1): a photo unlike every training photo is flagged, our colours
+    are not."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+    from PIL import Image
+
+    from thali.core.inference import Preprocessor
+    from thali.core.inference.unknown import load_spec
+
+    folder = api_registry / "tiny" / "versions" / "1"
+    score = load_spec(json.loads((folder / "calibration.json").read_text()))
+    assert score is not None
+    preprocess = Preprocessor(json.loads((folder / "preprocess.json").read_text()))
+    session = ort.InferenceSession(str(folder / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    y, x = np.mgrid[0:36, 0:44]
+    board = io.BytesIO()
+    Image.fromarray(np.stack([((x // 3 + y // 3) % 2 * 255).astype(np.uint8)] * 3, -1)).save(board, "PNG")
+    photos = {"red": jpeg("red", seed=3), "blue": jpeg("blue", seed=4), "checkerboard": board.getvalue()}
+    for name, data in photos.items():
+        response = server.post("/v1/domains/tiny/predict", files={"image": (f"{name}.png", data)})
+        answer = response.json()
+        features = session.run(["features"], {"input": preprocess(data)[None]})[0]
+        assert answer["unknown_method"] == "knn_cosine", answer
+        assert answer["unknown_threshold"] == pytest.approx(score.threshold) == SHIPPED_THRESHOLD
+        assert answer["unknown_score"] == pytest.approx(float(score.scores(features)[0]), abs=1e-4)
+        assert answer["unknown"] is (name == "checkerboard"), (name, answer)
 
 
 def test_two_domains_in_one_process(server: Server) -> None:

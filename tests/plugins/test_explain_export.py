@@ -50,16 +50,16 @@ def test_fp32_has_logits_then_cam_matching_torch(explained: dict[str, Any], trai
     out, model = Path(explained["out_dir"]), trained.model
     session = _session(out / "model.onnx")
     outputs = session.get_outputs()
-    assert [o.name for o in outputs] == ["logits", "cam"]
+    assert [o.name for o in outputs] == ["logits", "features", "cam"]
     k = len(trained.config.classes)
-    assert not isinstance(outputs[1].shape[0], int) and outputs[1].shape[1] == k  # dynamic batch, K maps
+    assert not isinstance(outputs[2].shape[0], int) and outputs[2].shape[1] == k  # dynamic batch, K maps
     onnx_step = explained["steps"]["onnx"]
-    assert onnx_step["outputs"] == ["logits", "cam"]
+    assert onnx_step["outputs"] == ["logits", "features", "cam"]
     assert onnx_step["cam_max_abs_diff"] <= 1e-3 * max(1.0, onnx_step["cam_abs_max"])
     assert json.loads((out / "preprocess.json").read_text())["explain_output"] == "cam"
 
     batch = _batch(model)
-    logits, cam = session.run(None, {"input": batch})
+    logits, _, cam = session.run(None, {"input": batch})
     with torch.no_grad():
         ref_logits, ref_cam = WithCam(model).eval()(torch.from_numpy(batch))
         features = model.backbone(torch.from_numpy(batch))
@@ -80,8 +80,8 @@ def test_int8_keeps_both_outputs_and_is_gated_on_logits(explained: dict[str, Any
         assert entry["gate"]["passed"] and entry["metrics"]["top1"] >= 0.9
         assert entry["report"]["excluded_nodes"] > 0
         session = _session(out / entry["file"])
-        assert [o.name for o in session.get_outputs()] == ["logits", "cam"]
-        logits, cam = session.run(None, {"input": _batch(trained.model)})
+        assert [o.name for o in session.get_outputs()] == ["logits", "features", "cam"]
+        logits, _, cam = session.run(None, {"input": _batch(trained.model)})
         assert cam.shape[:2] == (5, len(trained.config.classes)) and logits.shape == (5, cam.shape[1])
     else:  # rejected by the accuracy gate, not by a broken exporter
         assert "gate" in explained["rejected"]["int8"], explained["rejected"]["int8"]
@@ -90,8 +90,8 @@ def test_int8_keeps_both_outputs_and_is_gated_on_logits(explained: dict[str, Any
     assert meta["variants"]["fp32"]["metrics"]["top1"] >= 0.9  # the gate scored logits, not cam
 
 
-def test_without_explain_there_is_only_logits(tiny_export: Path) -> None:
-    assert [o.name for o in _session(tiny_export / "model.onnx").get_outputs()] == ["logits"]
+def test_without_explain_there_are_logits_and_features(tiny_export: Path) -> None:
+    assert [o.name for o in _session(tiny_export / "model.onnx").get_outputs()] == ["logits", "features"]
     assert json.loads((tiny_export / "preprocess.json").read_text())["explain_output"] is None
 
 
@@ -115,5 +115,5 @@ def test_fp16_and_graph_optimisation_keep_the_cam_output(tmp_path: Path, registr
         assert "cam_max_abs_diff" in report, name
     for artifact in ("fp32", "fp16"):
         outputs = _session(context.artifacts[artifact]).get_outputs()
-        assert [o.name for o in outputs] == ["logits", "cam"], artifact
+        assert [o.name for o in outputs] == ["logits", "features", "cam"], artifact
     assert report["cam_max_abs_diff"] <= 0.05 * max(1.0, report["cam_abs_max"])  # fp16: looser

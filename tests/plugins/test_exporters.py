@@ -38,7 +38,7 @@ def test_onnx_then_graph_optimisation(context: ExportContext, registries: object
 
     session = ort.InferenceSession(str(context.artifacts["fp32"]), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input"]
-    assert [o.name for o in session.get_outputs()] == ["logits"]
+    assert [o.name for o in session.get_outputs()] == ["logits", "features"]  # features: unknown score
     batch = torch.randn(7, 3, 32, 32)  # another batch size than the export example
     with torch.no_grad():
         expected = context.model(batch).numpy()

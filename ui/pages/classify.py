@@ -60,7 +60,14 @@ def show(name: str, data: bytes, answer: dict[str, Any]) -> None:
         else:
             st.image(data, caption=name, width=320)
     with result_col:
-        if answer["unknown"]:
+        if answer["unknown"] and answer.get("unknown_method") == "knn_cosine":
+            st.warning(
+                f"Probably not one of the {len(domain['classes'])} things this domain knows: the photo "
+                f"looks unlike every training photo (similarity {answer['unknown_score']:.2f}, under this "
+                f"model's threshold of {answer['unknown_threshold']:.2f}). Best guess: "
+                f"**{top['display_name']}**, {100 * top['probability']:.0f} %."
+            )
+        elif answer["unknown"]:
             st.warning(
                 f"Not sure: the best guess, **{top['display_name']}**, has only "
                 f"{100 * top['probability']:.0f} % confidence, under this model's threshold of "

@@ -1,0 +1,188 @@
+"""The unknown flag an export ships: fitted on the training images' features, its threshold chosen on
+photos the model never trained on, the score itself chosen on out-of-domain photos when there are any.
+
+* in-domain held-out photos: the validation photos of held-out collections (``val_cross`` of a
+  cross-collection split), else the whole validation split;
+* out-of-domain photos: ``export.unknown.ood`` folders beside the data folder (food of other cuisines for
+  a dish recogniser, say), never training data;
+* scores: ``knn_cosine`` (:mod:`thali.core.inference.unknown`, on the exported ``features`` output) and
+  ``max_probability`` (the calibrated top probability); each threshold flags at most
+  ``max_in_domain_flagged`` of the in-domain held-out photos. ``auto`` ships the one that then flags more
+  out-of-domain photos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from thali.core.config import UnknownConfig
+from thali.core.errors import DataError
+from thali.core.images import DEFAULT_LIMITS, ImageLimits
+from thali.core.inference import unknown as knn
+from thali.core.inference.postprocess import softmax
+from thali.core.training.data import Sample, Split, verify_images
+
+from .data import ValidationSet, _preprocess
+
+log = logging.getLogger("thali.export")
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+MAX_OOD_IMAGES = 5000  # per folder: an out-of-domain folder is a sample, not a dataset
+
+
+def ood_folders(root: Path, names: Sequence[str]) -> dict[str, list[Path]]:
+    """The photos of each ``export.unknown.ood`` folder (a plain name beside the data folder ``root``);
+    links are not followed, so a folder cannot point the export elsewhere."""
+    found: dict[str, list[Path]] = {}
+    for name in names:
+        folder = root.parent / name
+        if folder.is_symlink() or not folder.is_dir():
+            raise DataError(f"export.unknown.ood: {folder} is not a folder of photos beside the data folder")
+        photos = []
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.is_symlink():
+                photos.append(path)
+                if len(photos) >= MAX_OOD_IMAGES:
+                    break
+        if not photos:
+            raise DataError(f"export.unknown.ood: {folder} holds no photos")
+        found[name] = photos
+    return found
+
+
+class Outputs:
+    """``logits`` and ``features`` of an ONNX model, in batches (CPU)."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        names = [o.name for o in self.session.get_outputs()]
+        self.has_features = "features" in names
+        self.names = [names[0], *(["features"] if self.has_features else [])]
+
+    def __call__(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+        logits, features = [], []
+        for start in range(0, len(images), batch_size):
+            out = self.session.run(self.names, {self.input: images[start : start + batch_size]})
+            logits.append(out[0])
+            if self.has_features:
+                features.append(out[1])
+        return np.concatenate(logits), (np.concatenate(features) if features else None)
+
+
+def _batches(
+    samples: Sequence[Sample], transform: Any, limits: ImageLimits, batch_size: int = 32
+) -> Iterator[np.ndarray]:
+    """Preprocessed images of ``samples`` in batches (never all in memory); unreadable ones are skipped."""
+    for start in range(0, len(samples), batch_size):
+        good, _ = verify_images(samples[start : start + batch_size], limits=limits)
+        images, _, _ = _preprocess(good, transform, limits)
+        if images is not None:
+            yield images
+
+
+def fit_unknown(
+    model_path: Path,
+    split: Split,
+    root: Path,
+    transform: Any,
+    val: ValidationSet,
+    temperature: float,
+    settings: UnknownConfig,
+    *,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    progress: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(calibration entries, report)``: what ``calibration.json`` gets (``unknown_threshold`` and, for
+    the k-NN score, ``unknown``) and what ``export.json`` records (rates of both scores)."""
+    from tqdm import tqdm
+
+    run = Outputs(model_path)
+    val_logits, val_features = run(val.images)
+    cross = set(split.val_cross)
+    held_out = np.array([i in cross for i in val.indices]) if cross else np.ones(len(val.labels), bool)
+    source = "held-out collections (val_cross)" if cross else "validation split"
+    ood = {name: [(p, 0) for p in paths] for name, paths in ood_folders(root, settings.ood).items()}
+
+    def max_probability(logits: np.ndarray) -> np.ndarray:
+        return softmax(logits, temperature).max(axis=1)
+
+    scores: dict[str, dict[str, np.ndarray]] = {"max_probability": {"in-domain": max_probability(val_logits)}}
+    ood_logits: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    total = len(split.train) + sum(len(v) for v in ood.values())
+    with tqdm(total=total, desc="unknown score", unit="img", disable=not progress, leave=False) as bar:
+        train_features = []
+        if run.has_features:
+            for images in _batches(split.train, transform, limits):
+                train_features.append(run(images)[1])
+                bar.update(len(images))
+        for name, samples in ood.items():
+            parts = [run(images) for images in _batches(samples, transform, limits)]
+            bar.update(len(samples))
+            if not parts:
+                raise DataError(f"export.unknown.ood: none of the photos in {name} could be read")
+            features = [p[1] for p in parts]
+            ood_logits[name] = (
+                np.concatenate([p[0] for p in parts]),
+                np.concatenate(features) if run.has_features else None,  # type: ignore[arg-type]
+            )
+            scores["max_probability"][name] = max_probability(ood_logits[name][0])
+    fitted = None
+    if run.has_features and train_features and val_features is not None:
+        fitted = knn.fit(
+            np.concatenate(train_features), k=settings.k, dims=settings.dims, max_bank=settings.max_bank
+        )
+        scores["knn_cosine"] = {"in-domain": fitted.scores(val_features)}
+        for name, (_, features) in ood_logits.items():
+            scores["knn_cosine"][name] = fitted.scores(features)  # type: ignore[arg-type]
+
+    report: dict[str, Any] = {"in_domain": source, "in_domain_images": int(held_out.sum()), "scores": {}}
+    thresholds = {}
+    for method, values in scores.items():
+        threshold = knn.choose_threshold(values["in-domain"][held_out], settings.max_in_domain_flagged)
+        thresholds[method] = threshold
+        rates = {"in-domain held out": float((values["in-domain"][held_out] < threshold).mean())}
+        rates["validation"] = float((values["in-domain"] < threshold).mean())
+        for name in ood:
+            rates[name] = float((values[name] < threshold).mean())
+        report["scores"][method] = {"threshold": threshold, "flagged": rates}
+    report["ood_images"] = {name: len(v) for name, v in ood.items()}
+    needed = int(np.ceil(1 / settings.max_in_domain_flagged)) if settings.max_in_domain_flagged else 0
+    if held_out.sum() < needed:
+        report["warning"] = (
+            f"only {int(held_out.sum())} in-domain held-out photos: the threshold is their lowest score; "
+            f"{needed} or more are needed to hold {100 * settings.max_in_domain_flagged:g} % flagged"
+        )
+        log.warning("unknown flag: %s", report["warning"])
+
+    method = settings.method
+    if method == "knn_cosine" and fitted is None:
+        raise DataError("export.unknown.method knn_cosine: the model has no 'features' output to score")
+    if method == "auto":
+        method = "knn_cosine" if fitted is not None else "max_probability"
+        if ood and fitted is not None:
+            mean = {m: np.mean([report["scores"][m]["flagged"][n] for n in ood]) for m in scores}
+            method = max(mean, key=lambda m: (mean[m], m == "knn_cosine"))
+    report["method"] = method
+    calibration: dict[str, Any] = {"unknown_threshold": thresholds["max_probability"]}
+    if method == "knn_cosine" and fitted is not None:
+        shipped = dataclasses.replace(fitted, threshold=thresholds["knn_cosine"])
+        calibration["unknown"] = shipped.to_spec()
+        report.update(k=fitted.k, dims=int(fitted.projection.shape[1]), bank=len(fitted.bank))
+    log.info(
+        "unknown flag: %s, threshold %.4f; flags %s",
+        method,
+        thresholds[method],
+        ", ".join(f"{n} {100 * r:.1f} %" for n, r in report["scores"][method]["flagged"].items()),
+    )
+    return calibration, report
