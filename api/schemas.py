@@ -64,11 +64,14 @@ class PredictionSchema(Schema):
     unknown_score = fields.Float(
         allow_none=True,
         metadata={
-            "description": "knn_cosine: similarity to the k-th nearest training photo (penultimate "
-            "features); max_probability (packages without a feature score): the top calibrated probability"
+            "description": "knn_residual: the smaller margin of the package's two feature scores "
+            "(k-NN similarity, share inside the training span) over their thresholds, below 0 = unknown; "
+            "max_probability (packages without a feature score): the top calibrated probability"
         },
     )
-    unknown_method = fields.String(allow_none=True, metadata={"description": "knn_cosine or max_probability"})
+    unknown_method = fields.String(
+        allow_none=True, metadata={"description": "knn_residual or max_probability"}
+    )
     cached = fields.Boolean(required=True, metadata={"description": "answered from the cache"})
     timings_ms = fields.Dict(keys=fields.String(), values=fields.Float(), required=True)
     heatmap_png = fields.String(metadata={"description": "explain=true: PNG overlay, base64"})

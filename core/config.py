@@ -315,9 +315,9 @@ class GateConfig(Strict):
 class UnknownConfig(Strict):
     """The unknown flag the export ships (see :mod:`thali.core.inference.unknown`)."""
 
-    method: Literal["auto", "knn_cosine", "max_probability"] = Field(
+    method: Literal["auto", "knn_residual", "max_probability"] = Field(
         "auto",
-        description="auto: the score that flags more out-of-domain photos (knn_cosine without any)",
+        description="auto: the score that flags more out-of-domain photos (knn_residual without any)",
     )
     max_in_domain_flagged: float = Field(
         0.05, ge=0.0, lt=1.0, description="share of held-out photos of our own classes the threshold may flag"
@@ -327,8 +327,10 @@ class UnknownConfig(Strict):
         description="out-of-domain photo folders beside the data folder (plain names, e.g. "
         "ood_other_cuisines): never trained on, used to choose the score and reported in the card",
     )
-    k: int = Field(5, ge=1, le=100, description="the k-th nearest training photo gives the score")
-    dims: int = Field(128, ge=8, le=2048, description="principal axes kept, so the package stays small")
+    k: int = Field(5, ge=1, le=100, description="the k-th nearest training photo gives the k-NN score")
+    dims: int = Field(
+        128, ge=8, le=2048, description="principal axes: the k-NN space; the rest is the residual score"
+    )
     max_bank: int = Field(4096, ge=16, le=50_000, description="training photos kept in the bank at most")
 
     @field_validator("ood")

@@ -141,19 +141,20 @@ def second_export(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, reg
     return out
 
 
-# tiny v1 ships this unknown threshold: the tiny model's k-NN scores sit at ~0.9999 for its colours and
-# ~0.7 for a checkerboard, and 6 validation photos cannot place a 5 % threshold between them
-SHIPPED_THRESHOLD = 0.9
+# tiny v1 ships these unknown thresholds (k-NN, residual): the tiny model's k-NN scores sit at 0.998-1.0
+# for its colours and ~0.966 for a checkerboard (int8), and 6 validation photos cannot place a 5 %
+# threshold between them; the residual score is never under -1
+SHIPPED_THRESHOLDS = (0.985, -1.0)
 
 
-def with_unknown_threshold(export: Path, out: Path, threshold: float) -> Path:
-    """A copy of ``export`` whose calibration.json ships ``threshold`` for its k-NN unknown score (the
+def with_unknown_thresholds(export: Path, out: Path, thresholds: tuple[float, float]) -> Path:
+    """A copy of ``export`` whose calibration.json ships ``thresholds`` for its feature scores (the
     export report's checksum follows, as ``thali export`` would have written it)."""
     import hashlib
 
     shutil.copytree(export, out)
     calibration = json.loads((out / "calibration.json").read_text())
-    calibration["unknown"]["threshold"] = threshold
+    calibration["unknown"]["knn_threshold"], calibration["unknown"]["residual_threshold"] = thresholds
     (out / "calibration.json").write_text(json.dumps(calibration))
     report = json.loads((out / "export.json").read_text())
     report["files"]["calibration.json"] = hashlib.sha256((out / "calibration.json").read_bytes()).hexdigest()
@@ -171,7 +172,7 @@ def api_registry(
     root = tmp_path_factory.mktemp("api_registry")
     registry = ModelRegistry(root / "registry", cache_dir=root / "cache")
     registry.publish(
-        with_unknown_threshold(explain_export, root / "v1", SHIPPED_THRESHOLD), aliases=["production"]
+        with_unknown_thresholds(explain_export, root / "v1", SHIPPED_THRESHOLDS), aliases=["production"]
     )
     registry.publish(explain_export)
     registry.publish(second_export)

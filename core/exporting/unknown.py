@@ -5,10 +5,11 @@ photos the model never trained on, the score itself chosen on out-of-domain phot
   cross-collection split), else the whole validation split;
 * out-of-domain photos: ``export.unknown.ood`` folders beside the data folder (food of other cuisines for
   a dish recogniser, say), never training data;
-* scores: ``knn_cosine`` (:mod:`thali.core.inference.unknown`, on the exported ``features`` output) and
-  ``max_probability`` (the calibrated top probability); each threshold flags at most
-  ``max_in_domain_flagged`` of the in-domain held-out photos. ``auto`` ships the one that then flags more
-  out-of-domain photos.
+* scores: ``knn_residual`` (:mod:`thali.core.inference.unknown`: k-NN and residual on the exported
+  ``features`` output) and ``max_probability`` (the calibrated top probability); each flags at most
+  ``max_in_domain_flagged`` of the in-domain held-out photos. Every other out-of-domain photo chooses
+  how ``knn_residual`` shares that budget between its two thresholds, and which score ships (``auto``:
+  the one that flags more of them); the rates are measured on the other half.
 """
 
 from __future__ import annotations
@@ -137,52 +138,77 @@ def fit_unknown(
                 np.concatenate(features) if run.has_features else None,  # type: ignore[arg-type]
             )
             scores["max_probability"][name] = max_probability(ood_logits[name][0])
+    # every other out-of-domain photo chooses (the score, the thresholds); the rest only measure
+    choose = {name: np.arange(len(v[0])) % 2 == 0 for name, v in ood_logits.items()}
     fitted = None
     if run.has_features and train_features and val_features is not None:
         fitted = knn.fit(
             np.concatenate(train_features), k=settings.k, dims=settings.dims, max_bank=settings.max_bank
         )
-        scores["knn_cosine"] = {"in-domain": fitted.scores(val_features)}
+        parts = {"in-domain": fitted.components(val_features)}
         for name, (_, features) in ood_logits.items():
-            scores["knn_cosine"][name] = fitted.scores(features)  # type: ignore[arg-type]
+            parts[name] = fitted.components(features)  # type: ignore[arg-type]
+        t_knn, t_res = knn.choose_thresholds(
+            tuple(v[held_out] for v in parts["in-domain"]),  # type: ignore[arg-type]
+            settings.max_in_domain_flagged,
+            [tuple(v[choose[n]] for v in parts[n]) for n in ood_logits],  # type: ignore[misc]
+        )
+        fitted = dataclasses.replace(fitted, knn_threshold=t_knn, residual_threshold=t_res)
+        scores[knn.METHOD] = {name: fitted.scores(features) for name, features in (
+            ("in-domain", val_features), *((n, f) for n, (_, f) in ood_logits.items()))}  # fmt: skip
 
-    report: dict[str, Any] = {"in_domain": source, "in_domain_images": int(held_out.sum()), "scores": {}}
-    thresholds = {}
+    report: dict[str, Any] = {
+        "in_domain": source,
+        "in_domain_images": int(held_out.sum()),
+        "ood_images": {name: len(v) for name, v in ood.items()},
+        "ood_protocol": "every other photo of each out-of-domain set chooses the score and its thresholds; "
+        "the rates below are measured on the other half",
+        "scores": {},
+    }
+    thresholds = {
+        "max_probability": knn.choose_threshold(
+            scores["max_probability"]["in-domain"][held_out], settings.max_in_domain_flagged
+        ),
+        knn.METHOD: 0.0,  # the margin over both feature thresholds
+    }
+    chosen: dict[str, float] = {}
     for method, values in scores.items():
-        threshold = knn.choose_threshold(values["in-domain"][held_out], settings.max_in_domain_flagged)
-        thresholds[method] = threshold
+        threshold = thresholds[method]
         rates = {"in-domain held out": float((values["in-domain"][held_out] < threshold).mean())}
         rates["validation"] = float((values["in-domain"] < threshold).mean())
         for name in ood:
-            rates[name] = float((values[name] < threshold).mean())
+            rates[name] = float((values[name][~choose[name]] < threshold).mean())
+        chosen[method] = (
+            float(np.mean([(values[n][choose[n]] < threshold).mean() for n in ood])) if ood else 0
+        )
         report["scores"][method] = {"threshold": threshold, "flagged": rates}
-    report["ood_images"] = {name: len(v) for name, v in ood.items()}
+    if fitted is not None:
+        report["scores"][knn.METHOD].update(
+            knn_threshold=fitted.knn_threshold, residual_threshold=fitted.residual_threshold
+        )
     needed = int(np.ceil(1 / settings.max_in_domain_flagged)) if settings.max_in_domain_flagged else 0
     if held_out.sum() < needed:
         report["warning"] = (
             f"only {int(held_out.sum())} in-domain held-out photos: the threshold is their lowest score; "
             f"{needed} or more are needed to hold {100 * settings.max_in_domain_flagged:g} % flagged"
         )
-        log.warning("unknown flag: %s", report["warning"])
+        log.debug("unknown flag: %s", report["warning"])  # `thali export` prints it with the summary
 
     method = settings.method
-    if method == "knn_cosine" and fitted is None:
-        raise DataError("export.unknown.method knn_cosine: the model has no 'features' output to score")
+    if method == knn.METHOD and fitted is None:
+        raise DataError(f"export.unknown.method {knn.METHOD}: the model has no 'features' output to score")
     if method == "auto":
-        method = "knn_cosine" if fitted is not None else "max_probability"
+        method = knn.METHOD if fitted is not None else "max_probability"
         if ood and fitted is not None:
-            mean = {m: np.mean([report["scores"][m]["flagged"][n] for n in ood]) for m in scores}
-            method = max(mean, key=lambda m: (mean[m], m == "knn_cosine"))
+            method = max(chosen, key=lambda m: (chosen[m], m == knn.METHOD))
     report["method"] = method
     calibration: dict[str, Any] = {"unknown_threshold": thresholds["max_probability"]}
-    if method == "knn_cosine" and fitted is not None:
-        shipped = dataclasses.replace(fitted, threshold=thresholds["knn_cosine"])
-        calibration["unknown"] = shipped.to_spec()
+    if method == knn.METHOD and fitted is not None:
+        calibration["unknown"] = fitted.to_spec()
         report.update(k=fitted.k, dims=int(fitted.projection.shape[1]), bank=len(fitted.bank))
-    log.info(
-        "unknown flag: %s, threshold %.4f; flags %s",
+    log.debug(
+        "unknown flag: %s; flags %s",
         method,
-        thresholds[method],
         ", ".join(f"{n} {100 * r:.1f} %" for n, r in report["scores"][method]["flagged"].items()),
     )
     return calibration, report

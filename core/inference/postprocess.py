@@ -1,6 +1,6 @@
 """From logits to answers: temperature-scaled probabilities, top-k with display names, the unknown
-flag (the package's k-NN feature score under its threshold, see :mod:`.unknown`; for a package without
-one, the top probability under ``unknown_threshold``), and class-activation heatmaps."""
+flag (the package's feature scores under their thresholds, see :mod:`.unknown`; for a package without
+them, the top probability under ``unknown_threshold``), and class-activation heatmaps."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .unknown import UnknownScore
+from .unknown import METHOD, UnknownScore
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -56,7 +56,7 @@ def predictions(
     temperature = float(calibration.get("temperature") or 1.0)
     probs = softmax(np.atleast_2d(logits), temperature)
     if unknown_score is not None and features is not None:
-        method, threshold = "knn_cosine", unknown_score.threshold
+        method, threshold = METHOD, unknown_score.threshold
         values = unknown_score.scores(features)
     else:
         method, threshold = "max_probability", calibration.get("unknown_threshold")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import requests
-from api_support import SHIPPED_THRESHOLD, Server, jpeg
+from api_support import SHIPPED_THRESHOLDS, Server, jpeg
 
 ERROR_KEYS = {"code", "status", "message", "errors"}
 
@@ -42,8 +42,8 @@ def test_predict_multipart_and_base64_json(server: Server) -> None:
         assert answer["predictions"][0]["display_name"] == colour.title()
         assert answer["domain"] == "tiny" and answer["version"] == 1 and answer["variant"] == "int8"
         assert 0.99 < sum(p["probability"] for p in answer["predictions"]) <= 1.0001
-        assert answer["unknown"] is False and answer["unknown_method"] == "knn_cosine"
-        assert answer["unknown_score"] >= answer["unknown_threshold"] == SHIPPED_THRESHOLD
+        assert answer["unknown"] is False and answer["unknown_method"] == "knn_residual"
+        assert answer["unknown_score"] >= answer["unknown_threshold"] == 0.0
         assert {"decode", "queue", "inference"} <= set(answer["timings_ms"])
     encoded = base64.b64encode(jpeg("green", seed=11)).decode()
     answer = server.post("/v1/domains/tiny/predict", json={"image": encoded, "top_k": 2}).json()
@@ -79,10 +79,9 @@ def test_explain_returns_a_heatmap_overlay(server: Server) -> None:
 def test_the_packages_unknown_score_and_threshold_are_what_the_server_applies(
     server: Server, api_registry: Any
 ) -> None:
-    """The k-NN feature score shipped in calibration.json, computed by the serving backend's own run
-    (int8 here): the same score as the package gives offline, under the threshold the package ships
-    (set to SHIPPED_THRESHOLD in tiny v1): a photo unlike every training photo is flagged, our colours
-    are not."""
+    """The feature scores shipped in calibration.json, computed from the serving backend's own run (int8
+    here): the same margin as the package gives offline, under the thresholds the package ships (set to
+    SHIPPED_THRESHOLDS in tiny v1): a photo unlike every training photo is flagged, our colours are not."""
     import json
 
     import numpy as np
@@ -105,8 +104,9 @@ def test_the_packages_unknown_score_and_threshold_are_what_the_server_applies(
         response = server.post("/v1/domains/tiny/predict", files={"image": (f"{name}.png", data)})
         answer = response.json()
         features = session.run(["features"], {"input": preprocess(data)[None]})[0]
-        assert answer["unknown_method"] == "knn_cosine", answer
-        assert answer["unknown_threshold"] == pytest.approx(score.threshold) == SHIPPED_THRESHOLD
+        assert answer["unknown_method"] == "knn_residual", answer
+        assert (score.knn_threshold, score.residual_threshold) == SHIPPED_THRESHOLDS
+        assert answer["unknown_threshold"] == 0.0  # on the margin over both
         assert answer["unknown_score"] == pytest.approx(float(score.scores(features)[0]), abs=1e-4)
         assert answer["unknown"] is (name == "checkerboard"), (name, answer)
 

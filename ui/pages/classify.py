@@ -60,11 +60,10 @@ def show(name: str, data: bytes, answer: dict[str, Any]) -> None:
         else:
             st.image(data, caption=name, width=320)
     with result_col:
-        if answer["unknown"] and answer.get("unknown_method") == "knn_cosine":
+        if answer["unknown"] and answer.get("unknown_method") == "knn_residual":
             st.warning(
                 f"Probably not one of the {len(domain['classes'])} things this domain knows: the photo "
-                f"looks unlike every training photo (similarity {answer['unknown_score']:.2f}, under this "
-                f"model's threshold of {answer['unknown_threshold']:.2f}). Best guess: "
+                "looks unlike every photo this model was trained on. Best guess: "
                 f"**{top['display_name']}**, {100 * top['probability']:.0f} %."
             )
         elif answer["unknown"]:

@@ -35,7 +35,8 @@ TRAIN_OUT = re.compile(r"^(note: .+|tiny: val top-1 .+|run: .+)$")
 TRAIN_ERR = re.compile(r"^epoch +\d+/\d+  train loss .+$")
 EXPORT_OUT = re.compile(
     r"^(tiny: export in .+|  parity with torch: .+|  graph optimisation: \d+ -> \d+ nodes"
-    r"|  (fp32|int8|int8_dynamic|fp16) +model(\.\w+)?\.onnx .+|  \S+ +NOT WRITTEN: .+|warning: .+)$"
+    r"|  (fp32|int8|int8_dynamic|fp16) +model(\.\w+)?\.onnx .+|  \S+ +NOT WRITTEN: .+|warning: .+"
+    r"|  unknown flag  \w+: flags .+)$"
 )
 
 
@@ -103,6 +104,7 @@ def test_export_prints_only_our_lines(frozen_train: tuple[subprocess.CompletedPr
     for variant in ("fp32", "int8", "int8_dynamic", "fp16"):
         assert re.search(rf"^  {variant} +model\.", result.stdout, re.M), result.stdout
     assert "warning: int8_dynamic: dynamic quantisation is slow" in result.stdout  # our own warning stays
+    assert "  unknown flag  knn_residual: flags " in result.stdout
 
 
 # --- in-process: a host that logs at INFO (what `thali train` sets up) still sees no library chatter ---
