@@ -37,14 +37,19 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 MAX_OOD_IMAGES = 5000  # per folder: an out-of-domain folder is a sample, not a dataset
 
 
-def ood_folders(root: Path, names: Sequence[str]) -> dict[str, list[Path]]:
-    """The photos of each ``export.unknown.ood`` folder (a plain name beside the data folder ``root``);
-    links are not followed, so a folder cannot point the export elsewhere."""
+def ood_folders(root: Path, names: Sequence[str]) -> tuple[dict[str, list[Path]], list[str]]:
+    """The photos of each ``export.unknown.ood`` folder (a plain name beside the data folder ``root``),
+    and a warning for each one that is not there (a domain pack names them; not every machine has them).
+    Links are not followed, so a folder cannot point the export elsewhere."""
     found: dict[str, list[Path]] = {}
+    missing = []
     for name in names:
         folder = root.parent / name
         if folder.is_symlink() or not folder.is_dir():
-            raise DataError(f"export.unknown.ood: {folder} is not a folder of photos beside the data folder")
+            missing.append(
+                f"export.unknown.ood: no folder {name} beside the data folder ({root.parent}); not used"
+            )
+            continue
         photos = []
         for path in sorted(folder.rglob("*")):
             if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.is_symlink():
@@ -54,7 +59,7 @@ def ood_folders(root: Path, names: Sequence[str]) -> dict[str, list[Path]]:
         if not photos:
             raise DataError(f"export.unknown.ood: {folder} holds no photos")
         found[name] = photos
-    return found
+    return found, missing
 
 
 class Outputs:
@@ -113,7 +118,8 @@ def fit_unknown(
     cross = set(split.val_cross)
     held_out = np.array([i in cross for i in val.indices]) if cross else np.ones(len(val.labels), bool)
     source = "held-out collections (val_cross)" if cross else "validation split"
-    ood = {name: [(p, 0) for p in paths] for name, paths in ood_folders(root, settings.ood).items()}
+    folders, missing = ood_folders(root, settings.ood)
+    ood = {name: [(p, 0) for p in paths] for name, paths in folders.items()}
 
     def max_probability(logits: np.ndarray) -> np.ndarray:
         return softmax(logits, temperature).max(axis=1)
@@ -187,8 +193,10 @@ def fit_unknown(
             knn_threshold=fitted.knn_threshold, residual_threshold=fitted.residual_threshold
         )
     needed = int(np.ceil(1 / settings.max_in_domain_flagged)) if settings.max_in_domain_flagged else 0
+    if missing:
+        report["warning"] = "; ".join(missing)
     if held_out.sum() < needed:
-        report["warning"] = (
+        report["warning"] = ("; ".join(missing) + "; " if missing else "") + (
             f"only {int(held_out.sum())} in-domain held-out photos: the threshold is their lowest score; "
             f"{needed} or more are needed to hold {100 * settings.max_in_domain_flagged:g} % flagged"
         )

@@ -23,7 +23,7 @@ def test_classes_match_the_shared_dataset(datasets_root: Path) -> None:
 def test_gpu_presets_for_b3_and_b4() -> None:
     pm = build_plugin_manager(autoload=False)
     pack = resolve_domain(pm.registries, "south_asian_food")
-    assert pack.presets() == ["cross_collection", "efficientnet_b3_gpu", "efficientnet_b4_gpu", "robust"]
+    assert pack.presets() == ["cross_collection", "efficientnet_b3_gpu", "efficientnet_b4_gpu", "plain"]
     for preset, backbone in (
         ("efficientnet_b3_gpu", "efficientnet_b3"),
         ("efficientnet_b4_gpu", "efficientnet_b4"),
