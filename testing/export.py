@@ -10,7 +10,9 @@ logits of the right shape; fp32 files must match torch within the tolerance.
 
 Serving backend (``thali_register_serving_backends``): ``factory(model_path, variant="fp32",
 package=..., registries=...)`` on the tiny classifier exported with thali's helper; ``info()`` is a
-JSON-able dict and ``predict(batch)`` gives float32 logits equal to torch's at two batch sizes. The
+JSON-able dict and ``predict(batch)`` gives float32 logits equal to torch's at two batch sizes; an
+optional ``infer(batch, cam=False)`` gives a dict with those ``logits`` and the model's ``features`` (N,
+C) (the exported ``features`` output the unknown flag reads). The
 ``package`` is a stand-in with the fields of :class:`thali.registry.ModelPackage` but no training
 lineage: a backend that needs more (the torch backend needs the training checkpoint) says so with a
 ``NotAvailableError`` and the check is skipped with its message.
@@ -75,6 +77,23 @@ def tiny_classifier() -> tuple[Any, Any]:
         ).eval()
         example = torch.randn(4, 3, SIDE, SIDE)
     return model, example
+
+
+def _with_features(model: Any) -> Any:
+    """``x -> (logits, features)`` of the tiny classifier: its pooled features are what its last
+    (linear) layer reads, as ``features`` is for a thali classifier."""
+    from torch import nn
+
+    class WithFeatures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.fc = model[:-1], model[-1]
+
+        def forward(self, x: Any) -> tuple[Any, Any]:
+            features = self.body(x)
+            return self.fc(features), features
+
+    return WithFeatures().eval()
 
 
 def _session(path: Path) -> Any:
@@ -250,13 +269,15 @@ class PackageStandIn:
 
 @lru_cache(maxsize=1)
 def tiny_onnx() -> Path:
-    """The tiny classifier exported with thali's helper (input ``input``, output ``logits``), once."""
+    """The tiny classifier exported as ``thali export`` does (input ``input``, outputs ``logits`` and
+    ``features``), once."""
     from thali.core.training.onnx import export_onnx
 
     model, example = tiny_classifier()
     folder = _cache_dir() / "serving"
     folder.mkdir(exist_ok=True)
-    return export_onnx(copy.deepcopy(model), example, folder / "model.onnx", output_name="logits")
+    module = _with_features(copy.deepcopy(model))
+    return export_onnx(module, example, folder / "model.onnx", output_names=["logits", "features"])
 
 
 def serving_checks(entry: Entry[Any], registries: Any, options: Mapping[str, Any]) -> list[Check]:
@@ -312,4 +333,32 @@ def serving_checks(entry: Entry[Any], registries: Any, options: Mapping[str, Any
             worst = max(worst, diff)
         return f"float32 logits at batch 3 and 1, max abs diff {worst:.1e} (tolerance {tolerance:g})"
 
-    return [Check("loads a tiny model", loads, ONNX), Check("predict", predict, ONNX)]
+    def infer() -> str:
+        import numpy as np
+        import torch
+
+        backend = needed(state, "backend", "loads a tiny model")
+        if not callable(getattr(backend, "infer", None)):
+            raise CheckSkipped(
+                "no infer(batch, cam): optional; the unknown flag then uses the top probability"
+            )
+        model, example = tiny_classifier()
+        with torch.no_grad():
+            logits, features = (t.numpy() for t in _with_features(model)(example[:3]))
+        got = backend.infer(np.ascontiguousarray(example[:3].numpy(), dtype=np.float32), cam=False)
+        if not isinstance(got, dict) or "logits" not in got:
+            raise CheckFailed(f"infer() returned {type(got).__name__}; expected a dict with 'logits'")
+        for name, reference in (("logits", logits), ("features", features)):
+            value = np.asarray(got.get(name))
+            if name not in got or value.shape != reference.shape:
+                raise CheckFailed(f"infer()[{name!r}] is {shape(value)}; expected {reference.shape}")
+            diff = float(np.abs(value - reference).max())
+            if diff > tolerance:
+                raise CheckFailed(f"infer()[{name!r}] differs from torch: max abs diff {diff:.2e}")
+        return f"logits and features {features.shape[1:]} match torch"
+
+    return [
+        Check("loads a tiny model", loads, ONNX),
+        Check("predict", predict, ONNX),
+        Check("infer", infer, ONNX),
+    ]
