@@ -1,11 +1,14 @@
 """Train the south_asian_food pack on this machine's CPU with four recipes, side by side.
 
     python benchmarks/train_south_asian_food.py [--data DIR] [--out runs/bench] [--quick]
+    python benchmarks/train_south_asian_food.py --preset cross_collection   # held-out collections too
 
 (a) frozen-feature linear probe, (b) the full recipe without attention, (c) the full recipe with SE +
 attention, (d) the compact SE CNN from scratch; optional (e) = (c) with three training stages and an
 EMA of the weights (--recipes e_full_se_attention_ema). Prints wall time, training images/s, validation
-top-1 / top-5 / ECE (before -> after temperature scaling), and writes results.json.
+top-1 / top-5 / ECE (before -> after temperature scaling), and writes results.json (with
+``--preset cross_collection`` also the held-out collections' top-1 / top-5 / ECE, under ``cross``);
+``benchmarks/results_page.py`` puts both into docs/results.md.
 """
 
 from __future__ import annotations
@@ -90,6 +93,13 @@ def main() -> int:
         "--recipes", default="a_linear_probe,b_full_no_attention,c_full_se_attention,d_se_cnn_scratch"
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 12 images/class, 1 epoch")
+    parser.add_argument(
+        "--preset",
+        action="append",
+        default=[],
+        help="presets of the pack on top of every recipe (cross_collection: measure on held-out "
+        "collections; runs and results.json then go to --out/PRESET)",
+    )
     args = parser.parse_args()
     if not args.data.is_dir():
         print(f"error: {args.data}: dataset not found (set THALI_DATA or --data)", file=sys.stderr)
@@ -100,11 +110,13 @@ def main() -> int:
 
     registries = build_plugin_manager().registries
     pack = registries.domains.create("south_asian_food")
+    if args.preset:
+        args.out = args.out / "+".join(args.preset)
     data = subset(args.data, 12) if args.quick else args.data
     rows = []
     for name in args.recipes.split(","):
         overrides = RECIPES[name] + (["training.epochs=1", "training.cache_views=1"] if args.quick else [])
-        config = pack.load_config(overrides)
+        config = pack.load_config(overrides, args.preset)
         run_dir = args.out / name
         started = time.perf_counter()
         result = train(config, registries, TrainOptions(run_dir=run_dir, data=str(data), progress=True))
@@ -121,6 +133,13 @@ def main() -> int:
             "ece_before": m["calibration"]["ece_before"],
             "ece_after": m["calibration"]["ece_after"],
             "temperature": m["calibration"]["temperature"],
+            "run": str(run_dir),
+            "presets": args.preset,
+            **(
+                {"cross": {k: m["val_cross"][k] for k in ("images", "top1", "top5", "ece")}}
+                if "val_cross" in m
+                else {}
+            ),
             "notes": result["notes"],
         }
         rows.append(row)

@@ -1,16 +1,18 @@
 """Which score tells "not one of our dishes" apart best? Max-probability, energy, Mahalanobis and k-NN
-distances on penultimate features, side by side on one trained run.
+distances on penultimate features, side by side on one trained run, and the score its export ships.
 
     python benchmarks/unknown_scores.py [RUN_DIR] [--data DIR] [--out runs/bench/unknown]
 
 RUN_DIR defaults to the bundled south_asian_food run (runs/bundled/south_asian_food/run, written by
-benchmarks/build_bundled_models.py). In-domain photos: the run's validation images, and its
-cross-collection subset when the split has one (``val_cross`` in split.json); the threshold of every
-score is set so that 95 % of those are accepted (at most 5 % flagged). Out-of-domain photos:
-``ood_other_cuisines`` (400 photos of 10 dishes from other cuisines: the hard case), ``plant_disease``
-(leaves: not food) and the sample photos that ship with scikit-image (non-food). Prints, per score,
-the share of each out-of-domain set flagged as unknown and the ROC AUC; writes unknown.json and a ROC
-picture (roc.png) to --out.
+benchmarks/build_bundled_models.py); its export (RUN_DIR/export, ``thali export``) gives the logits and
+the penultimate ``features`` in ONNX Runtime, with the server's preprocessing. In-domain photos: the
+run's validation images, and its cross-collection subset when the split has one (``val_cross`` in
+split.json); the threshold of every score is set so that 95 % of those are accepted (at most 5 %
+flagged). Out-of-domain photos: ``ood_other_cuisines`` (400 photos of 10 dishes from other cuisines:
+the hard case), ``plant_disease`` (leaves: not food) and the sample photos that ship with scikit-image
+(non-food). The last row, ``shipped``, is the export's own k-NN score at the threshold it ships (what
+the server flags). Prints, per score, the share of each set flagged as unknown and the ROC AUC; writes
+unknown.json and a ROC picture (roc.png) to --out.
 """
 
 from __future__ import annotations
@@ -31,33 +33,37 @@ DEFAULT_RUN = REPO / "runs" / "bundled" / "south_asian_food" / "run"
 ACCEPT = 0.95  # share of in-domain photos the threshold keeps
 
 
-def features_and_logits(model: Any, transform: Any, paths: list[Path], batch: int = 32) -> tuple[Any, Any]:
+def features_and_logits(export: Path, paths: list[Path], batch: int = 32) -> tuple[Any, Any, list[int]]:
     """Penultimate features (attention, global average pool: what the classifier's linear layer reads)
-    and logits, in eval mode."""
-    import torch
+    and logits of the export's fp32 model, with the server's preprocessing, and the positions of the
+    photos they belong to (a broken photo is skipped)."""
+    import onnxruntime as ort
     from tqdm import tqdm
 
-    from thali.core.training.data import load_rgb
+    from thali.core.inference import Preprocessor
 
-    feats, logits = [], []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(paths), batch), desc="features", unit="batch", leave=False):
-            images = []
-            for path in paths[start : start + batch]:
-                try:
-                    images.append(transform(image=load_rgb(path))["image"])
-                except Exception as exc:  # a broken photo is skipped, not fatal
-                    print(f"skipped {path}: {exc}", file=sys.stderr)
-            if not images:
-                continue
-            x = torch.stack(images)
-            f = model.attention(model.backbone(x)).mean(dim=(2, 3))
-            feats.append(f.numpy())
-            logits.append(model.fc(f).numpy())
-    return np.concatenate(feats), np.concatenate(logits)
+    preprocess = Preprocessor(json.loads((export / "preprocess.json").read_text()))
+    session = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
+    feats, logits, kept = [], [], []
+    for start in tqdm(range(0, len(paths), batch), desc="features", unit="batch", leave=False):
+        images = []
+        for i, path in enumerate(paths[start : start + batch], start):
+            try:
+                images.append(preprocess(path.read_bytes()))
+                kept.append(i)
+            except Exception as exc:  # a broken photo is skipped, not fatal
+                print(f"skipped {path}: {exc}", file=sys.stderr)
+        if not images:
+            continue
+        logit, feat = session.run(["logits", "features"], {"input": np.stack(images)})
+        feats.append(feat)
+        logits.append(logit)
+    return np.concatenate(feats), np.concatenate(logits), kept
 
 
-def scores(feats: np.ndarray, logits: np.ndarray, fit: dict[str, Any], temperature: float) -> dict[str, Any]:
+def scores(
+    feats: np.ndarray, logits: np.ndarray, fit: dict[str, Any], temperature: float, shipped: Any = None
+) -> dict[str, Any]:
     """Higher = more in-domain, for every score."""
     z = logits / temperature
     z = z - z.max(1, keepdims=True)
@@ -70,7 +76,10 @@ def scores(feats: np.ndarray, logits: np.ndarray, fit: dict[str, Any], temperatu
     unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     sims = unit @ fit["bank"].T
     knn = np.sort(sims, axis=1)[:, -fit["k"]]
-    return {"max_probability": p.max(1), "energy": energy, "mahalanobis": -maha, "knn_cosine": knn}
+    out = {"max_probability": p.max(1), "energy": energy, "mahalanobis": -maha, "knn_cosine": knn}
+    if shipped is not None:  # the export's own k-NN score (128 principal axes, float16 bank)
+        out["shipped"] = shipped.scores(feats)
+    return out
 
 
 def fit_features(feats: np.ndarray, labels: np.ndarray, k: int = 10) -> dict[str, Any]:
@@ -122,17 +131,20 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "unknown")
     args = ap.parse_args()
 
-    from thali.core import build_plugin_manager
-    from thali.core.training.evaluate import load_run
-    from thali.core.training.transforms import eval_transform
+    from thali.core.inference.unknown import load_spec
 
-    run = load_run(args.run, build_plugin_manager(autoload=False).registries)
+    export = args.run / "export"
+    if not (export / "model.onnx").is_file():
+        print(f"error: {export}: no export; run `thali export {args.run}` first", file=sys.stderr)
+        return 2
+    calibration = json.loads((export / "calibration.json").read_text())
+    temperature, shipped = float(calibration["temperature"]), load_spec(calibration)
+    domain = json.loads((export / "labels.json").read_text())["domain"]
     split = json.loads((args.run / "split.json").read_text())
-    root = Path(split["root"]) if Path(split["root"]).is_dir() else args.data / run.config.name
-    transform = eval_transform(run.model.preprocess)
+    root = Path(split["root"]) if Path(split["root"]).is_dir() else args.data / domain
     train = [(root / p, int(y)) for p, y in split["train"]]
     val = [(root / p, int(y)) for p, y in split["val"]]
-    cross = set(map(str, split.get("val_cross", [])))
+    cross = set(split.get("val_cross", []))  # positions in val of the held-out collections' photos
 
     def photos(folder: Path) -> list[Path]:
         return sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
@@ -142,19 +154,19 @@ def main() -> int:
         "plant leaves": photos(args.data / "plant_disease"),
         "non-food (scikit-image)": skimage_photos(args.out / "skimage"),
     }
-    f_train, _ = features_and_logits(run.model, transform, [p for p, _ in train])
-    fit = fit_features(f_train, np.array([y for _, y in train]))
-    f_val, l_val = features_and_logits(run.model, transform, [p for p, _ in val])
-    in_domain = {"validation": scores(f_val, l_val, fit, run.temperature)}
+    f_train, _, kept = features_and_logits(export, [p for p, _ in train])
+    fit = fit_features(f_train, np.array([train[i][1] for i in kept]))
+    f_val, l_val, kept = features_and_logits(export, [p for p, _ in val])
+    in_domain = {"validation": scores(f_val, l_val, fit, temperature, shipped)}
     if cross:
-        keep = np.array([str(Path(p).relative_to(root)) in cross or str(p) in cross for p, _ in val])
+        keep = np.array([i in cross for i in kept])
         in_domain["held-out collections"] = {k: v[keep] for k, v in in_domain["validation"].items()}
     reference = in_domain.get("held-out collections", in_domain["validation"])
     outside = {}
     for name, paths in sets.items():
         if paths:
-            f, logit = features_and_logits(run.model, transform, paths)
-            outside[name] = scores(f, logit, fit, run.temperature)
+            f, logit, _ = features_and_logits(export, paths)
+            outside[name] = scores(f, logit, fit, temperature, shipped)
 
     result: dict[str, Any] = {"run": str(args.run), "accept_in_domain": ACCEPT, "scores": {}}
     header = [
@@ -166,7 +178,8 @@ def main() -> int:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for score in reference:
-        threshold = float(np.quantile(reference[score], 1 - ACCEPT))
+        shipped_here = score == "shipped" and shipped is not None  # at the threshold the server uses
+        threshold = shipped.threshold if shipped_here else float(np.quantile(reference[score], 1 - ACCEPT))
         row: dict[str, Any] = {"threshold": threshold}
         cells = [score]
         for name, values in {**in_domain, **outside}.items():
