@@ -94,6 +94,11 @@ def print_summary(report: dict[str, Any]) -> None:
             f"  unknown flag  {unknown['method']}: flags "
             + ", ".join(f"{100 * rate:.1f} % of {name}" for name, rate in shown.items())
         )
+        for variant, rates in unknown["scores"][unknown["method"]].get("flagged_by_variant", {}).items():
+            print(  # the same thresholds on this variant's features (served when it is the serving variant)
+                f"  unknown flag  {variant}: flags "
+                + ", ".join(f"{100 * rate:.1f} % of {name}" for name, rate in rates.items())
+            )
     for warning in [*report["warnings"], *([unknown["warning"]] if unknown.get("warning") else [])]:
         print(f"warning: {warning}")
 

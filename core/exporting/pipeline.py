@@ -207,6 +207,7 @@ def export_run(
             val,
             temperature,
             settings.unknown,
+            variants={v: package / variant_file(v) for v in accepted if v != "fp32"},
             limits=limits,
             progress=progress,
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,15 +106,22 @@ def fit_unknown(
     temperature: float,
     settings: UnknownConfig,
     *,
+    variants: Mapping[str, Path] | None = None,
     limits: ImageLimits = DEFAULT_LIMITS,
     progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(calibration entries, report)``: what ``calibration.json`` gets (``unknown_threshold`` and, for
-    the k-NN score, ``unknown``) and what ``export.json`` records (rates of both scores)."""
+    the feature scores, ``unknown``) and what ``export.json`` records (rates of both scores, and of the
+    shipped one with the features of each other variant in ``variants``: int8 features drift)."""
     from tqdm import tqdm
 
     run = Outputs(model_path)
+    others = {name: Outputs(path) for name, path in (variants or {}).items()}
+    others = {name: o for name, o in others.items() if o.has_features and run.has_features}
+    other_features: dict[str, dict[str, list[np.ndarray]]] = {v: {} for v in others}
     val_logits, val_features = run(val.images)
+    for variant, outputs in others.items():
+        other_features[variant]["in-domain"] = [outputs(val.images)[1]]  # type: ignore[list-item]
     cross = set(split.val_cross)
     held_out = np.array([i in cross for i in val.indices]) if cross else np.ones(len(val.labels), bool)
     source = "held-out collections (val_cross)" if cross else "validation split"
@@ -134,7 +141,11 @@ def fit_unknown(
                 train_features.append(run(images)[1])
                 bar.update(len(images))
         for name, samples in ood.items():
-            parts = [run(images) for images in _batches(samples, transform, limits)]
+            parts = []
+            for images in _batches(samples, transform, limits):
+                parts.append(run(images))
+                for variant, outputs in others.items():
+                    other_features[variant].setdefault(name, []).append(outputs(images)[1])  # type: ignore[arg-type]
             bar.update(len(samples))
             if not parts:
                 raise DataError(f"export.unknown.ood: none of the photos in {name} could be read")
@@ -192,6 +203,14 @@ def fit_unknown(
         report["scores"][knn.METHOD].update(
             knn_threshold=fitted.knn_threshold, residual_threshold=fitted.residual_threshold
         )
+        by_variant = {}
+        for variant, features in other_features.items():
+            flagged = {name: fitted.scores(np.concatenate(f)) < 0 for name, f in features.items()}
+            rates = {"in-domain held out": float(flagged["in-domain"][held_out].mean())}
+            rates.update({n: float(flagged[n][~choose[n]].mean()) for n in ood if n in flagged})
+            by_variant[variant] = rates
+        if by_variant:
+            report["scores"][knn.METHOD]["flagged_by_variant"] = by_variant
     needed = int(np.ceil(1 / settings.max_in_domain_flagged)) if settings.max_in_domain_flagged else 0
     if missing:
         report["warning"] = "; ".join(missing)

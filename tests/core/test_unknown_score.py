@@ -121,6 +121,7 @@ def test_every_export_ships_features_and_the_score_chosen_on_held_out_photos(tin
     assert shipped["knn_threshold"] == pytest.approx(score.knn_threshold)
     assert shipped["residual_threshold"] == pytest.approx(score.residual_threshold)
     assert shipped["flagged"]["in-domain held out"] <= 0.05
+    assert set(shipped["flagged_by_variant"]) == {"int8"}  # the served variant's features, measured too
     assert report["scores"]["max_probability"]["threshold"] == pytest.approx(calibration["unknown_threshold"])
     for variant in ("model.onnx", "model.int8.onnx"):
         session = ort.InferenceSession(str(tiny_export / variant), providers=["CPUExecutionProvider"])
