@@ -86,6 +86,20 @@ def main() -> int:
     return 0
 
 
+def unknown_line(unknown: dict) -> list[str]:
+    """The card's unknown-flag rates, in one line (packages exported before it have none)."""
+    if unknown.get("method") not in unknown.get("scores", {}):
+        return []
+    rates = unknown["scores"][unknown["method"]]["flagged"]
+    shown = {unknown["in_domain"]: rates["in-domain held out"]}
+    shown.update({name: rates[name] for name in unknown.get("ood_images", {})})
+    return [
+        f"- unknown flag ({unknown['method']}): flags "
+        + ", ".join(f"{100 * rate:.1f} % of {name}" for name, rate in shown.items())
+        + " (out-of-domain rates on the half of those photos that did not choose the thresholds)"
+    ]
+
+
 def write_readme(out: Path, name: str, version: int, info: dict, minutes: float) -> None:
     """``models/README.md``: how each bundled model was made, so it is never an unexplained binary."""
     card = info["card"]
@@ -98,6 +112,7 @@ def write_readme(out: Path, name: str, version: int, info: dict, minutes: float)
         f"{card['dataset'].get('validation_images', '?')} validation images",
         f"- licence of the data: {card['dataset'].get('licence', 'not stated')}",
         "- files: " + ", ".join(f"`{f}` {b / 1e6:.2f} MB" for f, b in sorted(info["files"].items())),
+        *unknown_line(card.get("unknown") or {}),
         "",
         "| variant | top-1 | top-5 | ECE |",
         "|---|---:|---:|---:|",
