@@ -88,11 +88,10 @@ def main() -> int:
 
 def unknown_line(unknown: dict) -> list[str]:
     """The card's unknown-flag rates, in one line (packages exported before it have none)."""
-    if unknown.get("method") not in unknown.get("scores", {}):
+    from thali.core.exporting.unknown import flag_rates
+
+    if not (shown := flag_rates(unknown)):
         return []
-    rates = unknown["scores"][unknown["method"]]["flagged"]
-    shown = {unknown["in_domain"]: rates["in-domain held out"]}
-    shown.update({name: rates[name] for name in unknown.get("ood_images", {})})
     return [
         f"- unknown flag ({unknown['method']}): flags "
         + ", ".join(f"{100 * rate:.1f} % of {name}" for name, rate in shown.items())

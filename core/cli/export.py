@@ -85,11 +85,10 @@ def print_summary(report: dict[str, Any]) -> None:
         )
     for name, info in report["rejected"].items():
         print(f"  {name:<13} NOT WRITTEN: " + "; ".join(info["reasons"]))
+    from thali.core.exporting.unknown import flag_rates
+
     unknown = report.get("unknown") or {}
-    if unknown.get("method") in unknown.get("scores", {}):
-        rates = unknown["scores"][unknown["method"]]["flagged"]
-        shown = {unknown["in_domain"]: rates["in-domain held out"]}
-        shown.update({name: rates[name] for name in unknown.get("ood_images", {})})
+    if shown := flag_rates(unknown):
         print(
             f"  unknown flag  {unknown['method']}: flags "
             + ", ".join(f"{100 * rate:.1f} % of {name}" for name, rate in shown.items())

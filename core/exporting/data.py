@@ -107,11 +107,25 @@ def calibration_batches(
     """``count`` training images chosen with ``seed``, in batches; unreadable files are skipped."""
     train = list(split.train)
     random.Random(seed).shuffle(train)
-    chosen, problems = verify_images(train[: min(count, len(train))], limits=limits)
-    for start in range(0, len(chosen), batch_size):
-        images, _, broken = _preprocess(chosen[start : start + batch_size], transform, limits)
-        problems += broken
-        if images is not None:
-            yield images
+    problems: list[tuple[Path, str]] = []
+    yield from preprocessed_batches(train[: min(count, len(train))], transform, limits, batch_size, problems)
     if message := report_problems(problems, "calibration images"):
         log.warning(message)
+
+
+def preprocessed_batches(
+    samples: Sequence[Sample],
+    transform: Any,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    batch_size: int = 32,
+    problems: list[tuple[Path, str]] | None = None,
+) -> Iterator[np.ndarray]:
+    """``samples`` checked, decoded and preprocessed in batches (never all in memory); unreadable ones
+    are skipped and, with ``problems``, recorded there as ``(path, reason)``."""
+    for start in range(0, len(samples), batch_size):
+        good, bad = verify_images(samples[start : start + batch_size], limits=limits)
+        images, _, broken = _preprocess(good, transform, limits)
+        if problems is not None:
+            problems += bad + broken
+        if images is not None:
+            yield images

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,9 @@ from thali.core.errors import DataError
 from thali.core.images import DEFAULT_LIMITS, ImageLimits
 from thali.core.inference import unknown as knn
 from thali.core.inference.postprocess import softmax
-from thali.core.training.data import Sample, Split, verify_images
+from thali.core.training.data import Split
 
-from .data import ValidationSet, _preprocess
+from .data import ValidationSet, preprocessed_batches
 
 log = logging.getLogger("thali.export")
 
@@ -86,15 +86,16 @@ class Outputs:
         return np.concatenate(logits), (np.concatenate(features) if features else None)
 
 
-def _batches(
-    samples: Sequence[Sample], transform: Any, limits: ImageLimits, batch_size: int = 32
-) -> Iterator[np.ndarray]:
-    """Preprocessed images of ``samples`` in batches (never all in memory); unreadable ones are skipped."""
-    for start in range(0, len(samples), batch_size):
-        good, _ = verify_images(samples[start : start + batch_size], limits=limits)
-        images, _, _ = _preprocess(good, transform, limits)
-        if images is not None:
-            yield images
+def flag_rates(report: Mapping[str, Any]) -> dict[str, float]:
+    """The shipped score's flagged shares an ``export.json`` (or card) ``unknown`` report gives: of the
+    in-domain reference, then of each out-of-domain set; empty for a report without a shipped score."""
+    if report.get("method") not in report.get("scores", {}):
+        return {}
+    rates = report["scores"][report["method"]]["flagged"]
+    return {
+        report["in_domain"]: rates["in-domain held out"],
+        **{name: rates[name] for name in report.get("ood_images", {})},
+    }
 
 
 def fit_unknown(
@@ -137,12 +138,12 @@ def fit_unknown(
     with tqdm(total=total, desc="unknown score", unit="img", disable=not progress, leave=False) as bar:
         train_features = []
         if run.has_features:
-            for images in _batches(split.train, transform, limits):
+            for images in preprocessed_batches(split.train, transform, limits):
                 train_features.append(run(images)[1])
                 bar.update(len(images))
         for name, samples in ood.items():
             parts = []
-            for images in _batches(samples, transform, limits):
+            for images in preprocessed_batches(samples, transform, limits):
                 parts.append(run(images))
                 for variant, outputs in others.items():
                     other_features[variant].setdefault(name, []).append(outputs(images)[1])  # type: ignore[arg-type]
@@ -162,13 +163,13 @@ def fit_unknown(
         fitted = knn.fit(
             np.concatenate(train_features), k=settings.k, dims=settings.dims, max_bank=settings.max_bank
         )
-        parts = {"in-domain": fitted.components(val_features)}
+        components = {"in-domain": fitted.components(val_features)}
         for name, (_, features) in ood_logits.items():
-            parts[name] = fitted.components(features)  # type: ignore[arg-type]
+            components[name] = fitted.components(features)  # type: ignore[arg-type]
         t_knn, t_res = knn.choose_thresholds(
-            tuple(v[held_out] for v in parts["in-domain"]),  # type: ignore[arg-type]
+            tuple(v[held_out] for v in components["in-domain"]),  # type: ignore[arg-type]
             settings.max_in_domain_flagged,
-            [tuple(v[choose[n]] for v in parts[n]) for n in ood_logits],  # type: ignore[misc]
+            [tuple(v[choose[n]] for v in components[n]) for n in ood_logits],  # type: ignore[misc]
         )
         fitted = dataclasses.replace(fitted, knn_threshold=t_knn, residual_threshold=t_res)
         scores[knn.METHOD] = {name: fitted.scores(features) for name, features in (
@@ -212,14 +213,14 @@ def fit_unknown(
         if by_variant:
             report["scores"][knn.METHOD]["flagged_by_variant"] = by_variant
     needed = int(np.ceil(1 / settings.max_in_domain_flagged)) if settings.max_in_domain_flagged else 0
-    if missing:
-        report["warning"] = "; ".join(missing)
+    warnings = list(missing)
     if held_out.sum() < needed:
-        report["warning"] = ("; ".join(missing) + "; " if missing else "") + (
+        warnings.append(
             f"only {int(held_out.sum())} in-domain held-out photos: the threshold is their lowest score; "
             f"{needed} or more are needed to hold {100 * settings.max_in_domain_flagged:g} % flagged"
         )
-        log.debug("unknown flag: %s", report["warning"])  # `thali export` prints it with the summary
+    if warnings:
+        report["warning"] = "; ".join(warnings)  # `thali export` prints it with the summary
 
     method = settings.method
     if method == knn.METHOD and fitted is None:

@@ -84,7 +84,11 @@ class UnknownScore:
     k: int
     knn_threshold: float = float("-inf")
     residual_threshold: float = float("-inf")
-    threshold: float = 0.0  # on the margin ``scores`` returns
+
+    @property
+    def threshold(self) -> float:
+        """On the margin :meth:`scores` returns: below it, unknown."""
+        return 0.0
 
     @property
     def dims(self) -> int:
@@ -129,21 +133,26 @@ def fit(
         raise DataError("the unknown score needs the features of at least two training images")
     d = max(1, min(dims, *x.shape))
     _, _, vt = np.linalg.svd(x, full_matrices=False)  # principal axes of the raw features, largest first
-    projection = vt[:d].T.astype(np.float16).astype(np.float32)  # rounded now: the score measured at
-    projection, _ = np.linalg.qr(projection)  # export is the score served (re-orthonormalised)
-    projection = projection.astype(np.float16).astype(np.float32)
+    # rounded to float16 now, so the score measured at export is the score served
+    projection = vt[:d].T.astype(np.float16).astype(np.float32)
     if len(x) > max_bank:
         x = x[np.sort(np.random.default_rng(seed).choice(len(x), max_bank, replace=False))]
     bank = _unit(x.astype(np.float32) @ projection).astype(np.float16).astype(np.float32)
     return UnknownScore(projection=projection, bank=bank, k=int(k))
 
 
+def _cut(values: np.ndarray, count: int) -> float:
+    """The highest threshold under which at most ``count`` of ``values`` fall (ties may let fewer)."""
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
+    if not len(ordered):
+        return 0.0
+    return float(ordered[count]) if count < len(ordered) else float(ordered[-1] + 1e-6)
+
+
 def choose_threshold(values: np.ndarray, max_flagged: float) -> float:
     """The highest threshold that flags at most ``max_flagged`` of ``values`` (scores of photos of our
     classes the model did not train on): no other threshold flags more out-of-domain photos within it."""
-    ordered = np.sort(np.asarray(values, dtype=np.float64))
-    allowed = int(np.floor(max_flagged * len(ordered)))  # this many may fall below the threshold
-    return float(ordered[allowed]) if allowed < len(ordered) else float(ordered[-1] + 1e-6)
+    return _cut(values, int(np.floor(max_flagged * len(values))))
 
 
 def choose_thresholds(
@@ -157,23 +166,14 @@ def choose_thresholds(
     the ways to share that budget between the two scores, flag most of the ``outside`` photos (mean
     share over the sets; without any, the budget is shared equally)."""
     knn, residual = (np.asarray(v, dtype=np.float64) for v in in_domain)
-    n = len(knn)
-    allowed = int(np.floor(max_flagged * n))
-
-    def cut(values: np.ndarray, count: int) -> float:
-        """The threshold under which ``count`` of ``values`` fall (ties may let fewer fall)."""
-        ordered = np.sort(values)
-        return float(ordered[count]) if count < len(ordered) else float(ordered[-1] + 1e-6)
-
+    allowed = int(np.floor(max_flagged * len(knn)))
     best: tuple[float, float, float] | None = None
     shares = np.linspace(0, 1, steps) if outside else np.array([0.5])
     for share in shares:
-        t_knn = cut(knn, round(share * allowed))
+        t_knn = _cut(knn, round(share * allowed))
         below = knn < t_knn
         # the largest residual threshold that keeps the union within the budget
-        rest = np.sort(residual[~below])
-        room = allowed - int(below.sum())
-        t_res = float(rest[room]) if room < len(rest) else float(rest[-1] + 1e-6) if len(rest) else 0.0
+        t_res = _cut(residual[~below], allowed - int(below.sum()))
         if not outside:
             return t_knn, t_res
         caught = np.mean([np.mean((k_ < t_knn) | (r_ < t_res)) for k_, r_ in outside])
