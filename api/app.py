@@ -102,4 +102,8 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
         return response
 
     hosting.load_configured()
+    if settings.watch_s:
+        from .watch import RegistryWatcher
+
+        hosting.watcher = RegistryWatcher(hosting, settings.watch_s).start()
     return app

@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, help="micro-batch size (1 turns batching off)")
     p.add_argument("--max-wait-ms", type=float, help="micro-batch wait after the first request")
     p.add_argument("--trusted-key", action="append", default=None, help="serve only packages signed by it")
+    p.add_argument(
+        "--watch",
+        type=float,
+        metavar="SECONDS",
+        help="poll the registry every SECONDS and hot-swap a domain when its alias moves",
+    )
     p.add_argument("--dev", action="store_true", help="Flask's development server instead of gunicorn")
     p.set_defaults(func=run_serve)
 
@@ -48,6 +54,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
         "trusted_keys": args.trusted_key,
+        "watch_s": args.watch,
     }
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})

@@ -28,7 +28,9 @@ class Ready(MethodView):
     @blp.response(200, ReadySchema)
     @blp.alt_response(503, schema=ReadySchema, description="a configured domain is not loaded")
     def get(self) -> Any:
-        """Every configured domain is loaded; else 503 naming the domain and why"""
+        """Every configured domain is loaded; else 503 naming the domain and why. With ``--watch``,
+        ``watch`` tells per domain the ref followed, the last check, and a version refused (still ready:
+        the previous version is served)"""
         hosting = service().hosting
         domains: dict[str, Any] = {
             name: {"ready": True, "version": m.version, "variant": m.variant}
@@ -41,7 +43,10 @@ class Ready(MethodView):
         ready = bool(domains) and all(d["ready"] for d in domains.values())
         if not domains:
             domains["(none)"] = {"ready": False, "error": f"no models in {hosting.registry.url}"}
-        return {"status": "ready" if ready else "not ready", "domains": domains}, (200 if ready else 503)
+        answer: dict[str, Any] = {"status": "ready" if ready else "not ready", "domains": domains}
+        if hosting.watcher is not None:  # what the registry watch saw: a refused version, an error
+            answer["watch"] = {name: dict(state) for name, state in list(hosting.watcher.state.items())}
+        return answer, (200 if ready else 503)
 
 
 @blp.route("/metrics")

@@ -107,6 +107,8 @@ class Hosting:
         self.failures: dict[str, str] = {}  # domain -> why it is not served
         self.wanted: dict[str, str | None] = {}  # domain -> ref asked for (None: production, else latest)
         self._lock = threading.Lock()  # guards swaps; requests read self.models without it
+        self._loading = threading.Lock()  # one build at a time (admin calls and the registry watch)
+        self.watcher: Any = None  # a RegistryWatcher with `thali serve --watch`
         self.limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_bytes)
 
     # -- loading -------------------------------------------------------------------------------
@@ -135,6 +137,14 @@ class Hosting:
                 self.failures[name] = exc.message
                 self.metrics.load_failures.labels(name).inc()
                 log.error("not serving %s: %s", name, exc.message)
+
+    def watched_ref(self, domain: str) -> str:
+        """The ref the registry watch follows: the loaded model's (an admin load of a version pins it),
+        else the configured one, else ``production`` when the domain has it, else ``latest``."""
+        model, wanted = self.models.get(domain), self.wanted.get(domain)
+        if model is not None and not (wanted is None and model.ref == "latest"):
+            return model.ref
+        return wanted or self._default_ref(domain)
 
     def _default_ref(self, domain: str) -> str:
         if "production" in self.registry.aliases(domain):
@@ -222,6 +232,10 @@ class Hosting:
 
     def load(self, domain: str, ref: str | None = None, variant: str | None = None) -> LoadedModel:
         """Build ``domain`` at ``ref`` and swap it in; the old model drains and closes."""
+        with self._loading:
+            return self._load(domain, ref, variant)
+
+    def _load(self, domain: str, ref: str | None, variant: str | None) -> LoadedModel:
         model = self.build(domain, ref, variant)
         with self._lock:
             old = self.models.get(domain)
@@ -262,6 +276,8 @@ class Hosting:
         return self.load(domain, model.ref, model.variant)
 
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         for model in list(self.models.values()):
             model.batcher.close(drain=False)
 

@@ -58,6 +58,19 @@ class Metrics:
             multiprocess_mode="liveall",
             **r,
         )
+        self.swaps = Counter(
+            "thali_model_swaps",
+            "registry watch: versions swapped in, refused (checksum or signature) or failed to load",
+            ["domain", "outcome"],
+            **r,
+        )
+        self.refused = Gauge(
+            "thali_model_refused_version",
+            "registry watch: the version refused last (0: none), while the old one is still served",
+            ["domain"],
+            multiprocess_mode="max",
+            **r,
+        )
         self.load_failures = Counter(
             "thali_model_load_failures", "models that failed to load", ["domain"], **r
         )

@@ -146,3 +146,6 @@ class HealthSchema(Schema):
 class ReadySchema(Schema):
     status = fields.String(required=True)
     domains = fields.Dict(required=True)
+    watch = fields.Dict(
+        metadata={"description": "with --watch: per domain the ref followed, last check, a refused version"}
+    )

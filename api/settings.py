@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     )
     ort_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per model")
     ort_spinning: bool = Field(True, description="ONNX Runtime threads spin while idle (off: less CPU)")
+    watch_s: float | None = Field(
+        None, gt=0, le=86400, description="poll the registry every N s; hot-swap when an alias moves"
+    )
     warmup: bool = Field(True, description="run one batch through each model before it takes traffic")
 
     @field_validator("domains", mode="before")

@@ -47,7 +47,7 @@ def jpeg(colour: str, size: tuple[int, int] = (44, 36), seed: int = 0) -> bytes:
 @dataclass
 class Server:
     url: str
-    registry: Path
+    registry: Path | str
     log: Path
     process: subprocess.Popen[bytes]
 
@@ -62,7 +62,18 @@ class Server:
         return requests.request(method, self.url + path, headers=headers, timeout=60, **kwargs)
 
 
-def start_server(registry: Path, log: Path, env: dict[str, str] | None = None, *extra: str) -> Server:
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def start_server(registry: Path | str, log: Path, env: dict[str, str] | None = None, *extra: str) -> Server:
     port = free_port()
     full_env = {**os.environ, "THALI_ADMIN_KEY": ADMIN_KEY, **(env or {})}
     handle = open(log, "wb")  # noqa: SIM115 - closed when the process is stopped

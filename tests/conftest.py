@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from api_support import api_registry, explain_export, second_export, server  # noqa: F401 (fixtures)
 from helpers import find_datasets, use_site, write_demo_distribution
+from registry_fixtures import s3_endpoint  # noqa: F401 (fixture)
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

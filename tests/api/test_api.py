@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import requests
-from api_support import SHIPPED_THRESHOLDS, Server, jpeg
+from api_support import SHIPPED_THRESHOLDS, Server, jpeg, metric_value
 
 ERROR_KEYS = {"code", "status", "message", "errors"}
 
@@ -285,16 +285,6 @@ def test_hot_swap_under_load_drops_no_request(server: Server) -> None:
     assert server.get("/v1/domains/tiny").json()["version"] == 1
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_metrics_counters_move(server: Server) -> None:
     before = server.get("/metrics").text
     image = jpeg("green", seed=1234)
@@ -302,18 +292,18 @@ def test_metrics_counters_move(server: Server) -> None:
         server.post("/v1/domains/tiny/predict", files={"image": image})
     after = server.get("/metrics").text
     assert (
-        _metric(after, "thali_requests_total", domain="tiny", status="200")
-        >= _metric(before, "thali_requests_total", domain="tiny", status="200") + 3
+        metric_value(after, "thali_requests_total", domain="tiny", status="200")
+        >= metric_value(before, "thali_requests_total", domain="tiny", status="200") + 3
     )
     assert (
-        _metric(after, "thali_cache_total", domain="tiny", result="hit")
-        >= _metric(before, "thali_cache_total", domain="tiny", result="hit") + 2
+        metric_value(after, "thali_cache_total", domain="tiny", result="hit")
+        >= metric_value(before, "thali_cache_total", domain="tiny", result="hit") + 2
     )
-    assert _metric(after, "thali_predictions_total", domain="tiny", label="green") > _metric(
+    assert metric_value(after, "thali_predictions_total", domain="tiny", label="green") > metric_value(
         before, "thali_predictions_total", domain="tiny", label="green"
     )
     for name in ("thali_batch_size_count", "thali_queue_wait_seconds_count", "thali_top1_confidence_count"):
-        assert _metric(after, name, domain="tiny") > 0, name
+        assert metric_value(after, name, domain="tiny") > 0, name
     assert re.search(r'thali_model_loaded\{.*domain="tiny".*\} 1\.0', after)
 
 

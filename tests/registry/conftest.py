@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from registry_fixtures import store_url
@@ -17,43 +10,6 @@ from registry_fixtures import store_url
 from thali.registry import ModelRegistry
 
 DOMAIN = "tiny"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """moto's standalone S3 server as a separate process on 127.0.0.1, with one bucket."""
-    pytest.importorskip("s3fs")
-    boto3 = pytest.importorskip("boto3")
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
-    )
-    url = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "thali", "AWS_SECRET_ACCESS_KEY": "thali", "AWS_DEFAULT_REGION": "us-east-1"}
-    os.environ.update(env)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    pytest.fail(f"moto server did not start on {url}")
-                time.sleep(0.2)
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="models")
-        yield {"endpoint_url": url, "env": env}
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
