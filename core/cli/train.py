@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,8 @@ def run_train(ctx: Context) -> int:
     require_train("train")
     from thali.core.training.trainer import TrainOptions, train
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 speaks
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(message)s")
     args, pm = ctx.args, ctx.plugins
     run_dir = args.run_dir
     if args.resume:  # the run's own resolved config, not today's domain.yaml
@@ -82,6 +84,8 @@ def run_train(ctx: Context) -> int:
         progress=not args.no_progress,
     )
     result = train(config, pm.registries, options)
+    if not main_rank:
+        return 0
     if args.json:
         print_json(result)
         return 0

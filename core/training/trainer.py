@@ -42,7 +42,7 @@ from .data import (
     write_split,
 )
 from .evaluate import cross_line, cross_summary
-from .features import compute_features, make_engine
+from .features import compute_features, make_engine, shard_features
 from .logbook import write_epoch
 from .loss import build_loss
 from .metrics import fit_temperature, summarize
@@ -177,17 +177,18 @@ class Trainer:
         )
         val_ds = ImageDataset(self.split.val, eval_transform(self.preprocess), limits=limits)
         started = time.perf_counter()
-        self.train_feats = compute_features(
-            engine,
-            train_ds,
-            views=t.cache_views,
-            seed=t.seed,
-            desc=f"caching train ({engine.name})",
-            **common,
-        )
-        self.val_feats = compute_features(
-            engine, val_ds, views=1, seed=t.seed, desc=f"caching val ({engine.name})", **common
-        )
+        for part, dataset, views in (("train", train_ds, t.cache_views), ("val", val_ds, 1)):
+            options = {"views": views, "seed": t.seed, "desc": f"caching {part} ({engine.name})", **common}
+            if self.dist.world > 1:  # each rank its shard, then exchanged: computed once in total
+                cached, counts = shard_features(
+                    engine, dataset, rank=self.dist.rank, world=self.dist.world, **options
+                )
+                self.notes.append(counts.line(part))
+                if self.dist.main:
+                    log.info("%s", counts.line(part))
+            else:
+                cached = compute_features(engine, dataset, **options)
+            setattr(self, f"{part}_feats", cached)
         self.cache_seconds = time.perf_counter() - started
         self.notes.append(f"cached frozen features with {engine.name} in {self.cache_seconds:.0f} s")
 
