@@ -53,6 +53,12 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: Any) -> Any:
+        """``THALI_ADMIN_KEY=`` (empty, as a compose file or a manifest may leave it) keeps admin off."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("trusted_keys", mode="before")
     @classmethod
     def _paths(cls, value: Any) -> Any:
