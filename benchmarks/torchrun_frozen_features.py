@@ -50,6 +50,7 @@ def thali_train(command: list[str], run_dir: Path, data: Path, sets: list[str], 
         "ece": metrics["val"]["ece"],
         "cache_rows": {part: {"per_rank": rows.strip(), "total": total} for part, rows, total in shares},
         "cache_note": next((n for n in result.stdout.splitlines() if "cached frozen features" in n), ""),
+        "epochs": [line for line in result.stderr.splitlines() if line.startswith("epoch ")],
     }
 
 
@@ -78,7 +79,7 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---|")
     for name, r in (("1 process", single), (f"torchrun, {args.nproc} processes", ddp)):
         rows = (
-            "; ".join(f"{k}: {v['per_rank']}= {v['total']}" for k, v in r["cache_rows"].items())
+            "; ".join(f"{k}: {v['per_rank']} = {v['total']}" for k, v in r["cache_rows"].items())
             or "all, in one"
         )
         print(
