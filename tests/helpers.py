@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -179,3 +181,53 @@ def use_site(site: Path, monkeypatch: object) -> Path:
     monkeypatch.delenv("THALI_DISABLE_PLUGIN_AUTOLOAD", raising=False)  # type: ignore[attr-defined]
     monkeypatch.delenv("THALI_BLOCK_PLUGINS", raising=False)  # type: ignore[attr-defined]
     return site
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) of every process."""
+    table = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+            table[int(pid)] = (int(ppid), state)
+        except (OSError, ValueError):
+            continue  # gone while we looked
+    return table
+
+
+def descendants(root: int) -> set[int]:
+    """Every process under ``root`` now (thali up puts the API and the UI in groups of their own)."""
+    table, found, todo = _processes(), set(), [root]
+    while todo:
+        parent = todo.pop()
+        children = [pid for pid, (ppid, _) in table.items() if ppid == parent]
+        found.update(children)
+        todo += children
+    return found
+
+
+def alive(pids: set[int]) -> list[str]:
+    """Command lines (and threads) of those of ``pids`` still running; a zombie left to an init that
+    does not reap is a finished process, not a survivor."""
+    alive, table = [], _processes()
+    for pid in sorted(pids):
+        if pid in table and table[pid][1] != "Z":
+            with contextlib.suppress(OSError):
+                command = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
+                threads = sorted(
+                    f"{(t / 'comm').read_text().strip()}@{(t / 'wchan').read_text().strip()}"
+                    for t in Path(f"/proc/{pid}/task").iterdir()
+                )
+                alive.append(f"{pid} {command} threads={threads}")
+    return alive
+
+
+def kill_tree(process: subprocess.Popen[str], also: set[int] | None = None) -> None:
+    """SIGKILL ``process``, its group and everything under it (``thali up`` starts the API and the UI
+    in groups of their own), so nothing of a failed test outlives it."""
+    for pid in descendants(process.pid) | (also or set()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)

@@ -6,6 +6,7 @@ the UI answer, prints the three URLs, and stops both cleanly on Ctrl-C (or when 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +19,8 @@ from pathlib import Path
 from thali.core.errors import ThaliError
 
 from .context import Context
+
+STOP_S = 20.0  # how long Ctrl-C waits for the API and the UI before it kills what is left
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,12 +66,19 @@ def run_up(ctx: Context) -> int:
     # non-interactive shell starts with SIGINT ignored, and Python then never raises KeyboardInterrupt).
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
-    serve = subprocess.Popen([*_thali(), "serve", "--registry", registry, "--port", str(args.port)])
+    # each child leads a process group of its own (gunicorn's workers join the server's): thali up alone
+    # decides how they stop, and can end a whole group, workers included, if one does not stop in time
+    serve = subprocess.Popen(
+        [*_thali(), "serve", "--registry", registry, "--port", str(args.port)], start_new_session=True
+    )
     children = [serve]
     try:
         ui_args = ["--domain", args.ui_domain] if args.ui_domain else []
         children.append(
-            subprocess.Popen([*_thali(), "ui", "--api", api, "--port", str(args.ui_port), *ui_args])
+            subprocess.Popen(
+                [*_thali(), "ui", "--api", api, "--port", str(args.ui_port), *ui_args],
+                start_new_session=True,
+            )
         )
         deadline = time.time() + args.timeout
         while True:
@@ -96,11 +106,22 @@ def run_up(ctx: Context) -> int:
         print("\nstopping …", flush=True)
         return 0
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        _stop(children, serve)
+
+
+def _stop(children: list[subprocess.Popen[bytes]], serve: subprocess.Popen[bytes]) -> None:
+    """SIGINT to the API's group (gunicorn's quick shutdown: master and workers), SIGTERM to the UI's;
+    a group still there after STOP_S seconds is killed whole, so no worker outlives ``thali up``."""
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGINT if child is serve else signal.SIGTERM)
+    deadline = time.monotonic() + STOP_S
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            name = "thali serve" if child is serve else "thali ui"
+            print(f"{name} did not stop within {STOP_S:g} s; killing it and its workers", flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait(timeout=10)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 from api_support import free_port, jpeg
-from helpers import read_until, thali_command
+from helpers import kill_tree, read_until, thali_command
 
 
 def test_up_serves_a_registry_and_the_ui_and_stops_both_on_ctrl_c(api_registry: Path, tmp_path: Path) -> None:
@@ -40,7 +40,37 @@ def test_up_serves_a_registry_and_the_ui_and_stops_both_on_ctrl_c(api_registry: 
                 raise AssertionError(f"{url} still answers after Ctrl-C")
             except requests.ConnectionError:
                 pass
+    finally:  # thali up starts the API and the UI in groups of their own: end the whole tree
+        kill_tree(process)
+
+
+def test_an_api_worker_that_does_not_stop_is_killed_with_its_server(
+    api_registry: Path, tmp_path: Path
+) -> None:
+    """A gunicorn worker that cannot stop (here: frozen with SIGSTOP) must not outlive Ctrl-C: thali up
+    kills the API's whole process group after its grace period, so no orphaned worker keeps the port."""
+    from helpers import alive, descendants
+
+    port, ui_port = free_port(), free_port()
+    env = {**os.environ, "THALI_REGISTRY": str(api_registry), "THALI_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen(
+        [*thali_command(), "up", "--port", str(port), "--ui-port", str(ui_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        read_until(process, "Ctrl-C stops both", 180)
+        started = descendants(process.pid)
+        (master,) = [  # thali up's child `thali serve`: the gunicorn master
+            p
+            for p in started
+            if int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == process.pid
+            and "serve" in Path(f"/proc/{p}/cmdline").read_text().split("\0")
+        ]
+        (worker,) = descendants(master)  # gunicorn's one worker
+        os.kill(worker, signal.SIGSTOP)
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=90) == 0
+        assert "did not stop within" in process.stdout.read()  # type: ignore[union-attr]
+        assert not alive(started), alive(started)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        kill_tree(process)

@@ -4,7 +4,6 @@ dish photo through the API to the bundled model, the UI page in headless Chromiu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -18,7 +17,7 @@ import pytest
 import requests
 from api_support import free_port
 from browser_support import element, headless_chromium, wait_for_text
-from helpers import REPO, read_until
+from helpers import REPO, alive, descendants, kill_tree, read_until
 
 # Photos the bundled model gets right (top-1); read by the test client, never by the server.
 DISHES = ("jalebi", "dosa", "momo")
@@ -39,21 +38,6 @@ def _newcomer_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "/.venv/" not in p + "/")
     return env
-
-
-def _group_alive(pgid: int) -> list[str]:
-    """Command lines of the live processes of a process group (zombies left to an init that does not
-    reap are finished processes, not survivors)."""
-    alive = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            state, _ppid, group = stat.rsplit(")", 1)[1].split()[:3]
-            if int(group) == pgid and state != "Z":
-                alive.append(Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip())
-        except (OSError, ValueError):
-            continue  # gone while we looked
-    return alive
 
 
 def test_make_run_in_a_fresh_clone_serves_the_bundled_dish_recogniser(
@@ -104,16 +88,15 @@ def test_make_run_in_a_fresh_clone_serves_the_bundled_dish_recogniser(
             body = chrome.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
             assert "Jalebi" in body and "Traceback" not in body
 
+        started = descendants(process.pid)  # make, thali up, the API (master and worker), the UI
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches make and thali up
         process.wait(timeout=60)
         deadline = time.time() + 60  # make returns at once; thali up stops the API and the UI after it
-        while alive := _group_alive(process.pid):
-            assert time.time() < deadline, f"still running 60 s after Ctrl-C: {alive}"
+        while survivors := alive(started):
+            assert time.time() < deadline, f"still running 60 s after Ctrl-C: {survivors}"
             time.sleep(0.5)
         for url in (f"{api}/healthz", urls["UI"]):
             with pytest.raises(requests.ConnectionError):
                 requests.get(url, timeout=2)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # nothing of a failed run outlives the test
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    finally:  # nothing of a failed run outlives the test
+        kill_tree(process, locals().get("started", set()))
