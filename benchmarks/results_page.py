@@ -51,6 +51,21 @@ def num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+RECIPES = {  # benchmarks/train_south_asian_food.py's recipes, in words
+    "a_linear_probe": "(a) linear probe on frozen Lite0 features",
+    "b_full_no_attention": "(b) Lite0, last 2 stages fine-tuned, no attention",
+    "c_full_se_attention": "(c) Lite0, last 2 stages fine-tuned, SE head + coordinate attention",
+    "d_se_cnn_scratch": "(d) compact SE CNN from scratch, 128 px",
+    "e_full_se_attention_ema": "(e) = (c) with 3 stages and an EMA of the weights",
+}
+
+
+def recipe_label(row: dict[str, Any]) -> str:
+    augmentation = ", plain augmentation" if "plain" in (row.get("presets") or []) else ""
+    name = RECIPES.get(row["recipe"], f"recipe {row['recipe']}")
+    return f"{name}{augmentation} ({row['wall_min']:.0f} min on this CPU)"
+
+
 def accuracy_section(runs: list[tuple[str, Path]], recipe_files: list[Path]) -> list[str]:
     lines = [
         "## Accuracy",
@@ -73,7 +88,7 @@ def accuracy_section(runs: list[tuple[str, Path]], recipe_files: list[Path]) -> 
             cross = row.get("cross") or {}
             split = "cross-collection" if cross else "random"
             lines.append(
-                f"| recipe {row['recipe']} | {split} | | {pct(row['top1'])} | {pct(row['top5'])} | "
+                f"| {recipe_label(row)} | {split} | | {pct(row['top1'])} | {pct(row['top5'])} | "
                 f"{num(row['ece_after'])} | {cross.get('images', '')} | {pct(cross.get('top1'))} | "
                 f"{pct(cross.get('top5'))} | {num(cross.get('ece'))} |"
             )
