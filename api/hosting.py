@@ -109,6 +109,7 @@ class Hosting:
         self._lock = threading.Lock()  # guards swaps; requests read self.models without it
         self._loading = threading.Lock()  # one build at a time (admin calls and the registry watch)
         self.watcher: Any = None  # a RegistryWatcher with `thali serve --watch`
+        self.unloaded: set[str] = set()  # domains an admin unloaded: the watch does not bring them back
         self.limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_bytes)
 
     # -- loading -------------------------------------------------------------------------------
@@ -242,6 +243,7 @@ class Hosting:
             self.models[domain] = model  # one assignment: requests see the old model or the new one
             self.failures.pop(domain, None)
             self.wanted.setdefault(domain, ref)
+            self.unloaded.discard(domain)
         self._retire(old, model)
         log.info(
             "serving %s v%d (%s) %s on %s/%s",
@@ -266,6 +268,7 @@ class Hosting:
         with self._lock:
             old = self.models.pop(check_name(domain, "domain"), None)
             self.wanted.pop(domain, None)
+            self.unloaded.add(domain)
         if old is None:
             raise NotFoundError(f"domain {domain!r} is not loaded")
         self._retire(old, None)

@@ -3,9 +3,10 @@ serves (an alias such as ``production``, or ``latest``) and, when one names anot
 warms that version and swaps it in (``Hosting.load``: the old model drains, no request fails).
 
 A version that fails its checksum or signature is refused: the process keeps serving what it serves,
-says so in ``/readyz`` (``domains.<name>.watch.refused``), the log (once per version) and the metric
-``thali_model_swaps_total{outcome="refused"}``, and tries that version again only after a back-off (a
-damaged upload may be repaired in place). An unreachable store is a logged warning, never a crash.
+says so in ``/readyz`` (``watch.<domain>.refused``), the log (once per version) and the metrics
+``thali_model_swaps_total{outcome="refused"}`` and ``thali_model_refused_version``, and tries that
+version again only after a back-off (a damaged upload may be repaired in place). An unreachable store
+or a vanished alias is one logged error and ``watch.<domain>.error``, never a crash.
 
 Nothing here is shared between processes or replicas: each polls the store on its own, so the registry
 is the only truth and a replica can be started or killed at any time."""
@@ -62,11 +63,12 @@ class RegistryWatcher:
     # -- one poll ------------------------------------------------------------------------------
     def targets(self) -> list[str]:
         """The domains to follow: those configured (loaded or not yet), and with no ``--domain`` list
-        every domain the registry holds, so a domain published later is served too."""
+        every domain the registry holds, so a domain published later is served too; never one an admin
+        unloaded (until an admin loads it again)."""
         names = set(self.hosting.wanted) | set(self.hosting.models)
         if not self.hosting.settings.domains:
             names |= set(self.hosting.registry.domains())
-        return sorted(names)
+        return sorted(names - self.hosting.unloaded)
 
     def poll(self) -> None:
         self._polls += 1

@@ -71,6 +71,11 @@ def test_a_domain_published_later_is_served(watched: Any, second_export: Path) -
     ready = _ready(app)
     assert ready["http"] == 200 and ready["domains"]["duo"]["ready"] is True
 
+    unloaded = app.test_client().delete("/v1/domains/duo", headers={"X-API-Key": ADMIN_KEY})
+    assert unloaded.status_code == 204
+    hosting.watcher.poll()
+    assert "duo" not in hosting.models  # an admin's unload is not undone by the watch
+
 
 def test_a_vanished_alias_or_store_keeps_the_old_model_and_says_why(watched: Any, tmp_path: Path) -> None:
     app, hosting, _ = watched
