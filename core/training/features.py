@@ -107,12 +107,9 @@ def shard_features(
 
     positions = torch.arange(rank, len(dataset), world)
     shard = ImageDataset([dataset.samples[i] for i in positions.tolist()], dataset.transform, dataset.limits)
-    try:
-        mine = compute_features(engine, shard, views=views, **options)
-        mine.indices = positions[mine.indices]  # shard position -> dataset index
-    except RuntimeError:  # every image of this shard failed to decode: the others may still have some
-        none = torch.empty(0, dtype=torch.long)
-        mine = CachedFeatures(torch.empty(0, dtype=torch.float16), none, none, none, len(shard) * views)
+    # a shard whose every image fails to decode is empty, not an error: the other shards may have some
+    mine = compute_features(engine, shard, views=views, allow_empty=True, **options)
+    mine.indices = positions[mine.indices]  # shard position -> dataset index
     meta: list[Any] = [None] * world
     shape = tuple(mine.features.shape[1:]) if len(mine.labels) else None
     dist.all_gather_object(meta, (len(mine.labels), shape, mine.skipped))
@@ -121,14 +118,16 @@ def shard_features(
     if shape is None:
         raise RuntimeError("no image could be read")
     most = max(rows)
+    # nccl exchanges GPU tensors only (the trainer sets each rank's device); gloo CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
 
     def gathered(tensor: torch.Tensor, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        padded = torch.zeros((most, *tail), dtype=dtype)
+        padded = torch.zeros((most, *tail), dtype=dtype, device=device)
         if len(tensor):
             padded[: len(tensor)] = tensor.reshape(-1, *tail)
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded)
-        return torch.cat([part[:n] for part, n in zip(parts, rows, strict=True)])
+        return torch.cat([part[:n].cpu() for part, n in zip(parts, rows, strict=True)])
 
     features = gathered(mine.features, shape, torch.float16)
     labels = gathered(mine.labels, (), torch.long)
@@ -151,6 +150,7 @@ def compute_features(
     num_workers: int,
     progress: bool,
     desc: str,
+    allow_empty: bool = False,
 ) -> CachedFeatures:
     """Features of every image for each view: ``(views * n, C, h, w)`` float16, with the label, the
     dataset index and the view of each row; images that fail to decode are skipped and counted."""
@@ -174,7 +174,10 @@ def compute_features(
                 view_ids.append(torch.full_like(batch["indices"], view))
                 bar.update(len(batch["labels"]))
     if not chunks:
-        raise RuntimeError("no image could be read")
+        if not allow_empty:
+            raise RuntimeError("no image could be read")
+        none = torch.empty(0, dtype=torch.long)
+        return CachedFeatures(torch.empty(0, dtype=torch.float16), none, none, none, skipped)
     return CachedFeatures(
         torch.cat(chunks), torch.cat(labels), torch.cat(indices), torch.cat(view_ids), skipped
     )

@@ -79,6 +79,8 @@ def _init_distributed(device_hint: str) -> Dist:
     if world <= 1:
         return Dist()
     backend = "nccl" if torch.cuda.is_available() and device_hint != "cpu" else "gloo"
+    if backend == "nccl":  # one GPU per rank, also for the collectives that are not DDP's own
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend=backend)
     return Dist(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
