@@ -186,6 +186,13 @@ class ModelConfig(Strict):
     head_dropout: float = Field(0.2, ge=0.0, lt=1.0)
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     params: dict[str, Any] = Field(default_factory=dict, description="extra backbone arguments")
+    eval_crop_pct: float | None = Field(
+        None,
+        gt=0.5,
+        le=1.0,
+        description="share of the shorter side the centre crop keeps in validation, export and serving "
+        "(1.0: the whole photo); default: the backbone's (0.875 for most)",
+    )
 
 
 class LossConfig(Strict):

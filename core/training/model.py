@@ -147,4 +147,7 @@ def build_classifier(
         if first_attention_stage < frozen:  # new attention modules must train
             log.info("attention after stage %d: training from there on", first_attention_stage)
             frozen, freeze_head = first_attention_stage, False
-    return Classifier(backbone, head_attention, num_classes, m.head_dropout, frozen, freeze_head)
+    model = Classifier(backbone, head_attention, num_classes, m.head_dropout, frozen, freeze_head)
+    if m.eval_crop_pct is not None:  # the domain knows better than the backbone how its photos are framed
+        model.preprocess["crop_pct"] = float(m.eval_crop_pct)
+    return model

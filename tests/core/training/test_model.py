@@ -48,3 +48,20 @@ def test_frozen_prefix_and_cached_forward_match_the_full_forward(
         torch.testing.assert_close(model.forward_cached(model.prefix()(x)), model(x))
     model.train()
     assert not model.backbone.stem.training and model.fc.training
+
+
+def test_a_domain_can_keep_the_whole_photo_at_evaluation(tmp_path: Path, registries: object) -> None:
+    import numpy as np
+
+    from thali.core.training.transforms import eval_transform
+
+    default = build_classifier(_config(tmp_path), registries).preprocess
+    whole = build_classifier(_config(tmp_path, "model.eval_crop_pct=1.0"), registries).preprocess
+    assert whole["crop_pct"] == 1.0 and whole["crop_pct"] != default["crop_pct"]
+    # a mark at the photo's edge survives the whole-photo view and is cut by the default crop
+    photo = np.zeros((64, 64, 3), dtype=np.uint8)
+    photo[:, -3:] = 255
+    assert eval_transform(whole)(image=photo)["image"][:, :, -1].max() > 0.9
+    assert eval_transform(default)(image=photo)["image"][:, :, -1].max() < 0
+    with pytest.raises(ConfigError, match=r"model\.eval_crop_pct"):
+        _config(tmp_path, "model.eval_crop_pct=0.2")
