@@ -34,3 +34,15 @@ def test_temperature_scaling_fixes_overconfidence() -> None:
     before = expected_calibration_error(softmax(overconfident), labels)
     after = expected_calibration_error(softmax(overconfident, t), labels)
     assert after < 0.05 < before
+
+
+def test_a_validation_split_answered_all_right_does_not_make_every_answer_certain() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 88)
+    logits = rng.normal(0, 0.5, (88, 3))
+    logits[np.arange(88), labels] += 3.0  # all right, with a margin, as label smoothing leaves them
+    t = fit_temperature(logits, labels)
+    assert t > 0.1  # plain NLL runs to the search's lower bound (0.05): 100 % on every photo
+    confidence = softmax(logits, t).max(axis=1).mean()
+    assert 0.97 < confidence < 0.999  # about what 88 right answers support: 89/90
+    assert expected_calibration_error(softmax(logits, t), labels) < 0.03
