@@ -88,14 +88,13 @@ def main() -> int:
 
 def unknown_line(unknown: dict) -> list[str]:
     """The card's unknown-flag rates, in one line (packages exported before it have none)."""
-    from thali.core.exporting.unknown import flag_rates
+    from thali.core.exporting.unknown import flag_rates, rates_text
 
     if not (shown := flag_rates(unknown)):
         return []
     return [
-        f"- unknown flag ({unknown['method']}): flags "
-        + ", ".join(f"{100 * rate:.1f} % of {name}" for name, rate in shown.items())
-        + " (out-of-domain rates on the half of those photos that did not choose the thresholds)"
+        f"- unknown flag ({unknown['method']}): {rates_text(shown)}"
+        " (out-of-domain rates on the half of those photos that did not choose the thresholds)"
     ]
 
 

@@ -183,7 +183,7 @@ def use_site(site: Path, monkeypatch: object) -> Path:
     return site
 
 
-def _processes() -> dict[int, tuple[int, str]]:
+def processes() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, state) of every process."""
     table = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -197,7 +197,7 @@ def _processes() -> dict[int, tuple[int, str]]:
 
 def descendants(root: int) -> set[int]:
     """Every process under ``root`` now (thali up puts the API and the UI in groups of their own)."""
-    table, found, todo = _processes(), set(), [root]
+    table, found, todo = processes(), set(), [root]
     while todo:
         parent = todo.pop()
         children = [pid for pid, (ppid, _) in table.items() if ppid == parent]
@@ -209,7 +209,7 @@ def descendants(root: int) -> set[int]:
 def alive(pids: set[int]) -> list[str]:
     """Command lines (and threads) of those of ``pids`` still running; a zombie left to an init that
     does not reap is a finished process, not a survivor."""
-    alive, table = [], _processes()
+    alive, table = [], processes()
     for pid in sorted(pids):
         if pid in table and table[pid][1] != "Z":
             with contextlib.suppress(OSError):

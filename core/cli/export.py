@@ -85,19 +85,14 @@ def print_summary(report: dict[str, Any]) -> None:
         )
     for name, info in report["rejected"].items():
         print(f"  {name:<13} NOT WRITTEN: " + "; ".join(info["reasons"]))
-    from thali.core.exporting.unknown import flag_rates
+    from thali.core.exporting.unknown import flag_rates, rates_text
 
     unknown = report.get("unknown") or {}
     if shown := flag_rates(unknown):
-        print(
-            f"  unknown flag  {unknown['method']}: flags "
-            + ", ".join(f"{100 * rate:.1f} % of {name}" for name, rate in shown.items())
-        )
+        print(f"  unknown flag  {unknown['method']}: {rates_text(shown)}")
         for variant, rates in unknown["scores"][unknown["method"]].get("flagged_by_variant", {}).items():
-            print(  # the same thresholds on this variant's features (served when it is the serving variant)
-                f"  unknown flag  {variant}: flags "
-                + ", ".join(f"{100 * rate:.1f} % of {name}" for name, rate in rates.items())
-            )
+            # the same thresholds on this variant's features (served when it is the serving variant)
+            print(f"  unknown flag  {variant}: {rates_text(rates)}")
     for warning in [*report["warnings"], *([unknown["warning"]] if unknown.get("warning") else [])]:
         print(f"warning: {warning}")
 

@@ -110,7 +110,11 @@ class UnknownScore:
         return knn.astype(np.float32), residual.astype(np.float32)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        knn, residual = self.components(features)
+        return self.margin(self.components(features))
+
+    def margin(self, components: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """The margin over both thresholds of components already computed (:meth:`components`)."""
+        knn, residual = components
         return np.minimum(knn - self.knn_threshold, residual - self.residual_threshold).astype(np.float32)
 
     def to_spec(self) -> dict[str, Any]:

@@ -130,9 +130,8 @@ def shard_features(
         return torch.cat([part[:n].cpu() for part, n in zip(parts, rows, strict=True)])
 
     features = gathered(mine.features, shape, torch.float16)
-    labels = gathered(mine.labels, (), torch.long)
-    indices = gathered(mine.indices.long(), (), torch.long)
-    view_ids = gathered(mine.views.long(), (), torch.long)
+    ids = torch.stack([mine.labels.long(), mine.indices.long(), mine.views.long()], dim=1)
+    labels, indices, view_ids = gathered(ids, (3,), torch.long).unbind(dim=1)
     order = torch.argsort(view_ids * len(dataset) + indices)  # a single process's row order
     whole = CachedFeatures(
         features[order], labels[order], indices[order], view_ids[order], sum(m[2] for m in meta)

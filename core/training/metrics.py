@@ -84,20 +84,19 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi
     if not len(labels):
         return 1.0
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.int64)
-    loss = _succession_nll
     a, b = math.log(lo), math.log(hi)
     ratio = (math.sqrt(5) - 1) / 2
     c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = loss(logits, labels, math.exp(c)), loss(logits, labels, math.exp(d))
+    fc, fd = _succession_nll(logits, labels, math.exp(c)), _succession_nll(logits, labels, math.exp(d))
     for _ in range(60):
         if fc < fd:
             b, d, fd = d, c, fc
             c = b - ratio * (b - a)
-            fc = loss(logits, labels, math.exp(c))
+            fc = _succession_nll(logits, labels, math.exp(c))
         else:
             a, c, fc = c, d, fd
             d = a + ratio * (b - a)
-            fd = loss(logits, labels, math.exp(d))
+            fd = _succession_nll(logits, labels, math.exp(d))
     return float(math.exp((a + b) / 2))
 
 

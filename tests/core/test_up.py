@@ -49,7 +49,7 @@ def test_an_api_worker_that_does_not_stop_is_killed_with_its_server(
 ) -> None:
     """A gunicorn worker that cannot stop (here: frozen with SIGSTOP) must not outlive Ctrl-C: thali up
     kills the API's whole process group after its grace period, so no orphaned worker keeps the port."""
-    from helpers import alive, descendants
+    from helpers import alive, descendants, processes
 
     port, ui_port = free_port(), free_port()
     env = {**os.environ, "THALI_REGISTRY": str(api_registry), "THALI_CACHE": str(tmp_path / "cache")}
@@ -60,11 +60,11 @@ def test_an_api_worker_that_does_not_stop_is_killed_with_its_server(
     try:
         read_until(process, "Ctrl-C stops both", 180)
         started = descendants(process.pid)
+        table = processes()
         (master,) = [  # thali up's child `thali serve`: the gunicorn master
             p
             for p in started
-            if int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == process.pid
-            and "serve" in Path(f"/proc/{p}/cmdline").read_text().split("\0")
+            if table[p][0] == process.pid and "serve" in Path(f"/proc/{p}/cmdline").read_text().split("\0")
         ]
         (worker,) = descendants(master)  # gunicorn's one worker
         os.kill(worker, signal.SIGSTOP)
