@@ -186,6 +186,16 @@ class Hosting:
                 domain, package.version, backend_name,
             )  # fmt: skip
             unknown, infer = None, None
+        if unknown is not None and unknown.layers and callable(infer):
+            # the score also reads earlier stages: a backend must give them, or the flag falls back
+            _, h, w = (int(v) for v in package.preprocess["input_size"])
+            probe = infer(np.zeros((1, 3, h, w), dtype=np.float32), cam=False)
+            if not isinstance(probe, dict) or probe.get("stage_features") is None:
+                log.warning(
+                    "%s v%d: backend %s gives no stage_features, so the unknown flag uses the top "
+                    "probability", domain, package.version, backend_name,
+                )  # fmt: skip
+                unknown, infer = None, None
 
         def run(batch: np.ndarray, wants_heatmaps: bool) -> Any:
             # heatmaps cost ~15 % of the engine's throughput: only batches that hold an explain request
@@ -370,11 +380,19 @@ class Hosting:
                 ) from None
         if isinstance(outputs, dict):
             logits, features, cams = outputs["logits"], outputs.get("features"), outputs.get("cam")
+            stages = outputs.get("stage_features")
         else:
             (logits, cams), features = (outputs if isinstance(outputs, tuple) else (outputs, None)), None
+            stages = None
         classes = model.labels.get("classes", [])
         results = predictions(
-            logits, classes, model.calibration, k, features=features, unknown_score=model.unknown
+            logits,
+            classes,
+            model.calibration,
+            k,
+            features=features,
+            stage_features=stages,
+            unknown_score=model.unknown,
         )
         for n, (i, result) in enumerate(zip(todo, results, strict=True)):
             answer = {

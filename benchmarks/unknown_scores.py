@@ -33,10 +33,11 @@ DEFAULT_RUN = REPO / "runs" / "bundled" / "south_asian_food" / "run"
 ACCEPT = 0.95  # share of in-domain photos the threshold keeps
 
 
-def features_and_logits(export: Path, paths: list[Path], batch: int = 32) -> tuple[Any, Any, list[int]]:
+def features_and_logits(export: Path, paths: list[Path], batch: int = 32) -> tuple[Any, Any, list[int], Any]:
     """Penultimate features (attention, global average pool: what the classifier's linear layer reads)
-    and logits of the export's fp32 model, with the server's preprocessing, and the positions of the
-    photos they belong to (a broken photo is skipped)."""
+    and logits of the export's fp32 model, with the server's preprocessing, the positions of the
+    photos they belong to (a broken photo is skipped), and the ``stage_features`` (None for an export
+    without them)."""
     import onnxruntime as ort
     from tqdm import tqdm
 
@@ -44,7 +45,9 @@ def features_and_logits(export: Path, paths: list[Path], batch: int = 32) -> tup
 
     preprocess = Preprocessor(json.loads((export / "preprocess.json").read_text()))
     session = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
-    feats, logits, kept = [], [], []
+    names = [o.name for o in session.get_outputs()]
+    wanted = ["logits", "features", *(["stage_features"] if "stage_features" in names else [])]
+    feats, logits, kept, stages = [], [], [], []
     for start in tqdm(range(0, len(paths), batch), desc="features", unit="batch", leave=False):
         images = []
         for i, path in enumerate(paths[start : start + batch], start):
@@ -55,14 +58,20 @@ def features_and_logits(export: Path, paths: list[Path], batch: int = 32) -> tup
                 print(f"skipped {path}: {exc}", file=sys.stderr)
         if not images:
             continue
-        logit, feat = session.run(["logits", "features"], {"input": np.stack(images)})
-        feats.append(feat)
-        logits.append(logit)
-    return np.concatenate(feats), np.concatenate(logits), kept
+        out = session.run(wanted, {"input": np.stack(images)})
+        logits.append(out[0])
+        feats.append(out[1])
+        stages.extend(out[2:])
+    return np.concatenate(feats), np.concatenate(logits), kept, (np.concatenate(stages) if stages else None)
 
 
 def scores(
-    feats: np.ndarray, logits: np.ndarray, fit: dict[str, Any], temperature: float, shipped: Any = None
+    feats: np.ndarray,
+    logits: np.ndarray,
+    fit: dict[str, Any],
+    temperature: float,
+    shipped: Any = None,
+    stages: Any = None,
 ) -> dict[str, Any]:
     """Higher = more in-domain, for every score."""
     z = logits / temperature
@@ -77,8 +86,8 @@ def scores(
     sims = unit @ fit["bank"].T
     knn = np.sort(sims, axis=1)[:, -fit["k"]]
     out = {"max_probability": p.max(1), "energy": energy, "mahalanobis": -maha, "knn_cosine": knn}
-    if shipped is not None:  # the export's own k-NN score (128 principal axes, float16 bank)
-        out["shipped"] = shipped.scores(feats)
+    if shipped is not None:  # the export's own score (k-NN on the last features and earlier stages)
+        out["shipped"] = shipped.scores(feats, stages)
     return out
 
 
@@ -154,10 +163,10 @@ def main() -> int:
         "plant leaves": photos(args.data / "plant_disease"),
         "non-food (scikit-image)": skimage_photos(args.out / "skimage"),
     }
-    f_train, _, kept = features_and_logits(export, [p for p, _ in train])
+    f_train, _, kept, _ = features_and_logits(export, [p for p, _ in train])
     fit = fit_features(f_train, np.array([train[i][1] for i in kept]))
-    f_val, l_val, kept = features_and_logits(export, [p for p, _ in val])
-    in_domain = {"validation": scores(f_val, l_val, fit, temperature, shipped)}
+    f_val, l_val, kept, s_val = features_and_logits(export, [p for p, _ in val])
+    in_domain = {"validation": scores(f_val, l_val, fit, temperature, shipped, s_val)}
     if cross:
         keep = np.array([i in cross for i in kept])
         in_domain["held-out collections"] = {k: v[keep] for k, v in in_domain["validation"].items()}
@@ -165,8 +174,8 @@ def main() -> int:
     outside = {}
     for name, paths in sets.items():
         if paths:
-            f, logit, _ = features_and_logits(export, paths)
-            outside[name] = scores(f, logit, fit, temperature, shipped)
+            f, logit, _, stage = features_and_logits(export, paths)
+            outside[name] = scores(f, logit, fit, temperature, shipped, stage)
 
     result: dict[str, Any] = {"run": str(args.run), "accept_in_domain": ACCEPT, "scores": {}}
     header = [

@@ -339,6 +339,32 @@ class UnknownConfig(Strict):
         128, ge=8, le=2048, description="principal axes: the k-NN space; the rest is the residual score"
     )
     max_bank: int = Field(4096, ge=16, le=50_000, description="training photos kept in the bank at most")
+    stages: Literal["auto"] | list[int] = Field(
+        "auto",
+        description="backbone stages (indices) whose pooled outputs the k-NN score also reads (the "
+        "model's stage_features output); auto: the two before the last, for a backbone of 4 stages or "
+        "more; [] for none",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _few_stages(cls, v: Any) -> Any:
+        if isinstance(v, list) and (len(v) > 8 or any(i < 0 for i in v) or len(set(v)) != len(v)):
+            raise ValueError("at most 8 different stage indices, each 0 or more")
+        return v
+
+    def stage_indices(self, n_stages: int) -> list[int]:
+        """The stages the score reads for a backbone of ``n_stages`` stages; a clear error for one that
+        does not exist."""
+        if self.stages == "auto":
+            return [n_stages - 3, n_stages - 2] if n_stages >= 4 else []
+        missing = [i for i in self.stages if i >= n_stages]
+        if missing:
+            raise ConfigError(
+                f"export.unknown.stages: stage {missing[0]} does not exist; the backbone has stages "
+                f"0..{n_stages - 1}"
+            )
+        return sorted(self.stages)
 
     @field_validator("ood")
     @classmethod

@@ -123,7 +123,8 @@ def thali_register_serving_backends(registry: Registry[Any]) -> None:
     :class:`thali.registry.ModelPackage`, with its card and lineage) and ``registries``; a backend takes
     what it needs and ignores the rest (``**params``). Optionally ``explain(batch) -> (logits, cam)``
     with class-activation maps ``(N, K, h, w)``, and ``infer(batch, cam=False) -> dict`` with
-    ``logits``, ``features`` (N, C) for the package's unknown score, and ``cam`` if asked. The full
+    ``logits``, ``features`` (N, C) and ``stage_features`` (N, S, when the model has that output) for
+    the package's unknown score, and ``cam`` if asked. The full
     contract is :class:`thali.core.inference.ServingBackend`. An ONNX backend must not import training code.
     """
 

@@ -3,9 +3,10 @@
 artifact, with node counts before and after).
 
 A thali classifier's export has a second output, ``features`` (N, C): the pooled penultimate features
-the unknown score reads (:mod:`thali.core.inference.unknown`). With ``export.explain`` it also gets
-``cam``: class-activation maps ``(N, K, h, w)`` (:class:`thali.core.training.onnx.ServingOutputs`),
-checked against torch like the logits."""
+the unknown score reads (:mod:`thali.core.inference.unknown`); then ``stage_features`` (N, S), the
+pooled outputs of the stages ``export.unknown.stages`` names (by default the two before the last).
+With ``export.explain`` it also gets ``cam``: class-activation maps ``(N, K, h, w)``
+(:class:`thali.core.training.onnx.ServingOutputs`), checked against torch like the logits."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from thali.core.errors import ThaliError
 from thali.core.export import ExportContext
 from thali.core.registry import Registry
 
-INPUT, OUTPUT, FEATURES, CAM = "input", "logits", "features", "cam"
+INPUT, OUTPUT, FEATURES, STAGE_FEATURES, CAM = "input", "logits", "features", "stage_features", "cam"
 
 
 def _session(path: Path, **options: Any) -> Any:
@@ -77,16 +78,29 @@ class OnnxExport:
         self.tolerance = tolerance
 
     def run(self, context: ExportContext) -> dict[str, Any]:
-        from thali.core.training.onnx import ServingOutputs, export_onnx
+        from thali.core.training.onnx import ServingOutputs, export_onnx, stage_widths
 
         path = context.out_dir / "model.raw.onnx"
         context.model.eval()
         explain = context.settings.explain
         features = all(hasattr(context.model, m) for m in ("backbone", "attention", "dropout", "fc"))
-        module = ServingOutputs(context.model, cam=explain) if features or explain else context.model
-        outputs = [OUTPUT, *([FEATURES] if features else []), *([CAM] if explain else [])]
+        stages = (
+            context.settings.unknown.stage_indices(len(context.model.backbone.stages)) if features else []
+        )
+        if features or explain:
+            module = ServingOutputs(context.model, cam=explain, stages=stages)
+        else:
+            module = context.model
+        outputs = [
+            OUTPUT,
+            *([FEATURES] if features else []),
+            *([STAGE_FEATURES] if stages else []),
+            *([CAM] if explain else []),
+        ]
         export_onnx(module, context.example, path, output_names=outputs, opset=context.opset)
         report = {"path": str(path), "opset": context.opset, "nodes": node_count(path), "outputs": outputs}
+        if stages:
+            report["stage_features"] = [list(w) for w in stage_widths(context.model, stages)]
         report.update(parity(path, context))
         if report["max_abs_logit_diff"] > self.tolerance or report["top1_agreement"] < 1.0:
             raise ThaliError(

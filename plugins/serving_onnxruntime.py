@@ -76,6 +76,7 @@ class OnnxRuntimeBackend:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.has_cam = "cam" in self.outputs
         self.has_features = "features" in self.outputs
+        self.has_stages = self.has_features and "stage_features" in self.outputs
         self.logits_name = "logits" if "logits" in self.outputs else self.outputs[0]
         import numpy as np
 
@@ -114,10 +115,11 @@ class OnnxRuntimeBackend:
         return logits, cam
 
     def infer(self, batch: Any, cam: bool = False) -> dict[str, Any]:
-        """Every output a request needs, in one run: ``logits``, ``features`` when the model has them
-        (the unknown score), ``cam`` when asked for and available."""
+        """Every output a request needs, in one run: ``logits``, ``features`` and ``stage_features`` when
+        the model has them (the unknown score), ``cam`` when asked for and available."""
         names = [self.logits_name]
         names += ["features"] if self.has_features else []
+        names += ["stage_features"] if self.has_stages else []
         names += ["cam"] if cam and self.has_cam else []
         values = self.session.run(names, {self.input_name: batch})
         return dict(zip(["logits", *names[1:]], values, strict=True))

@@ -70,7 +70,14 @@ class TorchBackend:
         self.torch = torch
         self.model = load_run(self.checkpoint.parent, registries).model.to(self.device).eval()
         self.with_cam = WithCam(self.model).eval()
-        self.outputs = {flag: ServingOutputs(self.model, cam=flag).eval() for flag in (False, True)}
+        spec = (getattr(package, "calibration", None) or {}).get("unknown") or {}
+        layers = spec.get("layers") if isinstance(spec, dict) else None
+        # the stages the package's unknown score reads (load_spec checks the spec before serving)
+        stages = [int(lay["stage"]) for lay in layers or [] if isinstance(lay, dict) and "stage" in lay]
+        self.outputs = {
+            flag: ServingOutputs(self.model, cam=flag, stages=stages).eval() for flag in (False, True)
+        }
+        self.names = ["logits", "features", *(["stage_features"] if stages else [])]
         self.variant = variant or "fp32"
 
     def _input(self, batch: Any) -> Any:
@@ -89,11 +96,11 @@ class TorchBackend:
             return logits.float().cpu().numpy(), cam.float().cpu().numpy()
 
     def infer(self, batch: Any, cam: bool = False) -> dict[str, Any]:
-        """Logits, the penultimate ``features`` (the unknown score) and, if asked, ``cam``: the outputs
-        an export of this checkpoint has."""
+        """Logits, the penultimate ``features`` and ``stage_features`` (the unknown score) and, if asked,
+        ``cam``: the outputs an export of this checkpoint has."""
         with self.torch.inference_mode():
             values = self.outputs[bool(cam)](self._input(batch))
-        names = ["logits", "features", "cam"][: len(values)]
+        names = [*self.names, "cam"][: len(values)]
         return {n: v.float().cpu().numpy() for n, v in zip(names, values, strict=True)}
 
     def info(self) -> dict[str, Any]:

@@ -114,7 +114,8 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="session")
 def explain_export(tiny_run: Path, registries: Any) -> Path:
-    """The tiny run exported with the heatmap output (fp32 + int8)."""
+    """The tiny run exported with the heatmap output (fp32 + int8), its unknown score reading stages 0
+    and 1 like the session's tiny export (outputs: logits, features, stage_features, cam)."""
     from thali.core.exporting.pipeline import export_run
 
     out = tiny_run.parent / "export_explain"
@@ -122,7 +123,7 @@ def explain_export(tiny_run: Path, registries: Any) -> Path:
         tiny_run,
         registries,
         out_dir=out,
-        overrides=["export.variants=[fp32, int8]", "export.explain=true"],
+        overrides=["export.variants=[fp32, int8]", "export.explain=true", "export.unknown.stages=[0, 1]"],
         progress=False,
     )
     return out

@@ -68,9 +68,12 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, registri
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_run: Path, registries: object) -> Path:
-    """``thali export`` of the tiny run (fp32 + int8), made once per session."""
+    """``thali export`` of the tiny run (fp32 + int8), made once per session. Its unknown score also
+    reads stages 0 and 1 (``stage_features``; what ``auto`` picks for a backbone of 4+ stages), so every
+    serving test runs that path too."""
     from thali.core.exporting.pipeline import export_run
 
     out = tiny_run.parent / "export_for_registry"
-    export_run(tiny_run, registries, out_dir=out, overrides=["export.variants=[fp32, int8]"], progress=False)
+    overrides = ["export.variants=[fp32, int8]", "export.unknown.stages=[0, 1]"]
+    export_run(tiny_run, registries, out_dir=out, overrides=overrides, progress=False)
     return out

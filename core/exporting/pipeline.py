@@ -208,6 +208,7 @@ def export_run(
             temperature,
             settings.unknown,
             variants={v: package / variant_file(v) for v in accepted if v != "fp32"},
+            stages=context.reports["onnx"].get("stage_features", []),
             limits=limits,
             progress=progress,
         )

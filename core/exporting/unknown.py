@@ -63,7 +63,8 @@ def ood_folders(root: Path, names: Sequence[str]) -> tuple[dict[str, list[Path]]
 
 
 class Outputs:
-    """``logits`` and ``features`` of an ONNX model, in batches (CPU)."""
+    """``logits``, ``features`` and ``stage_features`` of an ONNX model, in batches (CPU); the last two
+    are ``None`` for a model without them."""
 
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
@@ -74,16 +75,38 @@ class Outputs:
         self.input = self.session.get_inputs()[0].name
         names = [o.name for o in self.session.get_outputs()]
         self.has_features = "features" in names
+        self.has_stages = self.has_features and "stage_features" in names
         self.names = [names[0], *(["features"] if self.has_features else [])]
+        self.names += ["stage_features"] if self.has_stages else []
 
-    def __call__(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
-        logits, features = [], []
+    def __call__(self, images: np.ndarray, batch_size: int = 32) -> Features:
+        parts: list[list[np.ndarray]] = [[] for _ in self.names]
         for start in range(0, len(images), batch_size):
             out = self.session.run(self.names, {self.input: images[start : start + batch_size]})
-            logits.append(out[0])
-            if self.has_features:
-                features.append(out[1])
-        return np.concatenate(logits), (np.concatenate(features) if features else None)
+            for part, value in zip(parts, out, strict=True):
+                part.append(value)
+        joined = [np.concatenate(p) for p in parts] + [None, None]
+        return Features(joined[0], joined[1], joined[2] if self.has_stages else None)
+
+
+@dataclasses.dataclass
+class Features:
+    """What :class:`Outputs` gives for a set of photos (rows in the same order)."""
+
+    logits: np.ndarray
+    features: np.ndarray | None = None
+    stages: np.ndarray | None = None
+
+    @staticmethod
+    def join(parts: Sequence[Features]) -> Features:
+        def cat(values: list[np.ndarray | None]) -> np.ndarray | None:
+            return None if values[0] is None else np.concatenate(values)  # type: ignore[arg-type]
+
+        return Features(
+            np.concatenate([p.logits for p in parts]),
+            cat([p.features for p in parts]),
+            cat([p.stages for p in parts]),
+        )
 
 
 def flag_rates(report: Mapping[str, Any]) -> dict[str, float]:
@@ -113,21 +136,24 @@ def fit_unknown(
     settings: UnknownConfig,
     *,
     variants: Mapping[str, Path] | None = None,
+    stages: Sequence[Sequence[int]] = (),
     limits: ImageLimits = DEFAULT_LIMITS,
     progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(calibration entries, report)``: what ``calibration.json`` gets (``unknown_threshold`` and, for
     the feature scores, ``unknown``) and what ``export.json`` records (rates of both scores, and of the
-    shipped one with the features of each other variant in ``variants``: int8 features drift)."""
+    shipped one with the features of each other variant in ``variants``: int8 features drift).
+    ``stages``: ``(stage, width)`` of each group of the model's ``stage_features`` output, in order (the
+    onnx exporter's report); the k-NN score reads them too."""
     from tqdm import tqdm
 
     run = Outputs(model_path)
     others = {name: Outputs(path) for name, path in (variants or {}).items()} if run.has_features else {}
     others = {name: o for name, o in others.items() if o.has_features}
-    other_features: dict[str, dict[str, list[np.ndarray]]] = {v: {} for v in others}
-    val_logits, val_features = run(val.images)
+    other_features: dict[str, dict[str, list[Features]]] = {v: {} for v in others}
+    val_out = run(val.images)
     for variant, outputs in others.items():
-        other_features[variant]["in-domain"] = [outputs(val.images)[1]]  # type: ignore[list-item]
+        other_features[variant]["in-domain"] = [outputs(val.images)]
     cross = set(split.val_cross)
     held_out = np.array([i in cross for i in val.indices]) if cross else np.ones(len(val.labels), bool)
     source = "held-out collections (val_cross)" if cross else "validation split"
@@ -137,44 +163,48 @@ def fit_unknown(
     def max_probability(logits: np.ndarray) -> np.ndarray:
         return softmax(logits, temperature).max(axis=1)
 
-    scores: dict[str, dict[str, np.ndarray]] = {"max_probability": {"in-domain": max_probability(val_logits)}}
-    ood_logits: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    scores: dict[str, dict[str, np.ndarray]] = {
+        "max_probability": {"in-domain": max_probability(val_out.logits)}
+    }
+    ood_out: dict[str, Features] = {}
     total = len(split.train) + sum(len(v) for v in ood.values())
     with tqdm(total=total, desc="unknown score", unit="img", disable=not progress, leave=False) as bar:
-        train_features = []
+        train_parts = []
         if run.has_features:
             for images in preprocessed_batches(split.train, transform, limits):
-                train_features.append(run(images)[1])
+                train_parts.append(run(images))
                 bar.update(len(images))
         for name, samples in ood.items():
             parts = []
             for images in preprocessed_batches(samples, transform, limits):
                 parts.append(run(images))
                 for variant, outputs in others.items():
-                    other_features[variant].setdefault(name, []).append(outputs(images)[1])  # type: ignore[arg-type]
+                    other_features[variant].setdefault(name, []).append(outputs(images))
             bar.update(len(samples))
             if not parts:
                 raise DataError(f"export.unknown.ood: none of the photos in {name} could be read")
-            features = [p[1] for p in parts]
-            ood_logits[name] = (
-                np.concatenate([p[0] for p in parts]),
-                np.concatenate(features) if run.has_features else None,  # type: ignore[arg-type]
-            )
-            scores["max_probability"][name] = max_probability(ood_logits[name][0])
+            ood_out[name] = Features.join(parts)
+            scores["max_probability"][name] = max_probability(ood_out[name].logits)
     # every other out-of-domain photo chooses (the score, the thresholds); the rest only measure
-    choose = {name: np.arange(len(v[0])) % 2 == 0 for name, v in ood_logits.items()}
+    choose = {name: np.arange(len(v.logits)) % 2 == 0 for name, v in ood_out.items()}
     fitted = None
-    if run.has_features and train_features and val_features is not None:
+    if run.has_features and train_parts and val_out.features is not None:
+        train = Features.join(train_parts)
         fitted = knn.fit(
-            np.concatenate(train_features), k=settings.k, dims=settings.dims, max_bank=settings.max_bank
+            train.features,  # type: ignore[arg-type]
+            k=settings.k,
+            dims=settings.dims,
+            max_bank=settings.max_bank,
+            stage_features=train.stages,
+            stages=[tuple(w) for w in stages] if train.stages is not None else (),
         )
-        components = {"in-domain": fitted.components(val_features)}
-        for name, (_, features) in ood_logits.items():
-            components[name] = fitted.components(features)  # type: ignore[arg-type]
+        components = {"in-domain": fitted.components(val_out.features, val_out.stages)}
+        for name, out in ood_out.items():
+            components[name] = fitted.components(out.features, out.stages)  # type: ignore[arg-type]
         t_knn, t_res = knn.choose_thresholds(
             tuple(v[held_out] for v in components["in-domain"]),  # type: ignore[arg-type]
             settings.max_in_domain_flagged,
-            [tuple(v[choose[n]] for v in components[n]) for n in ood_logits],  # type: ignore[misc]
+            [tuple(v[choose[n]] for v in components[n]) for n in ood_out],  # type: ignore[misc]
         )
         fitted = dataclasses.replace(fitted, knn_threshold=t_knn, residual_threshold=t_res)
         scores[knn.METHOD] = {name: fitted.margin(c) for name, c in components.items()}
@@ -210,7 +240,8 @@ def fit_unknown(
         )
         by_variant = {}
         for variant, features in other_features.items():
-            flagged = {name: fitted.scores(np.concatenate(f)) < 0 for name, f in features.items()}
+            joined = {name: Features.join(parts) for name, parts in features.items()}
+            flagged = {name: fitted.scores(f.features, f.stages) < 0 for name, f in joined.items()}  # type: ignore[arg-type]
             rates = {"in-domain held out": float(flagged["in-domain"][held_out].mean())}
             rates.update({n: float(flagged[n][~choose[n]].mean()) for n in ood if n in flagged})
             by_variant[variant] = rates
@@ -238,6 +269,7 @@ def fit_unknown(
     if method == knn.METHOD and fitted is not None:
         calibration["unknown"] = fitted.to_spec()
         report.update(k=fitted.k, dims=int(fitted.projection.shape[1]), bank=len(fitted.bank))
+        report["stages"] = [layer.stage for layer in fitted.layers]
     log.debug(
         "unknown flag: %s; flags %s",
         method,

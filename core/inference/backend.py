@@ -23,9 +23,11 @@ class ServingBackend(Protocol):
     maps, for models exported with ``export.explain: true``. Optional ``infer(batch, cam=False)``: a dict
     of every output one run gives, ``logits`` always, ``features`` ``(N, C)`` (the pooled penultimate
     features every thali export has; the package's unknown score reads them, so without them the
-    unknown flag falls back to the top probability) and ``cam`` when ``cam`` is true and the model has
-    it; when present, the server calls it instead of ``predict``/``explain``. Must be safe to call from
-    one thread at a time (the micro-batcher's); it is never called concurrently."""
+    unknown flag falls back to the top probability), ``stage_features`` ``(N, S)`` when the model has
+    that output (an unknown score with layers reads it; without it that score is not used either) and
+    ``cam`` when ``cam`` is true and the model has it; when present, the server calls it instead of
+    ``predict``/``explain``. Must be safe to call from one thread at a time (the micro-batcher's); it is
+    never called concurrently."""
 
     def predict(self, batch: np.ndarray) -> np.ndarray: ...
 

@@ -48,16 +48,18 @@ def predictions(
     top_k: int = 5,
     *,
     features: np.ndarray | None = None,
+    stage_features: np.ndarray | None = None,
     unknown_score: UnknownScore | None = None,
 ) -> list[Prediction]:
     """A :class:`Prediction` per row of ``logits`` (N, K). With ``unknown_score`` (the package's, see
-    :func:`.unknown.load_spec`) and the model's ``features`` (N, D), the unknown flag is that score under
-    its threshold; otherwise the top probability under ``calibration["unknown_threshold"]``."""
+    :func:`.unknown.load_spec`) and the model's ``features`` (N, D) (and ``stage_features`` for a score
+    with layers), the unknown flag is that score under its threshold; otherwise the top probability
+    under ``calibration["unknown_threshold"]``."""
     temperature = float(calibration.get("temperature") or 1.0)
     probs = softmax(np.atleast_2d(logits), temperature)
     if unknown_score is not None and features is not None:
         method, threshold = METHOD, unknown_score.threshold
-        values = unknown_score.scores(features)
+        values = unknown_score.scores(features, stage_features)
     else:
         method, threshold = "max_probability", calibration.get("unknown_threshold")
         values = probs.max(axis=1)

@@ -37,23 +37,48 @@ class WithCam(nn.Module):
 
 
 class ServingOutputs(nn.Module):
-    """``x -> (logits, features)``, or ``(logits, features, cam)`` with ``cam=True``, for a
-    :class:`~thali.core.training.model.Classifier`; ``features`` (N, C) is the attended last feature map,
-    average-pooled: the input of the classifier's linear layer. Module paths are the classifier's."""
+    """``x -> (logits, features)``, then ``stage_features`` with ``stages``, then ``cam`` with
+    ``cam=True``, for a :class:`~thali.core.training.model.Classifier`; ``features`` (N, C) is the
+    attended last feature map, average-pooled: the input of the classifier's linear layer;
+    ``stage_features`` (N, S) the outputs of the backbone stages ``stages`` (indices), each
+    average-pooled, concatenated in that order (what the unknown score's layers read). Module paths
+    are the classifier's."""
 
-    def __init__(self, classifier: nn.Module, cam: bool = False) -> None:
+    def __init__(self, classifier: nn.Module, cam: bool = False, stages: Sequence[int] = ()) -> None:
         super().__init__()
         self.backbone, self.attention = classifier.backbone, classifier.attention
         self.dropout, self.fc = classifier.dropout, classifier.fc
         self.cam = cam
+        self.stages = tuple(sorted(set(int(i) for i in stages)))
+        if any(not 0 <= i < len(self.backbone.stages) for i in self.stages):
+            raise ValueError(f"stages {list(self.stages)}: the backbone has {len(self.backbone.stages)}")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        maps = self.attention(self.backbone(x))
+        backbone, pooled = self.backbone, []
+        if self.stages:
+            x = backbone.stem(x)
+            for i, stage in enumerate(backbone.stages):
+                x = stage(x)
+                if i in self.stages:
+                    pooled.append(x.mean(dim=(2, 3)))
+            x = backbone.head(x)
+        else:
+            x = backbone(x)
+        maps = self.attention(x)
         features = maps.mean(dim=(2, 3))
         logits = self.fc(self.dropout(features))
-        if not self.cam:
-            return logits, features
-        return logits, features, torch.einsum("nchw,kc->nkhw", maps, self.fc.weight)
+        out: tuple[torch.Tensor, ...] = (logits, features)
+        if pooled:
+            out += (torch.cat(pooled, dim=1),)
+        if self.cam:
+            out += (torch.einsum("nchw,kc->nkhw", maps, self.fc.weight),)
+        return out
+
+
+def stage_widths(classifier: nn.Module, stages: Sequence[int]) -> list[tuple[int, int]]:
+    """``(stage, channels)`` of each stage in ``stages``, sorted: the groups of ``stage_features``."""
+    channels = list(classifier.backbone.stage_channels)
+    return [(i, int(channels[i])) for i in sorted(set(int(i) for i in stages))]
 
 
 def export_onnx(

@@ -79,9 +79,10 @@ def test_explain_returns_a_heatmap_overlay(server: Server) -> None:
 def test_the_packages_unknown_score_and_threshold_are_what_the_server_applies(
     server: Server, api_registry: Any
 ) -> None:
-    """The feature scores shipped in calibration.json, computed from the serving backend's own run (int8
-    here): the same margin as the package gives offline, under the thresholds the package ships (set to
-    SHIPPED_THRESHOLDS in tiny v1): a photo unlike every training photo is flagged, our colours are not."""
+    """The feature scores shipped in calibration.json (the k-NN score reads two earlier stages too),
+    computed from the serving backend's own run (int8 here): the same margin as the package gives
+    offline, under the thresholds the package ships (set to SHIPPED_THRESHOLDS in tiny v1): a photo
+    unlike every training photo is flagged, our colours are not."""
     import json
 
     import numpy as np
@@ -103,11 +104,12 @@ def test_the_packages_unknown_score_and_threshold_are_what_the_server_applies(
     for name, data in photos.items():
         response = server.post("/v1/domains/tiny/predict", files={"image": (f"{name}.png", data)})
         answer = response.json()
-        features = session.run(["features"], {"input": preprocess(data)[None]})[0]
+        features, stages = session.run(["features", "stage_features"], {"input": preprocess(data)[None]})
         assert answer["unknown_method"] == "knn_residual", answer
         assert (score.knn_threshold, score.residual_threshold) == SHIPPED_THRESHOLDS
         assert answer["unknown_threshold"] == 0.0  # on the margin over both
-        assert answer["unknown_score"] == pytest.approx(float(score.scores(features)[0]), abs=1e-4)
+        margin = score.scores(features, stages)[0]
+        assert answer["unknown_score"] == pytest.approx(float(margin), abs=1e-4)
         assert answer["unknown"] is (name == "checkerboard"), (name, answer)
 
 

@@ -42,6 +42,53 @@ def test_feature_scores_flag_what_is_far_from_training_and_survive_the_trip_thro
     assert load_spec({"temperature": 1.0}) is None  # a package without one: the top-probability flag
 
 
+def _layered(seed: int = 0, n: int = 60) -> tuple[Any, Any]:
+    """Training photos of 4 classes and out-of-domain photos whose last features look like ours (the
+    classifier learned to ignore what differs) while an earlier stage sees them differ."""
+    rng = np.random.default_rng(seed)
+    last = np.abs(rng.normal(0, 1, (4, 48)))
+    early = np.abs(rng.normal(0, 1, (4, 24)))
+    odd = np.abs(rng.normal(0, 1, (4, 24)))  # their textures: another direction at the earlier stage
+
+    def photos(early_centres: np.ndarray, count: int, r: np.random.Generator) -> tuple[Any, Any]:
+        f = _clusters(r, last, count)
+        s = _clusters(r, early_centres, count)
+        return f, np.concatenate([s, s[:, :8] * 0.5], axis=1)  # two groups: stage 2 (24), stage 3 (8)
+
+    train = photos(early, n, rng)
+    return train, (
+        photos(early, 25, np.random.default_rng(seed + 1)),
+        photos(odd, 25, np.random.default_rng(seed + 2)),
+    )
+
+
+def test_earlier_stages_catch_what_the_last_features_cannot_and_travel_in_the_spec() -> None:
+    (train_f, train_s), ((ours_f, ours_s), (odd_f, odd_s)) = _layered()
+    flat = fit(train_f, k=3, dims=8)
+    layered = fit(train_f, k=3, dims=8, stage_features=train_s, stages=[(2, 24), (3, 8)])
+    assert [(layer.stage, layer.start, layer.stop) for layer in layered.layers] == [(2, 0, 24), (3, 24, 32)]
+    assert len(layered.layers[0].bank) == len(layered.bank)  # the same training photos in every bank
+    rates = {}
+    for name, score, args in (("flat", flat, ()), ("layered", layered, None)):
+        ours = score.components(ours_f, *(args if args is not None else (ours_s,)))
+        odd = score.components(odd_f, *(args if args is not None else (odd_s,)))
+        t = choose_threshold(ours[0], 0.05)
+        rates[name] = ((ours[0] < t).mean(), (odd[0] < t).mean())
+    assert rates["flat"][1] <= 0.3  # the last features alone cannot tell them apart
+    assert rates["layered"][1] >= 0.9 and rates["layered"][0] <= 0.05
+
+    # the layered k-NN score stays on the last features' scale (mean + std * z): thresholds read alike
+    assert abs(float(np.median(layered.components(ours_f, ours_s)[0])) - layered.mean) < 3 * layered.std
+    fitted = dataclasses.replace(layered, knn_threshold=0.5, residual_threshold=-0.5)
+    loaded = load_spec(json.loads(json.dumps({"unknown": fitted.to_spec()})))
+    assert loaded is not None and [layer.stage for layer in loaded.layers] == [2, 3]
+    np.testing.assert_allclose(loaded.scores(odd_f, odd_s), fitted.scores(odd_f, odd_s), atol=1e-5)
+    with pytest.raises(DataError, match="reads stage_features; the model gives none"):
+        loaded.scores(odd_f)
+    with pytest.raises(DataError, match="stage_features have 31 values; the unknown score expects 32"):
+        loaded.scores(odd_f, odd_s[:, :31])
+
+
 def test_the_two_thresholds_never_flag_more_than_the_budget_together() -> None:
     rng = np.random.default_rng(3)
     in_domain = (rng.normal(0, 1, 400), rng.normal(0, 1, 400))
@@ -64,6 +111,18 @@ def test_choose_threshold_never_flags_more_than_allowed() -> None:
 def _spec() -> dict[str, Any]:
     rng = np.random.default_rng(1)
     fitted = fit(rng.normal(0, 1, (30, 12)), k=2, dims=4)
+    return dataclasses.replace(fitted, knn_threshold=0.1, residual_threshold=-0.5).to_spec()
+
+
+def _layered_spec() -> dict[str, Any]:
+    rng = np.random.default_rng(2)
+    fitted = fit(
+        rng.normal(0, 1, (30, 12)),
+        k=2,
+        dims=4,
+        stage_features=rng.normal(0, 1, (30, 10)),
+        stages=[(1, 6), (2, 4)],
+    )
     return dataclasses.replace(fitted, knn_threshold=0.1, residual_threshold=-0.5).to_spec()
 
 
@@ -94,13 +153,39 @@ ATTACKS = {
     "threshold text": (_set("knn_threshold", "0.5"), "unknown.knn_threshold"),
     "threshold infinite": (_set("residual_threshold", float("inf")), "unknown.residual_threshold"),
     "threshold missing": (_set("residual_threshold", None), "unknown.residual_threshold"),
+    "int8 bank without scales": (_set("bank.scales", None), "one float16 scale per row"),
+    "int8 bank short scales": (_set("bank.scales", "AAAA"), "one float16 scale per row"),
+    "int8 scales not base64": (_set("bank.scales", "!" * len(_spec()["bank"]["scales"])), "not valid base64"),
+}
+LAYER_ATTACKS = {
+    "layers not a list": (_set("layers", {"0": 1}), "unknown.layers: expected a list"),
+    "too many layers": (
+        lambda s: s.update(layers=s["layers"] * 5),
+        "unknown.layers: expected a list of 1 to 8",
+    ),
+    "layer not an object": (lambda s: s["layers"].__setitem__(0, "x"), r"layers\[0\]: expected an object"),
+    "columns overlap": (lambda s: s["layers"][1].update(start=0), r"layers\[1\].start: expected 6"),
+    "start a float": (lambda s: s["layers"][0].update(start=0.0), r"layers\[0\].start: expected 0"),
+    "stage negative": (lambda s: s["layers"][0].update(stage=-1), r"layers\[0\].stage"),
+    "bank other photos": (
+        lambda s: s["layers"][0].update(bank=encode(np.ones((7, 4)))),
+        "do not fit together",
+    ),
+    "bank shape bomb": (
+        lambda s: s["layers"][1]["bank"].update(shape=[4000, 4000]),
+        "does not match the size",
+    ),
+    "spread zero": (lambda s: s["layers"][0].update(std=0), r"layers\[0\].std: expected a number above 0"),
+    "weight text": (lambda s: s["layers"][1].update(weight="1"), r"layers\[1\].weight: expected a finite"),
+    "mean missing": (lambda s: s.pop("mean"), "unknown.mean: expected a finite number"),
 }
 
 
-@pytest.mark.parametrize("attack", sorted(ATTACKS))
+@pytest.mark.parametrize("attack", sorted(ATTACKS) + [f"layers: {a}" for a in sorted(LAYER_ATTACKS)])
 def test_a_malformed_or_hostile_score_is_refused_with_a_clear_error(attack: str) -> None:
-    mutate, message = ATTACKS[attack]
-    spec = copy.deepcopy(_spec())
+    layers = attack.startswith("layers: ")
+    mutate, message = LAYER_ATTACKS[attack[8:]] if layers else ATTACKS[attack]
+    spec = copy.deepcopy(_layered_spec() if layers else _spec())
     mutate(spec)
     with pytest.raises(DataError, match=message) as caught:
         load_spec({"temperature": 1.0, "unknown": spec})
@@ -126,9 +211,13 @@ def test_every_export_ships_features_and_the_score_chosen_on_held_out_photos(tin
     for variant in ("model.onnx", "model.int8.onnx"):
         session = ort.InferenceSession(str(tiny_export / variant), providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
-        assert names[:2] == ["logits", "features"], names
-        features = session.run(["features"], {"input": np.zeros((2, 3, 32, 32), np.float32)})[0]
-        assert features.shape == (2, score.dims)
+        assert names[:3] == ["logits", "features", "stage_features"], names
+        features, stages = session.run(names[1:3], {"input": np.zeros((2, 3, 32, 32), np.float32)})
+        assert features.shape == (2, score.dims) and stages.shape == (2, score.stage_dims)
+    # export.unknown.stages=[0, 1] (the session's export): the score reads both, the report says so
+    assert [layer.stage for layer in score.layers] == report["stages"] == [0, 1]
+    widths = json.loads((tiny_export / "export.json").read_text())["steps"]["onnx"]["stage_features"]
+    assert [layer.stop - layer.start for layer in score.layers] == [w for _, w in widths]
 
 
 def _patterns(folder: Path, count: int) -> None:
@@ -167,4 +256,18 @@ def test_export_reports_out_of_domain_photos_and_picks_the_score_that_flags_more
         tiny_run, registries, out_dir=tmp_path / "e3", overrides=["export.unknown.ood=[nowhere]"]
     )
     assert "no folder nowhere beside the data folder" in elsewhere["unknown"]["warning"]
+    with pytest.raises(
+        ConfigError, match=r"export\.unknown\.stages: stage 3 does not exist; .* stages 0\.\.2"
+    ):
+        export_run(tiny_run, registries, out_dir=tmp_path / "e4", overrides=["export.unknown.stages=[1, 3]"])
     assert elsewhere["unknown"]["ood_images"] == {}
+
+
+def test_the_stages_the_score_reads_by_default() -> None:
+    from thali.core.config import UnknownConfig
+
+    assert UnknownConfig().stage_indices(7) == [4, 5]  # EfficientNet-Lite: the two before the last
+    assert UnknownConfig().stage_indices(3) == []  # too shallow to have earlier stages worth reading
+    assert UnknownConfig(stages=[2, 0]).stage_indices(3) == [0, 2]
+    with pytest.raises(ValueError, match="different stage indices"):
+        UnknownConfig(stages=[1, 1])

@@ -158,3 +158,30 @@ def test_torch_backend_serves_only_the_checkpoint_the_package_was_made_from(
     backend = load_backend(REGISTRIES, "torch", path, package=fake(moved), registries=REGISTRIES)
     assert backend.info()["checkpoint"] == str(moved / "best.pt")
     assert backend.info()["provider"] in ("cpu", "cuda:0")
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_infer_gives_the_features_the_package_unknown_score_reads(
+    name: str, packages: dict[str, Any], batch: np.ndarray
+) -> None:
+    """``infer`` returns ``features`` and, for a score with layers (the tiny export reads stages 0 and
+    1), ``stage_features``: the same values the exported graph gives, so the shipped score applies."""
+    import onnxruntime as ort
+
+    from thali.core.inference.unknown import load_spec
+
+    package = packages["plain"]
+    score = load_spec(package.calibration)
+    assert score is not None and [layer.stage for layer in score.layers] == [0, 1]
+    backend = _backend(name, package)
+    if not callable(getattr(backend, "infer", None)):
+        pytest.skip(f"serving backend {name!r} has no infer()")
+    out = backend.infer(batch, cam=False)
+    session = ort.InferenceSession(str(package.model_path("fp32")), providers=["CPUExecutionProvider"])
+    features, stages = session.run(["features", "stage_features"], {"input": batch})
+    assert set(out) == {"logits", "features", "stage_features"}
+    np.testing.assert_allclose(out["features"], features, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(out["stage_features"], stages, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(
+        score.scores(out["features"], out["stage_features"]), score.scores(features, stages), atol=1e-3
+    )
