@@ -171,10 +171,10 @@ LAYER_ATTACKS = {
         lambda s: s["layers"][0].update(bank=encode(np.ones((7, 4)))),
         "do not fit together",
     ),
-    "bank shape bomb": (
-        lambda s: s["layers"][1]["bank"].update(shape=[4000, 4000]),
-        "does not match the size",
-    ),
+    "bank shape lie": (lambda s: s["layers"][1]["bank"].update(shape=[3000, 2000]), "does not match"),
+    # within one array's limit, but with what the spec holds already more than a spec may: refused
+    # before anything of it is decoded
+    "bank shape bomb": (lambda s: s["layers"][1]["bank"].update(shape=[4000, 4000]), "more than 16,000,000"),
     "spread zero": (lambda s: s["layers"][0].update(std=0), r"layers\[0\].std: expected a number above 0"),
     "weight text": (lambda s: s["layers"][1].update(weight="1"), r"layers\[1\].weight: expected a finite"),
     "mean missing": (lambda s: s.pop("mean"), "unknown.mean: expected a finite number"),
@@ -271,3 +271,15 @@ def test_the_stages_the_score_reads_by_default() -> None:
     assert UnknownConfig(stages=[2, 0]).stage_indices(3) == [0, 2]
     with pytest.raises(ValueError, match="different stage indices"):
         UnknownConfig(stages=[1, 1])
+
+
+def test_the_training_photos_own_neighbour_statistics_do_not_depend_on_the_block_size() -> None:
+    from thali.core.inference.unknown import _loo_stats, _unit
+
+    bank = _unit(np.random.default_rng(4).normal(0, 1, (50, 6)))
+    sims = bank @ bank.T
+    np.fill_diagonal(sims, -np.inf)  # each photo without itself
+    third = np.sort(sims, axis=1)[:, -3]
+    for chunk in (7, 50, 512):
+        mean, std = _loo_stats(bank, 3, chunk=chunk)
+        assert mean == pytest.approx(third.mean()) and std == pytest.approx(third.std())
