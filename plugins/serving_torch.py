@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from thali.core import hookimpl
-from thali.core.errors import IntegrityError, NotAvailableError
+from thali.core.errors import DataError, IntegrityError, NotAvailableError
 from thali.core.registry import Registry
 
 USE_ONNX = "serve it with the onnxruntime backend"
@@ -57,6 +57,7 @@ class TorchBackend:
         self.checkpoint = _checkpoint(package)
         import torch
 
+        from thali.core.inference.unknown import load_spec
         from thali.core.training.evaluate import load_run
         from thali.core.training.onnx import ServingOutputs, WithCam
 
@@ -70,10 +71,14 @@ class TorchBackend:
         self.torch = torch
         self.model = load_run(self.checkpoint.parent, registries).model.to(self.device).eval()
         self.with_cam = WithCam(self.model).eval()
-        spec = (getattr(package, "calibration", None) or {}).get("unknown") or {}
-        layers = spec.get("layers") if isinstance(spec, dict) else None
-        # the stages the package's unknown score reads (load_spec checks the spec before serving)
-        stages = [int(lay["stage"]) for lay in layers or [] if isinstance(lay, dict) and "stage" in lay]
+        # the stages the package's unknown score reads, from its checked spec
+        score = load_spec(getattr(package, "calibration", None) or {})
+        stages = [layer.stage for layer in score.layers] if score is not None else []
+        if any(i >= len(self.model.backbone.stages) for i in stages):
+            raise DataError(
+                f"calibration.json unknown.layers: stages {stages}; the checkpoint's backbone has "
+                f"{len(self.model.backbone.stages)}"
+            )
         self.outputs = {
             flag: ServingOutputs(self.model, cam=flag, stages=stages).eval() for flag in (False, True)
         }

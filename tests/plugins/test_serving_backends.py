@@ -185,3 +185,18 @@ def test_infer_gives_the_features_the_package_unknown_score_reads(
     np.testing.assert_allclose(
         score.scores(out["features"], out["stage_features"]), score.scores(features, stages), atol=1e-3
     )
+
+
+def test_torch_backend_refuses_a_spec_naming_a_stage_its_checkpoint_lacks(packages: dict[str, Any]) -> None:
+    import copy
+
+    from thali.core.errors import DataError
+
+    package = packages["plain"]
+    calibration = copy.deepcopy(package.calibration)
+    calibration["unknown"]["layers"][1]["stage"] = 9
+    odd = SimpleNamespace(
+        domain="tiny", version=1, card=package.card, files=package.files, calibration=calibration
+    )
+    with pytest.raises(DataError, match=r"stages \[0, 9\]; the checkpoint's backbone has 3"):
+        load_backend(REGISTRIES, "torch", package.model_path("fp32"), package=odd, registries=REGISTRIES)
