@@ -38,16 +38,14 @@ def features_and_logits(export: Path, paths: list[Path], batch: int = 32) -> tup
     and logits of the export's fp32 model, with the server's preprocessing, the positions of the
     photos they belong to (a broken photo is skipped), and the ``stage_features`` (None for an export
     without them)."""
-    import onnxruntime as ort
     from tqdm import tqdm
 
+    from thali.core.exporting.unknown import Features, Outputs
     from thali.core.inference import Preprocessor
 
     preprocess = Preprocessor(json.loads((export / "preprocess.json").read_text()))
-    session = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    wanted = ["logits", "features", *(["stage_features"] if "stage_features" in names else [])]
-    feats, logits, kept, stages = [], [], [], []
+    model = Outputs(export / "model.onnx")  # the export's own reader: logits, features, stage_features
+    parts, kept = [], []
     for start in tqdm(range(0, len(paths), batch), desc="features", unit="batch", leave=False):
         images = []
         for i, path in enumerate(paths[start : start + batch], start):
@@ -56,13 +54,10 @@ def features_and_logits(export: Path, paths: list[Path], batch: int = 32) -> tup
                 kept.append(i)
             except Exception as exc:  # a broken photo is skipped, not fatal
                 print(f"skipped {path}: {exc}", file=sys.stderr)
-        if not images:
-            continue
-        out = session.run(wanted, {"input": np.stack(images)})
-        logits.append(out[0])
-        feats.append(out[1])
-        stages.extend(out[2:])
-    return np.concatenate(feats), np.concatenate(logits), kept, (np.concatenate(stages) if stages else None)
+        if images:
+            parts.append(model(np.stack(images), batch_size=batch))
+    out = Features.join(parts)
+    return out.features, out.logits, kept, out.stages
 
 
 def scores(

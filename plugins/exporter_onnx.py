@@ -78,7 +78,7 @@ class OnnxExport:
         self.tolerance = tolerance
 
     def run(self, context: ExportContext) -> dict[str, Any]:
-        from thali.core.training.onnx import ServingOutputs, export_onnx, stage_widths
+        from thali.core.training.onnx import ServingOutputs, export_onnx
 
         path = context.out_dir / "model.raw.onnx"
         context.model.eval()
@@ -100,7 +100,7 @@ class OnnxExport:
         export_onnx(module, context.example, path, output_names=outputs, opset=context.opset)
         report = {"path": str(path), "opset": context.opset, "nodes": node_count(path), "outputs": outputs}
         if stages:
-            report["stage_features"] = [list(w) for w in stage_widths(context.model, stages)]
+            report["stage_features"] = [list(w) for w in module.stage_widths]
         report.update(parity(path, context))
         if report["max_abs_logit_diff"] > self.tolerance or report["top1_agreement"] < 1.0:
             raise ThaliError(

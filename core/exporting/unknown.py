@@ -85,8 +85,7 @@ class Outputs:
             out = self.session.run(self.names, {self.input: images[start : start + batch_size]})
             for part, value in zip(parts, out, strict=True):
                 part.append(value)
-        joined = [np.concatenate(p) for p in parts] + [None, None]
-        return Features(joined[0], joined[1], joined[2] if self.has_stages else None)
+        return Features(*[np.concatenate(p) for p in parts])  # absent outputs stay None
 
 
 @dataclasses.dataclass
@@ -196,7 +195,7 @@ def fit_unknown(
             dims=settings.dims,
             max_bank=settings.max_bank,
             stage_features=train.stages,
-            stages=[tuple(w) for w in stages] if train.stages is not None else (),
+            stages=stages,
         )
         components = {"in-domain": fitted.components(val_out.features, val_out.stages)}
         for name, out in ood_out.items():

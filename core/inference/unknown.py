@@ -60,19 +60,25 @@ def encode(array: np.ndarray) -> dict[str, Any]:
     return {"shape": list(data.shape), "dtype": "float16", "base64": _b64(data)}
 
 
+def _int8_rows(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(int8 values, float16 scale per row)`` of a (R, C) array: each row's largest value is 127."""
+    x = np.asarray(array, dtype=np.float32)
+    scales = (np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-8) / 127).astype("<f2")
+    return np.clip(np.rint(x / scales.astype(np.float32)), -127, 127).astype(np.int8), scales
+
+
 def encode_rows_int8(array: np.ndarray) -> dict[str, Any]:
     """A (R, C) array of unit rows as int8 with one float16 scale per row: half the bytes of float16,
     cosine similarities within about 0.002 of the float16 ones. What a bank ships as."""
-    x = np.asarray(array, dtype=np.float32)
-    scales = (np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-8) / 127).astype("<f2")
-    q = np.clip(np.rint(x / scales.astype(np.float32)), -127, 127).astype(np.int8)
-    return {"shape": list(x.shape), "dtype": "int8", "base64": _b64(q), "scales": _b64(scales)}
+    q, scales = _int8_rows(array)
+    return {"shape": list(q.shape), "dtype": "int8", "base64": _b64(q), "scales": _b64(scales)}
 
 
 def quantise_rows(array: np.ndarray) -> np.ndarray:
-    """What :func:`encode_rows_int8` gives back: the score measured at export is the score served."""
-    spec = encode_rows_int8(array)
-    return _decode(spec, "bank", max(1, int(np.size(array))))
+    """What :func:`encode_rows_int8` gives back (the same arithmetic as :func:`_decode`): the score
+    measured at export is the score served."""
+    q, scales = _int8_rows(array)
+    return q.astype(np.float32) * scales.astype(np.float32)
 
 
 def _b64_length(count: int) -> int:
@@ -268,7 +274,7 @@ def fit(
     max_bank: int = 4096,
     seed: int = 0,
     stage_features: np.ndarray | None = None,
-    stages: Sequence[tuple[int, int]] = (),
+    stages: Sequence[Sequence[int]] = (),
 ) -> UnknownScore:
     """Both scores on training ``features`` (N, D), thresholds still open (:func:`choose_thresholds`).
     With ``stage_features`` (N, S) and ``stages`` (``(stage index, width)`` per group of its columns, in

@@ -53,6 +53,11 @@ class ServingOutputs(nn.Module):
         if any(not 0 <= i < len(self.backbone.stages) for i in self.stages):
             raise ValueError(f"stages {list(self.stages)}: the backbone has {len(self.backbone.stages)}")
 
+    @property
+    def stage_widths(self) -> list[tuple[int, int]]:
+        """``(stage, channels)`` of each group of ``stage_features``, in order."""
+        return [(i, int(self.backbone.stage_channels[i])) for i in self.stages]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         backbone, pooled = self.backbone, []
         if self.stages:
@@ -73,12 +78,6 @@ class ServingOutputs(nn.Module):
         if self.cam:
             out += (torch.einsum("nchw,kc->nkhw", maps, self.fc.weight),)
         return out
-
-
-def stage_widths(classifier: nn.Module, stages: Sequence[int]) -> list[tuple[int, int]]:
-    """``(stage, channels)`` of each stage in ``stages``, sorted: the groups of ``stage_features``."""
-    channels = list(classifier.backbone.stage_channels)
-    return [(i, int(channels[i])) for i in sorted(set(int(i) for i in stages))]
 
 
 def export_onnx(
