@@ -47,8 +47,10 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     """ECE with equal-width confidence bins."""
     if not len(labels):
         return 0.0
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
+    return _binned_ece(probs.max(axis=1), probs.argmax(axis=1) == labels, bins)
+
+
+def _binned_ece(confidence: np.ndarray, correct: np.ndarray, bins: int) -> float:
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece = 0.0
     for lo, hi in itertools.pairwise(edges):
@@ -56,6 +58,21 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
         if mask.any():
             ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
     return float(ece)
+
+
+def ece_noise_floor(
+    probs: np.ndarray, bins: int = 15, draws: int = 500, seed: int = 0
+) -> tuple[float, float]:
+    """The ECE a *perfectly calibrated* model with these confidences would read on this many photos:
+    (median, 90th percentile) over ``draws`` simulated outcomes, each prediction correct with probability
+    its confidence. On a few hundred photos this floor is several hundredths, so a smaller measured ECE
+    target cannot be told apart from sampling noise there."""
+    confidence = probs.max(axis=1)
+    if not len(confidence):
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    values = [_binned_ece(confidence, rng.random(len(confidence)) < confidence, bins) for _ in range(draws)]
+    return float(np.median(values)), float(np.percentile(values, 90))
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:

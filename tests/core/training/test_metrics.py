@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 
 from thali.core.training.metrics import (
+    ece_noise_floor,
     expected_calibration_error,
     fit_temperature,
     nll,
@@ -46,3 +47,23 @@ def test_a_validation_split_answered_all_right_does_not_make_every_answer_certai
     confidence = softmax(logits, t).max(axis=1).mean()
     assert 0.97 < confidence < 0.999  # about what 88 right answers support: 89/90
     assert expected_calibration_error(softmax(logits, t), labels) < 0.03
+
+
+def test_ece_noise_floor_is_what_a_perfectly_calibrated_model_reads() -> None:
+    """Labels drawn from the model's own confidences: the measured ECE lies within the floor's spread,
+    and the floor shrinks as the number of photos grows (a target under it cannot be shown)."""
+    rng = np.random.default_rng(3)
+
+    def calibrated(n: int) -> tuple[np.ndarray, np.ndarray]:
+        probs = softmax(rng.normal(0, 1, (n, 6)) * 3.0)
+        top = probs.argmax(1)
+        correct = rng.random(n) < probs.max(1)
+        return probs, np.where(correct, top, (top + 1) % 6)
+
+    median, p90 = ece_noise_floor(calibrated(300)[0])
+    assert 0.02 < median < p90 < 0.12
+    measured = [expected_calibration_error(*calibrated(300)) for _ in range(40)]
+    assert 0.5 * median < float(np.median(measured)) < 1.5 * median
+    big_median, _ = ece_noise_floor(calibrated(30_000)[0], draws=20)
+    assert big_median < median / 4
+    assert ece_noise_floor(np.zeros((0, 6))) == (0.0, 0.0)
