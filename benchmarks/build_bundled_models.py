@@ -45,7 +45,14 @@ def main() -> int:
     parser.add_argument(
         "--reexport", action="store_true", help="export and publish the existing runs again; no training"
     )
+    parser.add_argument(
+        "--trained",
+        help="with --reexport: how the run in --work was trained, for models/README.md (e.g. a GPU preset "
+        "run on another machine); default: the pack's default recipe on a 2-core CPU",
+    )
     args = parser.parse_args()
+    if args.trained and not args.reexport:
+        parser.error("--trained describes a run made elsewhere: use it with --reexport")
 
     from thali.core import build_plugin_manager
     from thali.core.domains import resolve_domain
@@ -100,7 +107,9 @@ def main() -> int:
         print(
             f"{name}: published v{version} (production) to {args.out}: {size / 1e6:.1f} MB, {minutes:.0f} min"
         )
-        write_readme(args.out, name, version, registry.show(name, version), minutes, args.reexport)
+        write_readme(
+            args.out, name, version, registry.show(name, version), minutes, args.reexport, args.trained
+        )
     return 0
 
 
@@ -117,20 +126,37 @@ def unknown_line(unknown: dict) -> list[str]:
 
 
 def write_readme(
-    out: Path, name: str, version: int, info: dict, minutes: float, reexport: bool = False
+    out: Path,
+    name: str,
+    version: int,
+    info: dict,
+    minutes: float,
+    reexport: bool = False,
+    trained: str | None = None,
 ) -> None:
     """``models/README.md``: how each bundled model was made, so it is never an unexplained binary."""
     card = info["card"]
+    if trained:
+        made = (
+            f"- trained: {trained}; exported and published with `python benchmarks/build_bundled_models.py "
+            f"--domain {name} --reexport` ({minutes:.0f} min on a 2-core CPU): its export settings, gated "
+            "variants"
+        )
+    else:
+        made = (
+            f"- made with: `python benchmarks/build_bundled_models.py --domain {name}`"
+            + (
+                " (training: 30-50 min on a 2-core CPU), exported again with `--reexport` "
+                f"({minutes:.0f} min)"
+                if reexport
+                else f" ({minutes:.0f} min on a 2-core CPU)"
+            )
+            + ": the pack's default recipe, its export settings, gated variants"
+        )
     lines = [
         f"## {name} v{version} (alias production)",
         "",
-        f"- made with: `python benchmarks/build_bundled_models.py --domain {name}`"
-        + (
-            f" (training: 30-50 min on a 2-core CPU), exported again with `--reexport` ({minutes:.0f} min)"
-            if reexport
-            else f" ({minutes:.0f} min on a 2-core CPU)"
-        )
-        + ": the pack's default recipe, its export settings, gated variants",
+        made,
         f"- data: fingerprint `{card['dataset'].get('fingerprint', '?')}`, "
         f"{card['dataset'].get('validation_images', '?')} validation images",
         f"- licence of the data: {card['dataset'].get('licence', 'not stated')}",
