@@ -46,8 +46,14 @@ def run_split(run_dir: Path, data: str | Path | None) -> tuple[Split, Path]:
 
 
 def fingerprint(run_dir: Path) -> str:
-    """sha256 of the run's split (every training and validation file, relative path and label)."""
-    return hashlib.sha256((run_dir / "split.json").read_bytes()).hexdigest()
+    """sha256 of the run's split: the classes and every training, validation and test file (relative
+    path and label), in a canonical JSON form. Not the data folder's location (``root``) nor the file's
+    formatting: the same split on another machine, or moved, has the same fingerprint."""
+    split = json.loads((run_dir / "split.json").read_text())
+    if not isinstance(split, dict):
+        raise DataError(f"{run_dir / 'split.json'}: expected a JSON object")
+    canonical = {key: split.get(key) for key in ("classes", "train", "val", "test", "val_cross")}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _apply(transform: Any, rgb: np.ndarray) -> np.ndarray:
