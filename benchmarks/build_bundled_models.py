@@ -3,10 +3,13 @@ pack's default recipe, export it with the pack's export settings (gated variants
 alias ``production``, keep only what serving needs.
 
     python benchmarks/build_bundled_models.py [--data DIR] [--domain south_asian_food] [--out models]
-                                              [--reexport]
+                                              [--preset NAME] [--reexport [--trained TEXT]]
 
-``--reexport`` keeps the training run already in ``--work`` and only exports and publishes it again
-(for a change in the export, such as the unknown score); the versions it replaces are removed.
+``--preset`` trains with a preset of the pack: the bundled south_asian_food model is made on a GPU machine
+with ``--domain south_asian_food --preset full_finetune_gpu``. ``--reexport`` keeps the training run
+already in ``--work`` and only exports and publishes it again (for a change in the export, such as the
+unknown score, or a run trained on another machine: ``--trained`` then says how, for models/README.md);
+the versions it replaces are removed.
 
 Needs the datasets (``--data``, ``$THALI_DATA`` or ../shared/datasets), the training install and the
 plant_disease plugin package (``pip install -e domains/plant_disease``; ``make test`` installs it). Takes
@@ -46,6 +49,9 @@ def main() -> int:
         "--reexport", action="store_true", help="export and publish the existing runs again; no training"
     )
     parser.add_argument(
+        "--preset", action="append", default=[], help="train with this preset of the pack (repeatable)"
+    )
+    parser.add_argument(
         "--trained",
         help="with --reexport: how the run in --work was trained, for models/README.md (e.g. a GPU preset "
         "run on another machine); default: the pack's default recipe on a 2-core CPU",
@@ -53,9 +59,14 @@ def main() -> int:
     args = parser.parse_args()
     if args.trained and not args.reexport:
         parser.error("--trained describes a run made elsewhere: use it with --reexport")
+    if args.preset and args.reexport:
+        parser.error("--preset chooses how to train: --reexport trains nothing (say how with --trained)")
+    if args.preset and len(args.domain or []) != 1:
+        parser.error("--preset belongs to one domain pack: name it with one --domain")
 
     from thali.core import build_plugin_manager
     from thali.core.domains import resolve_domain
+    from thali.core.errors import ConfigError
     from thali.core.exporting.pipeline import export_run
     from thali.core.training.trainer import TrainOptions, train
     from thali.registry import ModelRegistry
@@ -78,10 +89,15 @@ def main() -> int:
                 return 2
             print(f"{name}: exporting {run_dir} again (no training) …", flush=True)
         else:
+            try:  # before the old run is removed: a misspelt preset loses nothing
+                config = resolve_domain(registries, name).load_config(presets=args.preset)
+            except ConfigError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             if run_dir.exists():
                 shutil.rmtree(run_dir)
-            config = resolve_domain(registries, name).load_config()
-            print(f"{name}: training the pack's default recipe on {data} …", flush=True)
+            recipe = ", ".join(f"--preset {p}" for p in args.preset) or "the pack's default recipe"
+            print(f"{name}: training {recipe} on {data} …", flush=True)
             result = train(config, registries, TrainOptions(run_dir=run_dir, data=str(data), progress=True))
             val = result["metrics"]["val"]
             scores = f"top-1 {val['top1']:.3f} top-5 {val['top5']:.3f} ECE {val['ece']:.3f}"
@@ -108,7 +124,14 @@ def main() -> int:
             f"{name}: published v{version} (production) to {args.out}: {size / 1e6:.1f} MB, {minutes:.0f} min"
         )
         write_readme(
-            args.out, name, version, registry.show(name, version), minutes, args.reexport, args.trained
+            args.out,
+            name,
+            version,
+            registry.show(name, version),
+            minutes,
+            args.reexport,
+            args.trained,
+            args.preset,
         )
     return 0
 
@@ -133,6 +156,7 @@ def write_readme(
     minutes: float,
     reexport: bool = False,
     trained: str | None = None,
+    presets: list[str] | None = None,
 ) -> None:
     """``models/README.md``: how each bundled model was made, so it is never an unexplained binary."""
     card = info["card"]
@@ -141,6 +165,13 @@ def write_readme(
             f"- trained: {trained}; exported and published with `python benchmarks/build_bundled_models.py "
             f"--domain {name} --reexport` ({minutes:.0f} min on a 2-core CPU): its export settings, gated "
             "variants"
+        )
+    elif presets:
+        flags = "".join(f" --preset {p}" for p in presets)
+        made = (
+            f"- made with: `python benchmarks/build_bundled_models.py --domain {name}{flags}` "
+            f"({minutes:.0f} min on {os.cpu_count()} CPU cores and what GPU there was): its export settings, "
+            "gated variants"
         )
     else:
         made = (
