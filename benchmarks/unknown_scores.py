@@ -33,11 +33,10 @@ DEFAULT_RUN = REPO / "runs" / "bundled" / "south_asian_food" / "run"
 ACCEPT = 0.95  # share of in-domain photos the threshold keeps
 
 
-def features_and_logits(export: Path, paths: list[Path], batch: int = 32) -> tuple[Any, Any, list[int], Any]:
-    """Penultimate features (attention, global average pool: what the classifier's linear layer reads)
-    and logits of the export's fp32 model, with the server's preprocessing, the positions of the
-    photos they belong to (a broken photo is skipped), and the ``stage_features`` (None for an export
-    without them)."""
+def features_and_logits(export: Path, paths: list[Path], batch: int = 32) -> tuple[Any, list[int]]:
+    """The export's fp32 outputs with the server's preprocessing (a :class:`Features`: logits, the
+    penultimate features the classifier's linear layer reads, and ``stage_features``, None for an export
+    without them), and the positions of the photos they belong to (a broken photo is skipped)."""
     from tqdm import tqdm
 
     from thali.core.exporting.unknown import Features, Outputs
@@ -56,19 +55,12 @@ def features_and_logits(export: Path, paths: list[Path], batch: int = 32) -> tup
                 print(f"skipped {path}: {exc}", file=sys.stderr)
         if images:
             parts.append(model(np.stack(images), batch_size=batch))
-    out = Features.join(parts)
-    return out.features, out.logits, kept, out.stages
+    return Features.join(parts), kept
 
 
-def scores(
-    feats: np.ndarray,
-    logits: np.ndarray,
-    fit: dict[str, Any],
-    temperature: float,
-    shipped: Any = None,
-    stages: Any = None,
-) -> dict[str, Any]:
-    """Higher = more in-domain, for every score."""
+def scores(outputs: Any, fit: dict[str, Any], temperature: float, shipped: Any = None) -> dict[str, Any]:
+    """Higher = more in-domain, for every score, from :func:`features_and_logits`' outputs."""
+    feats, logits = outputs.features, outputs.logits
     z = logits / temperature
     z = z - z.max(1, keepdims=True)
     p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
@@ -82,7 +74,7 @@ def scores(
     knn = np.sort(sims, axis=1)[:, -fit["k"]]
     out = {"max_probability": p.max(1), "energy": energy, "mahalanobis": -maha, "knn_cosine": knn}
     if shipped is not None:  # the export's own score (k-NN on the last features and earlier stages)
-        out["shipped"] = shipped.scores(feats, stages)
+        out["shipped"] = shipped.scores(feats, outputs.stages)
     return out
 
 
@@ -158,10 +150,10 @@ def main() -> int:
         "plant leaves": photos(args.data / "plant_disease"),
         "non-food (scikit-image)": skimage_photos(args.out / "skimage"),
     }
-    f_train, _, kept, _ = features_and_logits(export, [p for p, _ in train])
-    fit = fit_features(f_train, np.array([train[i][1] for i in kept]))
-    f_val, l_val, kept, s_val = features_and_logits(export, [p for p, _ in val])
-    in_domain = {"validation": scores(f_val, l_val, fit, temperature, shipped, s_val)}
+    train_out, kept = features_and_logits(export, [p for p, _ in train])
+    fit = fit_features(train_out.features, np.array([train[i][1] for i in kept]))
+    val_out, kept = features_and_logits(export, [p for p, _ in val])
+    in_domain = {"validation": scores(val_out, fit, temperature, shipped)}
     if cross:
         keep = np.array([i in cross for i in kept])
         in_domain["held-out collections"] = {k: v[keep] for k, v in in_domain["validation"].items()}
@@ -169,8 +161,7 @@ def main() -> int:
     outside = {}
     for name, paths in sets.items():
         if paths:
-            f, logit, _, stage = features_and_logits(export, paths)
-            outside[name] = scores(f, logit, fit, temperature, shipped, stage)
+            outside[name] = scores(features_and_logits(export, paths)[0], fit, temperature, shipped)
 
     result: dict[str, Any] = {"run": str(args.run), "accept_in_domain": ACCEPT, "scores": {}}
     header = [

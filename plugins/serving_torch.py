@@ -74,14 +74,12 @@ class TorchBackend:
         # the stages the package's unknown score reads, from its checked spec
         score = load_spec(getattr(package, "calibration", None) or {})
         stages = [layer.stage for layer in score.layers] if score is not None else []
-        if any(i >= len(self.model.backbone.stages) for i in stages):
-            raise DataError(
-                f"calibration.json unknown.layers: stages {stages}; the checkpoint's backbone has "
-                f"{len(self.model.backbone.stages)}"
-            )
-        self.outputs = {
-            flag: ServingOutputs(self.model, cam=flag, stages=stages).eval() for flag in (False, True)
-        }
+        try:  # ServingOutputs refuses a stage the checkpoint's backbone lacks
+            self.outputs = {
+                flag: ServingOutputs(self.model, cam=flag, stages=stages).eval() for flag in (False, True)
+            }
+        except ValueError as exc:
+            raise DataError(f"calibration.json unknown.layers: {exc}") from None
         self.names = ["logits", "features", *(["stage_features"] if stages else [])]
         self.variant = variant or "fp32"
 

@@ -12,14 +12,15 @@ them in ``calibration.json`` under ``unknown`` (no torch needed to serve them):
   live almost entirely inside it; leaves, rooms and people do not (measured on south_asian_food: it
   flags 98 % of plant photos where the k-NN score alone flags 80 %).
 
-With ``layers`` (the default for a backbone with four stages or more), the k-NN score also reads the
-pooled outputs of two earlier stages (the model's ``stage_features`` output, the stages' outputs
-average-pooled and concatenated): each group has its own projection and bank, its similarity is
-standardised by the mean and spread of the training photos' own k-th-neighbour similarities (leave one
-out), and ``knn`` is the weighted mean of the standardised similarities put back on the scale of the last
-features' (``mean + std * z``). Earlier stages see textures and shapes that the last one, trained to tell
-our classes apart, has learned to ignore: a pizza's crust is not a naan. Measured on south_asian_food's
-held-out collections (4.7 % of them flagged): 62.0 % -> 73.5 % of other cuisines' dishes flagged.
+With ``layers`` (by default for a backbone with four stages or more), the k-NN score also reads the
+pooled outputs of earlier stages, the two before the last unless ``export.unknown.stages`` names others
+(the model's ``stage_features`` output, the stages' outputs average-pooled and concatenated): each group
+has its own projection and bank, its similarity is standardised by the mean and spread of the training
+photos' own k-th-neighbour similarities (leave one out), and ``knn`` is the weighted mean of the
+standardised similarities put back on the scale of the last features' (``mean + std * z``). Earlier
+stages see textures and shapes that the last one, trained to tell our classes apart, has learned to
+ignore: a pizza's crust is not a naan. Measured on south_asian_food's held-out collections (4.7 % of
+them flagged): 62.0 % -> 73.5 % of other cuisines' dishes flagged.
 
 A photo is unknown when either score is under its threshold. ``unknown_score`` (what the API returns) is
 the smaller margin, ``min(knn - knn_threshold, residual - residual_threshold)``: below 0 is unknown.
@@ -124,9 +125,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _knn(x: np.ndarray, projection: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
-    """Cosine similarity of each row of ``x`` to its k-th nearest bank row, in the projected space."""
-    sims = _unit(x @ projection) @ bank.T
+def _knn(z: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+    """Cosine similarity of each projected row ``z`` to its k-th nearest bank row."""
+    sims = _unit(z) @ bank.T
     k = min(k, sims.shape[1])
     return np.partition(sims, -k, axis=1)[:, -k]
 
@@ -202,7 +203,7 @@ class UnknownScore:
         z = x @ self.projection
         outside = np.linalg.norm(x - z @ self.projection.T, axis=1)
         residual = -outside / np.maximum(np.linalg.norm(x, axis=1), 1e-12)
-        knn = _knn(x, self.projection, self.bank, self.k)
+        knn = _knn(z, self.bank, self.k)
         if self.layers:
             if stage_features is None:
                 raise DataError("the unknown score reads stage_features; the model gives none")
@@ -215,7 +216,7 @@ class UnknownScore:
             total = 1.0
             standard = (knn - self.mean) / self.std
             for layer in self.layers:
-                sims = _knn(s[:, layer.start : layer.stop], layer.projection, layer.bank, self.k)
+                sims = _knn(s[:, layer.start : layer.stop] @ layer.projection, layer.bank, self.k)
                 standard = standard + layer.weight * (sims - layer.mean) / layer.std
                 total += layer.weight
             knn = self.mean + self.std * standard / total

@@ -57,6 +57,15 @@ class FeatureBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from(self.forward_until(x, len(self.stages)), len(self.stages))
 
+    def forward_tapped(self, x: torch.Tensor, taps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`forward`, and the outputs of the stages ``taps`` (indices, in stage order) on the way."""
+        x, tapped = self.stem(x), []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in taps:
+                tapped.append(x)
+        return self.head(x), tapped
+
 
 PREPROCESS_KEYS = ("input_size", "mean", "std")  # required in a backbone entry's metadata
 CONTRACT = "see thali_register_backbones in thali.core.hookspecs"

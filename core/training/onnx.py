@@ -51,7 +51,8 @@ class ServingOutputs(nn.Module):
         self.cam = cam
         self.stages = tuple(sorted(set(int(i) for i in stages)))
         if any(not 0 <= i < len(self.backbone.stages) for i in self.stages):
-            raise ValueError(f"stages {list(self.stages)}: the backbone has {len(self.backbone.stages)}")
+            n = len(self.backbone.stages)
+            raise ValueError(f"stages {list(self.stages)}; the checkpoint's backbone has {n}")
 
     @property
     def stage_widths(self) -> list[tuple[int, int]]:
@@ -59,16 +60,8 @@ class ServingOutputs(nn.Module):
         return [(i, int(self.backbone.stage_channels[i])) for i in self.stages]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        backbone, pooled = self.backbone, []
-        if self.stages:
-            x = backbone.stem(x)
-            for i, stage in enumerate(backbone.stages):
-                x = stage(x)
-                if i in self.stages:
-                    pooled.append(x.mean(dim=(2, 3)))
-            x = backbone.head(x)
-        else:
-            x = backbone(x)
+        x, tapped = self.backbone.forward_tapped(x, self.stages)
+        pooled = [t.mean(dim=(2, 3)) for t in tapped]
         maps = self.attention(x)
         features = maps.mean(dim=(2, 3))
         logits = self.fc(self.dropout(features))
