@@ -284,6 +284,18 @@ def unknown_from_export(export: dict[str, Any]) -> list[str]:
     for method, entry in report["scores"].items():
         cells = " | ".join(pct(entry["flagged"][n]) for n in names)
         lines.append(f"| {method} | {entry['threshold']:.4f} | {cells} |")
+    if report.get("stages"):
+        lines += [
+            "",
+            f"The k-NN score also reads backbone stages {', '.join(map(str, report['stages']))}, each "
+            f"weighing {report.get('layer_weight', 0.5):g} next to 1 for the last features.",
+        ]
+        if tried := report.get("layer_weights_tried"):
+            shares = ", ".join(f"{w} → {pct(v)}" for w, v in tried.items())
+            lines[-1] += (
+                " The export chose that weight on the half of the out-of-domain photos that choose (mean "
+                f"share flagged: {shares}); the rates above are the other half's."
+            )
     if report.get("warning"):
         lines += ["", f"Note: {report['warning']}."]
     return [*lines, ""]

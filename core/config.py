@@ -8,6 +8,7 @@ looks them up in the plugin registries.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -345,6 +346,22 @@ class UnknownConfig(Strict):
         "model's stage_features output); auto: the two before the last, for a backbone of 4 stages or "
         "more; [] for none",
     )
+
+    layer_weight: Literal["auto"] | float = Field(
+        "auto",
+        description="each earlier stage's weight in the k-NN score, next to 1 for the last features; auto: "
+        "the one of 0.25, 0.5, 0.75, 1, 1.5, 2 that flags most of the ood photos that choose (0.5 "
+        "without any)",
+    )
+
+    @field_validator("layer_weight", mode="before")  # before: pydantic would read true as 1.0
+    @classmethod
+    def _weight(cls, v: Any) -> Any:
+        if v != "auto" and (
+            isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 < v <= 10 and math.isfinite(v))
+        ):
+            raise ValueError("auto, or a number above 0 and at most 10")
+        return v
 
     @field_validator("stages")
     @classmethod

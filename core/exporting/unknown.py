@@ -8,8 +8,9 @@ photos the model never trained on, the score itself chosen on out-of-domain phot
 * scores: ``knn_residual`` (:mod:`thali.core.inference.unknown`: k-NN and residual on the exported
   ``features`` output) and ``max_probability`` (the calibrated top probability); each flags at most
   ``max_in_domain_flagged`` of the in-domain held-out photos. Every other out-of-domain photo chooses
-  how ``knn_residual`` shares that budget between its two thresholds, and which score ships (``auto``:
-  the one that flags more of them); the rates are measured on the other half.
+  how ``knn_residual`` shares that budget between its two thresholds, how much its earlier stages weigh
+  (``layer_weight: auto``), and which score ships (``auto``: the one that flags more of them); the rates
+  are measured on the other half.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from thali.core.errors import DataError
 from thali.core.images import DEFAULT_LIMITS, ImageLimits
 from thali.core.inference import unknown as knn
 from thali.core.inference.postprocess import softmax
+from thali.core.inference.unknown import UnknownScore
 from thali.core.training.data import Split
 
 from .data import ValidationSet, preprocessed_batches
@@ -125,6 +127,17 @@ def rates_text(rates: Mapping[str, float]) -> str:
     return "flags " + ", ".join(f"{100 * rate:.1f} % of {name}" for name, rate in rates.items())
 
 
+def _layer_weights(settings: UnknownConfig, fitted: UnknownScore, has_ood: bool) -> list[float | None]:
+    """The earlier stages' weights to try, the default first (``None``: the score has no layers)."""
+    if not fitted.layers:
+        return [None]
+    if settings.layer_weight != "auto":
+        return [float(settings.layer_weight)]
+    if not has_ood:
+        return [knn.LAYER_WEIGHT]
+    return [knn.LAYER_WEIGHT, *(w for w in knn.LAYER_WEIGHTS if w != knn.LAYER_WEIGHT)]
+
+
 def fit_unknown(
     model_path: Path,
     split: Split,
@@ -197,16 +210,27 @@ def fit_unknown(
             stage_features=train.stages,
             stages=stages,
         )
-        components = {"in-domain": fitted.components(val_out.features, val_out.stages)}
-        for name, out in ood_out.items():
-            components[name] = fitted.components(out.features, out.stages)  # type: ignore[arg-type]
-        t_knn, t_res = knn.choose_thresholds(
-            tuple(v[held_out] for v in components["in-domain"]),  # type: ignore[arg-type]
-            settings.max_in_domain_flagged,
-            [tuple(v[choose[n]] for v in components[n]) for n in ood_out],  # type: ignore[misc]
-        )
-        fitted = dataclasses.replace(fitted, knn_threshold=t_knn, residual_threshold=t_res)
-        scores[knn.METHOD] = {name: fitted.margin(c) for name, c in components.items()}
+        best: tuple[float, UnknownScore, dict[str, Any]] | None = None
+        tried: dict[str, float] = {}
+        for weight in _layer_weights(settings, fitted, bool(ood_out)):
+            candidate = fitted if weight is None else fitted.with_layer_weight(weight)
+            components = {"in-domain": candidate.components(val_out.features, val_out.stages)}
+            for name, out in ood_out.items():
+                components[name] = candidate.components(out.features, out.stages)  # type: ignore[arg-type]
+            t_knn, t_res = knn.choose_thresholds(
+                tuple(v[held_out] for v in components["in-domain"]),  # type: ignore[arg-type]
+                settings.max_in_domain_flagged,
+                [tuple(v[choose[n]] for v in components[n]) for n in ood_out],  # type: ignore[misc]
+            )
+            candidate = dataclasses.replace(candidate, knn_threshold=t_knn, residual_threshold=t_res)
+            margins = {name: candidate.margin(c) for name, c in components.items()}
+            caught = float(np.mean([(margins[n][choose[n]] < 0).mean() for n in ood_out])) if ood_out else 0.0
+            if weight is not None:
+                tried[f"{weight:g}"] = caught
+            if best is None or caught > best[0]:  # a tie keeps the earlier weight: the default comes first
+                best = (caught, candidate, margins)
+        assert best is not None
+        _, fitted, scores[knn.METHOD] = best
 
     report: dict[str, Any] = {
         "in_domain": source,
@@ -269,6 +293,10 @@ def fit_unknown(
         calibration["unknown"] = fitted.to_spec()
         report.update(k=fitted.k, dims=int(fitted.projection.shape[1]), bank=len(fitted.bank))
         report["stages"] = [layer.stage for layer in fitted.layers]
+        if fitted.layers:
+            report["layer_weight"] = fitted.layers[0].weight
+            if len(tried) > 1:  # share of the choosing out-of-domain photos each weight flagged
+                report["layer_weights_tried"] = tried
     log.debug(
         "unknown flag: %s; flags %s",
         method,

@@ -17,7 +17,9 @@ pooled outputs of earlier stages, the two before the last unless ``export.unknow
 (the model's ``stage_features`` output, the stages' outputs average-pooled and concatenated): each group
 has its own projection and bank, its similarity is standardised by the mean and spread of the training
 photos' own k-th-neighbour similarities (leave one out), and ``knn`` is the weighted mean of the
-standardised similarities put back on the scale of the last features' (``mean + std * z``). Earlier
+standardised similarities put back on the scale of the last features' (``mean + std * z``; 1 for the
+last features, each earlier stage its ``weight``: 0.5, or what the export chose on out-of-domain photos
+among :data:`LAYER_WEIGHTS`, ``export.unknown.layer_weight``). Earlier
 stages see textures and shapes that the last one, trained to tell our classes apart, has learned to
 ignore: a pizza's crust is not a naan. Measured on south_asian_food's held-out collections (4.7 % of
 them flagged): 62.0 % -> 73.5 % of other cuisines' dishes flagged.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +52,8 @@ MAX_TOTAL_VALUES = 2 * MAX_BANK_VALUES  # every array of one spec together, laye
 MAX_FEATURES = 16_384
 MAX_LAYERS = 8
 LAYER_WEIGHT = 0.5  # an earlier stage's share of the k-NN score, next to 1 for the last features
+# the shares an export with out-of-domain photos tries (export.unknown.layer_weight: auto)
+LAYER_WEIGHTS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 def _b64(data: np.ndarray) -> str:
@@ -221,6 +226,12 @@ class UnknownScore:
                 total += layer.weight
             knn = self.mean + self.std * standard / total
         return knn.astype(np.float32), residual.astype(np.float32)
+
+    def with_layer_weight(self, weight: float) -> UnknownScore:
+        """The same score with every earlier stage weighing ``weight`` next to 1 for the last features."""
+        return dataclasses.replace(
+            self, layers=tuple(dataclasses.replace(layer, weight=float(weight)) for layer in self.layers)
+        )
 
     def scores(self, features: np.ndarray, stage_features: np.ndarray | None = None) -> np.ndarray:
         return self.margin(self.components(features, stage_features))
@@ -396,7 +407,15 @@ def load_spec(calibration: Mapping[str, Any]) -> UnknownScore | None:
             )
         std = _number(item, "std", where, positive=True)
         layers.append(
-            Layer(stage, start, p, b, _number(item, "mean", where), std, _number(item, "weight", where))
+            Layer(
+                stage,
+                start,
+                p,
+                b,
+                _number(item, "mean", where),
+                std,
+                _number(item, "weight", where, positive=True),
+            )
         )
     if layers[-1].stop > MAX_FEATURES:
         raise DataError(f"calibration.json unknown.layers: more than {MAX_FEATURES} stage features")

@@ -177,6 +177,15 @@ LAYER_ATTACKS = {
     "bank shape bomb": (lambda s: s["layers"][1]["bank"].update(shape=[4000, 4000]), "more than 16,000,000"),
     "spread zero": (lambda s: s["layers"][0].update(std=0), r"layers\[0\].std: expected a number above 0"),
     "weight text": (lambda s: s["layers"][1].update(weight="1"), r"layers\[1\].weight: expected a finite"),
+    # weights that sum to 0 with the last features' 1 would divide by zero: every score NaN, none flagged
+    "weight negative": (
+        lambda s: s["layers"][0].update(weight=-1.0),
+        r"layers\[0\].weight: expected a number above",
+    ),
+    "weight zero": (
+        lambda s: s["layers"][1].update(weight=0),
+        r"layers\[1\].weight: expected a number above 0",
+    ),
     "mean missing": (lambda s: s.pop("mean"), "unknown.mean: expected a finite number"),
 }
 
@@ -263,6 +272,55 @@ def test_export_reports_out_of_domain_photos_and_picks_the_score_that_flags_more
     assert elsewhere["unknown"]["ood_images"] == {}
 
 
+def test_export_chooses_the_earlier_stages_weight_on_the_choosing_half(
+    tiny_run: Path, tiny_data: Path, registries: Any, tmp_path: Path
+) -> None:
+    from thali.core.exporting.pipeline import export_run
+    from thali.core.inference.unknown import LAYER_WEIGHTS
+
+    _patterns(tiny_data.parent / "ood_patterns", 12)
+    base = ["export.variants=[fp32]", "export.unknown.ood=[ood_patterns]", "export.unknown.stages=[0, 1]"]
+    report = export_run(tiny_run, registries, out_dir=tmp_path / "auto", overrides=base, progress=False)[
+        "unknown"
+    ]
+    tried = report["layer_weights_tried"]  # layer_weight: auto (the default) with out-of-domain photos
+    assert [float(w) for w in tried] == [0.5, *(w for w in LAYER_WEIGHTS if w != 0.5)]  # the default first
+    assert all(0 <= share <= 1 for share in tried.values())
+    best = max(tried.values())
+    assert tried[f"{report['layer_weight']:g}"] == best  # the weight that flags most of them ships ...
+    assert (
+        next(w for w, share in tried.items() if share == best) == f"{report['layer_weight']:g}"
+    )  # ties: first
+    score = load_spec(json.loads((tmp_path / "auto" / "calibration.json").read_text()))
+    assert score is not None and {layer.weight for layer in score.layers} == {report["layer_weight"]}
+    assert report["scores"][METHOD]["flagged"]["in-domain held out"] <= 0.05  # ... within the budget
+
+    fixed = export_run(
+        tiny_run, registries, out_dir=tmp_path / "fixed", overrides=[*base, "export.unknown.layer_weight=1.5"]
+    )["unknown"]
+    assert fixed["layer_weight"] == 1.5 and "layer_weights_tried" not in fixed  # a number is taken as given
+    served = load_spec(json.loads((tmp_path / "fixed" / "calibration.json").read_text()))
+    assert served is not None and [layer.weight for layer in served.layers] == [1.5, 1.5]
+    with pytest.raises(ConfigError, match=r"export\.unknown\.layer_weight"):
+        export_run(
+            tiny_run, registries, out_dir=tmp_path / "bad", overrides=[*base, "export.unknown.layer_weight=0"]
+        )
+
+
+def test_a_layer_weight_changes_the_score_and_travels_in_the_spec() -> None:
+    (train_f, train_s), ((ours_f, ours_s), _) = _layered()
+    layered = fit(train_f, k=3, dims=8, stage_features=train_s, stages=[(2, 24), (3, 8)])
+    heavier = layered.with_layer_weight(2.0)
+    assert [layer.weight for layer in heavier.layers] == [2.0, 2.0] and layered.layers[0].weight == 0.5
+    assert not np.allclose(heavier.components(ours_f, ours_s)[0], layered.components(ours_f, ours_s)[0])
+    spec = dataclasses.replace(heavier, knn_threshold=0.5, residual_threshold=-0.5).to_spec()
+    loaded = load_spec(json.loads(json.dumps({"unknown": spec})))
+    assert loaded is not None
+    np.testing.assert_allclose(
+        loaded.components(ours_f, ours_s)[0], heavier.components(ours_f, ours_s)[0], atol=1e-5
+    )
+
+
 def test_the_stages_the_score_reads_by_default() -> None:
     from thali.core.config import UnknownConfig
 
@@ -271,6 +329,10 @@ def test_the_stages_the_score_reads_by_default() -> None:
     assert UnknownConfig(stages=[2, 0]).stage_indices(3) == [0, 2]
     with pytest.raises(ValueError, match="different stage indices"):
         UnknownConfig(stages=[1, 1])
+    assert UnknownConfig().layer_weight == "auto" and UnknownConfig(layer_weight=0.75).layer_weight == 0.75
+    for bad in (0, -1, 11, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="auto, or a number above 0 and at most 10"):
+            UnknownConfig(layer_weight=bad)
 
 
 def test_the_training_photos_own_neighbour_statistics_do_not_depend_on_the_block_size() -> None:
