@@ -291,7 +291,7 @@ def unknown_from_export(export: dict[str, Any]) -> list[str]:
             f"weighing {report.get('layer_weight', 0.5):g} next to 1 for the last features.",
         ]
         if tried := report.get("layer_weights_tried"):
-            shares = ", ".join(f"{w} → {pct(v)}" for w, v in tried.items())
+            shares = ", ".join(f"{w} → {pct(v)}" for w, v in sorted(tried.items(), key=lambda t: float(t[0])))
             lines[-1] += (
                 " The export chose that weight on the half of the out-of-domain photos that choose (mean "
                 f"share flagged: {shares}); the rates above are the other half's."
@@ -312,7 +312,9 @@ def unknown_bench_section(folder: Path, pictures: Path) -> list[str]:
         "### Four scores side by side (benchmarks/unknown_scores.py)",
         "",
         f"Run `{shown(result['run'])}`; each threshold accepts "
-        f"{100 * result['accept_in_domain']:.0f} % of the in-domain reference photos.",
+        f"{100 * result['accept_in_domain']:.0f} % of the in-domain reference photos. The `shipped` row "
+        "counts every out-of-domain photo, also the half that chose the export's thresholds and weight: "
+        "the export's table above is the other half alone.",
         "",
         "| score | " + " | ".join(f"flags {n}" for n in names) + " | AUC other cuisines |",
         "|---|" + "---:|" * (len(names) + 1),
