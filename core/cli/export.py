@@ -89,7 +89,11 @@ def print_summary(report: dict[str, Any]) -> None:
 
     unknown = report.get("unknown") or {}
     if shown := flag_rates(unknown):
-        print(f"  unknown flag  {unknown['method']}: {rates_text(shown)}")
+        layers = ""
+        if unknown["method"] == "knn_residual" and unknown.get("stages"):  # the earlier stages it reads
+            weight = unknown.get("layer_weight", 0.5)
+            layers = f"; stages {', '.join(map(str, unknown['stages']))} at weight {weight:g}"
+        print(f"  unknown flag  {unknown['method']}: {rates_text(shown)}{layers}")
         for variant, rates in unknown["scores"][unknown["method"]].get("flagged_by_variant", {}).items():
             # the same thresholds on this variant's features (served when it is the serving variant)
             print(f"  unknown flag  {variant}: {rates_text(rates)}")

@@ -98,13 +98,25 @@ def test_train_prints_only_our_lines(frozen_train: tuple[subprocess.CompletedPro
 def test_export_prints_only_our_lines(frozen_train: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     train, run = frozen_train
     assert train.returncode == 0, train.stderr[-3000:]
-    result = _thali("export", str(run), "--no-progress", "--variants", "int8,int8_dynamic,fp16")
+    result = _thali(
+        "export",
+        str(run),
+        "--no-progress",
+        "--variants",
+        "int8,int8_dynamic,fp16",
+        "--set",
+        "export.unknown.stages=[0, 1]",
+    )
     _check(result, EXPORT_OUT, re.compile(r"^$"))
     assert "parity with torch: max logit difference" in result.stdout
     for variant in ("fp32", "int8", "int8_dynamic", "fp16"):
         assert re.search(rf"^  {variant} +model\.", result.stdout, re.M), result.stdout
     assert "warning: int8_dynamic: dynamic quantisation is slow" in result.stdout  # our own warning stays
     assert "  unknown flag  knn_residual: flags " in result.stdout
+    # the earlier stages it reads, at the default weight (no out-of-domain photos to choose another)
+    assert re.search(
+        r"^  unknown flag  knn_residual: flags .*; stages 0, 1 at weight 0\.5$", result.stdout, re.M
+    )
 
 
 # --- in-process: a host that logs at INFO (what `thali train` sets up) still sees no library chatter ---
