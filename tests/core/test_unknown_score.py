@@ -280,17 +280,14 @@ def test_export_chooses_the_earlier_stages_weight_on_the_choosing_half(
 
     _patterns(tiny_data.parent / "ood_patterns", 12)
     base = ["export.variants=[fp32]", "export.unknown.ood=[ood_patterns]", "export.unknown.stages=[0, 1]"]
-    report = export_run(tiny_run, registries, out_dir=tmp_path / "auto", overrides=base, progress=False)[
-        "unknown"
-    ]
+    export = export_run(tiny_run, registries, out_dir=tmp_path / "auto", overrides=base, progress=False)
+    report = export["unknown"]
     tried = report["layer_weights_tried"]  # layer_weight: auto (the default) with out-of-domain photos
     assert [float(w) for w in tried] == [0.5, *(w for w in LAYER_WEIGHTS if w != 0.5)]  # the default first
     assert all(0 <= share <= 1 for share in tried.values())
-    best = max(tried.values())
-    assert tried[f"{report['layer_weight']:g}"] == best  # the weight that flags most of them ships ...
-    assert (
-        next(w for w, share in tried.items() if share == best) == f"{report['layer_weight']:g}"
-    )  # ties: first
+    chosen = f"{report['layer_weight']:g}"
+    assert tried[chosen] == max(tried.values())  # the weight that flags most of them ships ...
+    assert chosen == next(w for w, share in tried.items() if share == tried[chosen])  # (the first of a tie)
     score = load_spec(json.loads((tmp_path / "auto" / "calibration.json").read_text()))
     assert score is not None and {layer.weight for layer in score.layers} == {report["layer_weight"]}
     assert report["scores"][METHOD]["flagged"]["in-domain held out"] <= 0.05  # ... within the budget
