@@ -24,6 +24,8 @@ def write_epoch(writer: Any, record: dict[str, float], val: dict[str, Any], clas
     step = int(record["epoch"])
     for key, tag in SCALARS:
         writer.add_scalar(tag, record[key], step)
+    if "val_cross_top1" in record:  # held-out collections: measured every epoch, never chosen on
+        writer.add_scalar("top1/val_cross", record["val_cross_top1"], step)
     for name, stats in val["per_class"].items():
         writer.add_scalar(f"class_accuracy/{name}", stats["recall"], step)
     cm = np.asarray(val["confusion_matrix"])

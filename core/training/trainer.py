@@ -3,7 +3,9 @@
 ``run_dir`` holds ``config.yaml`` (resolved), ``split.json``, ``last.pt`` (every epoch), ``best.pt``,
 ``metrics.json`` (top-1, top-5, per-class precision/recall, confusion matrix, ECE before and after
 temperature scaling; with a cross-collection split also ``val_cross``, the same on the held-out
-collections alone), ``calibration.json`` and TensorBoard events under ``tb/``.
+collections alone), ``calibration.json`` and TensorBoard events under ``tb/``. With a cross-collection
+split the held-out collections are only measured: the best epoch, early stopping and the temperature
+read the other validation images.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from .evaluate import cross_line, cross_summary
 from .features import compute_features, make_engine, shard_features
 from .logbook import write_epoch
 from .loss import build_loss
-from .metrics import fit_temperature, summarize
+from .metrics import fit_temperature, summarize, topk_accuracy
 from .mix import mix_batch
 from .model import Classifier, build_classifier
 from .optim import ModelEma, build_optimizer, build_scheduler
@@ -289,20 +291,23 @@ class Trainer:
             train_seconds += seconds
             ran += 1
             eval_model = ema.module if ema else self.model
-            logits, labels = self._predict(eval_model, "val")
-            val = summarize(logits, labels, self.classes)
-            record = ckpt.plain(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": loss_sum / max(1, seen),
-                    "train_top1": correct / max(1, seen),
-                    "val_loss": val["nll"],
-                    "val_top1": val["top1"],
-                    "val_top5": val["top5"],
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": seen / max(seconds, 1e-9),
-                }
-            )
+            logits, labels, indices = self._predict_indexed(eval_model, "val")
+            chooses = self._chooses(indices)
+            # the best epoch and early stopping read only the photos that choose; held-out ones are scored
+            val = summarize(logits[chooses], labels[chooses], self.classes)
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / max(1, seen),
+                "train_top1": correct / max(1, seen),
+                "val_loss": val["nll"],
+                "val_top1": val["top1"],
+                "val_top5": val["top5"],
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": seen / max(seconds, 1e-9),
+            }
+            if not chooses.all():
+                record["val_cross_top1"] = topk_accuracy(logits[~chooses], labels[~chooses], 1)
+            record = ckpt.plain(record)
             state["history"].append(record)
             metric, stop = record[t.early_stopping.metric], t.early_stopping
             sign = 1.0 if stop.metric == "val_top1" else -1.0
@@ -429,11 +434,19 @@ class Trainer:
                 indices.append(batch["indices"])
         return torch.cat(out).numpy(), torch.cat(labels).numpy(), torch.cat(indices).numpy()
 
+    def _chooses(self, indices: np.ndarray) -> np.ndarray:
+        """Which validation images (by index in the split) may choose: the best epoch, early stopping and
+        the temperature. With a cross-collection split, not the held-out collections' images: they are
+        the measurement and are only scored (all images, if the held-out ones were all there is)."""
+        chooses = ~np.isin(indices, np.asarray(self.split.val_cross, dtype=np.int64))
+        return chooses if chooses.any() else np.ones(len(indices), dtype=bool)
+
     def _final_metrics(self) -> dict[str, Any]:
         best = ckpt.load(self.run_dir / "best.pt", ("model", "epoch"))
         ckpt.load_weights(self.model, best["model"], self.run_dir / "best.pt")
         logits, labels, indices = self._predict_indexed(self.model, "val")
-        temperature = fit_temperature(logits, labels)
+        chooses = self._chooses(indices)
+        temperature = fit_temperature(logits[chooses], labels[chooses])
         raw = summarize(logits, labels, self.classes)
         calibrated = summarize(logits, labels, self.classes, temperature)
         metrics: dict[str, Any] = {
@@ -442,6 +455,7 @@ class Trainer:
             "val": calibrated,
             "calibration": {
                 "temperature": temperature,
+                "fitted_on_images": int(chooses.sum()),  # without the held-out collections' images
                 "ece_before": raw["ece"],
                 "ece_after": calibrated["ece"],
                 "nll_before": raw["nll"],
@@ -470,8 +484,10 @@ def epoch_line(record: dict[str, Any], epochs: int, best: bool) -> str:
         f"epoch {record['epoch']:>{width}}/{epochs}  "
         f"train loss {record['train_loss']:.3f} acc {100 * record['train_top1']:5.1f} %  "
         f"val loss {record['val_loss']:.3f} top-1 {100 * record['val_top1']:5.1f} % "
-        f"top-5 {100 * record['val_top5']:5.1f} %  lr {record['lr']:.1e}  "
-        f"{record['images_per_s']:6.0f} img/s" + ("  best" if best else "")
+        f"top-5 {100 * record['val_top5']:5.1f} %  "
+        + (f"held-out top-1 {100 * record['val_cross_top1']:5.1f} %  " if "val_cross_top1" in record else "")
+        + f"lr {record['lr']:.1e}  {record['images_per_s']:6.0f} img/s"
+        + ("  best" if best else "")
     )
 
 

@@ -8,6 +8,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import write_tiny_domain, write_tiny_imagefolder
 
@@ -23,6 +24,7 @@ from thali.core.training.data import (
     stratified_split,
     write_split,
 )
+from thali.core.training.metrics import fit_temperature
 
 # --- the split rule -------------------------------------------------------------------------------
 
@@ -275,6 +277,27 @@ def test_split_defaults_keep_positional_construction() -> None:
 # --- a real training run ----------------------------------------------------------------------------
 
 
+def _val_logits(run: Path, images: Path, registries: object) -> tuple[np.ndarray, np.ndarray]:
+    """The run's best model's logits on its validation images, in split order (as the trainer reads them)."""
+    import torch
+
+    from thali.core.training.data import ImageDataset, make_loader, read_split
+    from thali.core.training.evaluate import load_run
+    from thali.core.training.transforms import eval_transform
+
+    trained = load_run(run, registries)  # type: ignore[arg-type]
+    split = read_split(run / "split.json", images)
+    dataset = ImageDataset(split.val, eval_transform(trained.model.preprocess))
+    logits, labels, indices = [], [], []
+    with torch.no_grad():
+        for batch in make_loader(dataset, 8, shuffle=False, seed=0, num_workers=0):
+            logits.append(trained.model(batch["images"]))
+            labels.append(batch["labels"])
+            indices.append(batch["indices"])
+    order = torch.cat(indices).numpy().argsort()
+    return torch.cat(logits).numpy()[order], torch.cat(labels).numpy()[order]
+
+
 def test_training_reports_cross_collection_metrics(
     tmp_path: Path, registries: object, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -310,6 +333,16 @@ def test_training_reports_cross_collection_metrics(
     assert cross["per_class"]["red"]["support"] == 4 and cross["per_class"]["red"]["group"] == "beta"
     assert {"top1", "top5", "ece", "nll"} <= set(cross) and metrics["val"]["images"] == len(split["val"])
     assert result["metrics"]["val_cross"] == cross
+    # the held-out collections are only measured: the best epoch, early stopping and the temperature
+    # read the other 2 validation images (every epoch still shows the held-out top-1)
+    assert all("val_cross_top1" in r for r in result["state"]["history"])
+    assert metrics["calibration"]["fitted_on_images"] == len(split["val"]) - 7
+    logits, labels = _val_logits(run, images, registries)
+    chooses = np.array([i not in split["val_cross"] for i in range(len(split["val"]))])
+    assert metrics["calibration"]["temperature"] == pytest.approx(
+        fit_temperature(logits[chooses], labels[chooses]), rel=1e-4
+    )
+    assert metrics["calibration"]["temperature"] != pytest.approx(fit_temperature(logits, labels), rel=1e-4)
     notes = " | ".join(result["notes"])
     assert "1 image(s) are not in manifest.csv" in notes
     assert "2 of 3 classes hold out a whole collection" in notes

@@ -197,3 +197,7 @@ def test_epoch_summaries_are_aligned_readable_lines() -> None:
         "lr 3.2e-04     312 img/s  best"
     )
     assert len(epoch_line({**record, "epoch": 24}, 24, best=False)) == len(line) - len("  best")
+    # a cross-collection split: the held-out collections' top-1 is shown too (measured, never chosen on)
+    assert "top-5  95.0 %  held-out top-1  71.4 %  lr 3.2e-04" in epoch_line(
+        {**record, "val_cross_top1": 0.7143}, 24, best=False
+    )
