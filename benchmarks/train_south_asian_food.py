@@ -133,6 +133,7 @@ def main() -> int:
             "ece_before": m["calibration"]["ece_before"],
             "ece_after": m["calibration"]["ece_after"],
             "temperature": m["calibration"]["temperature"],
+            "temperature_images": m["calibration"].get("fitted_on_images"),  # without held-out photos
             "run": str(run_dir),
             "presets": args.preset,
             **(
