@@ -110,8 +110,8 @@ def accuracy_section(runs: list[tuple[str, Path]], recipe_files: list[Path]) -> 
                 f"{pct(cross.get('top5'))} | {num(cross.get('ece'))} |"
             )
     marked = False
-    for name, run in runs:
-        metrics = run_metrics(run)
+    all_metrics = [run_metrics(run) for _, run in runs]  # each run's files read once
+    for (name, _), metrics in zip(runs, all_metrics, strict=True):
         val, cross = metrics["val"], metrics.get("val_cross") or {}
         split = "cross-collection" if cross else "random"
         if metrics.get("rescored"):
@@ -138,11 +138,11 @@ def accuracy_section(runs: list[tuple[str, Path]], recipe_files: list[Path]) -> 
             "its held-out columns read somewhat high (the CPU default trained again, identically, chose "
             "epoch 9 instead of 7 without them: 79.7 % instead of 81.4 %).",
         ]
-    if any("val_cross" in run_metrics(r) for _, r in runs):
+    if any("val_cross" in metrics for metrics in all_metrics):
         lines += ["", "Held-out collections, accuracy per class:", ""]
         header = "| class | " + " | ".join(n for n, _ in runs) + " |"
         lines += [header, "|---|" + "---:|" * len(runs)]
-        per_run = [run_metrics(r).get("val_cross") or {} for _, r in runs]
+        per_run = [metrics.get("val_cross") or {} for metrics in all_metrics]
         classes = sorted({c for m in per_run for c in (m.get("per_class") or {})})
         for c in classes:
             cells = []
@@ -281,6 +281,8 @@ def detail_section(run: Path, data: Path | None, pictures: Path) -> list[str]:
 
 
 def unknown_from_export(export: dict[str, Any]) -> list[str]:
+    from thali.core.inference.unknown import LAYER_WEIGHT  # what an export made before the choice used
+
     report = export.get("unknown")
     if not report:
         return ["## Unknown rejection", "", "*This export predates the shipped unknown score.*", ""]
@@ -302,7 +304,7 @@ def unknown_from_export(export: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"The k-NN score also reads backbone stages {', '.join(map(str, report['stages']))}, each "
-            f"weighing {report.get('layer_weight', 0.5):g} next to 1 for the last features.",
+            f"weighing {report.get('layer_weight', LAYER_WEIGHT):g} next to 1 for the last features.",
         ]
         if tried := report.get("layer_weights_tried"):
             shares = ", ".join(f"{w} → {pct(v)}" for w, v in sorted(tried.items(), key=lambda t: float(t[0])))

@@ -90,9 +90,8 @@ def print_summary(report: dict[str, Any]) -> None:
     unknown = report.get("unknown") or {}
     if shown := flag_rates(unknown):
         layers = ""
-        if unknown["method"] == "knn_residual" and unknown.get("stages"):  # the earlier stages it reads
-            weight = unknown.get("layer_weight", 0.5)
-            layers = f"; stages {', '.join(map(str, unknown['stages']))} at weight {weight:g}"
+        if stages := unknown.get("stages"):  # the earlier stages the shipped k-NN score reads
+            layers = f"; stages {', '.join(map(str, stages))} at weight {unknown['layer_weight']:g}"
         print(f"  unknown flag  {unknown['method']}: {rates_text(shown)}{layers}")
         for variant, rates in unknown["scores"][unknown["method"]].get("flagged_by_variant", {}).items():
             # the same thresholds on this variant's features (served when it is the serving variant)

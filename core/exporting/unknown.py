@@ -127,13 +127,11 @@ def rates_text(rates: Mapping[str, float]) -> str:
     return "flags " + ", ".join(f"{100 * rate:.1f} % of {name}" for name, rate in rates.items())
 
 
-def _layer_weights(settings: UnknownConfig, fitted: UnknownScore, has_ood: bool) -> list[float | None]:
-    """The earlier stages' weights to try, the default first (``None``: the score has no layers)."""
-    if not fitted.layers:
-        return [None]
+def _layer_weights(settings: UnknownConfig, fitted: UnknownScore, has_ood: bool) -> list[float]:
+    """The earlier stages' weights to try, the default first (one, when there is nothing to choose)."""
     if settings.layer_weight != "auto":
         return [float(settings.layer_weight)]
-    if not has_ood:
+    if not fitted.layers or not has_ood:
         return [knn.LAYER_WEIGHT]
     return [knn.LAYER_WEIGHT, *(w for w in knn.LAYER_WEIGHTS if w != knn.LAYER_WEIGHT)]
 
@@ -211,9 +209,9 @@ def fit_unknown(
             stages=stages,
         )
         best: tuple[float, UnknownScore, dict[str, Any]] | None = None
-        tried: dict[str, float] = {}
+        tried: dict[str, float] = {}  # share of the choosing out-of-domain photos each weight flagged
         for weight in _layer_weights(settings, fitted, bool(ood_out)):
-            candidate = fitted if weight is None else fitted.with_layer_weight(weight)
+            candidate = fitted.with_layer_weight(weight)
             components = {"in-domain": candidate.components(val_out.features, val_out.stages)}
             for name, out in ood_out.items():
                 components[name] = candidate.components(out.features, out.stages)  # type: ignore[arg-type]
@@ -225,8 +223,7 @@ def fit_unknown(
             candidate = dataclasses.replace(candidate, knn_threshold=t_knn, residual_threshold=t_res)
             margins = {name: candidate.margin(c) for name, c in components.items()}
             caught = float(np.mean([(margins[n][choose[n]] < 0).mean() for n in ood_out])) if ood_out else 0.0
-            if weight is not None:
-                tried[f"{weight:g}"] = caught
+            tried[f"{weight:g}"] = caught
             if best is None or caught > best[0]:  # a tie keeps the earlier weight: the default comes first
                 best = (caught, candidate, margins)
         assert best is not None
@@ -295,7 +292,7 @@ def fit_unknown(
         report["stages"] = [layer.stage for layer in fitted.layers]
         if fitted.layers:
             report["layer_weight"] = fitted.layers[0].weight
-            if len(tried) > 1:  # share of the choosing out-of-domain photos each weight flagged
+            if len(tried) > 1:
                 report["layer_weights_tried"] = tried
     log.debug(
         "unknown flag: %s; flags %s",
