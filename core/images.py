@@ -19,6 +19,15 @@ from .errors import BrokenImageError, ImageTooLargeError, NotAnImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: above every phone camera; 5x below a 13k x 13k bomb
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+#: longer side over shorter side: panoramas reach ~8:1; an 8000 x 1 PNG of 107 bytes would ask the
+#: resize for 256 x 2 million pixels (1.6 GB)
+DEFAULT_MAX_ASPECT = 20.0
+#: scans of one JPEG: encoders write 1 (baseline) to ~15 (progressive); each scan re-reads the whole
+#: coefficient buffer, so a 500 KB file that repeats a tiny scan 20,000 times costs 15 s of CPU
+DEFAULT_MAX_JPEG_SCANS = 100
+#: the formats people send; the other decoders Pillow has (PPM, IM, DDS, JPEG 2000, PSD ...) are attack
+#: surface nobody needs here
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 @dataclass(frozen=True)
@@ -27,40 +36,111 @@ class ImageLimits:
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
+    max_aspect: float = DEFAULT_MAX_ASPECT
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS
 
 
 DEFAULT_LIMITS = ImageLimits()
 
 
-def _open(source: str | Path | bytes, limits: ImageLimits) -> Any:
-    from PIL import Image, UnidentifiedImageError
+def jpeg_scans(data: bytes) -> int:
+    """How many scans (SOS segments) a JPEG holds, walking its marker segments; entropy-coded data is
+    skipped to the next marker (``FF 00`` stuffing and ``RSTn`` are not markers). Linear in the bytes."""
+    count, pos, end = 0, 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return count  # not a marker where one must be: the decoder will say what is wrong
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return count
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker != 0xDA:
+            continue
+        count += 1
+        while True:  # the scan's entropy-coded data runs to the next real marker
+            pos = data.find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= end:
+                return count
+            following = data[pos + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
+                pos += 1 if following == 0xFF else 2
+                continue
+            break
+    return count
 
+
+def _read(source: str | Path | bytes, limits: ImageLimits) -> bytes:
     if isinstance(source, bytes | bytearray):
-        size = len(source)
-        stream: Any = io.BytesIO(source)
+        data = bytes(source)
     else:
         size = os.stat(source).st_size
-        stream = source
-    if size > limits.max_bytes:
-        raise ImageTooLargeError(f"image is {size:,} bytes, over the limit of {limits.max_bytes:,}")
-    if size == 0:
+        if size > limits.max_bytes:
+            raise ImageTooLargeError(f"image is {size:,} bytes, over the limit of {limits.max_bytes:,}")
+        with open(source, "rb") as handle:
+            data = handle.read(limits.max_bytes + 1)
+    if len(data) > limits.max_bytes:
+        raise ImageTooLargeError(f"image is {len(data):,} bytes, over the limit of {limits.max_bytes:,}")
+    if not data:
         raise NotAnImageError("image is empty (0 bytes)")
+    return data
+
+
+def _open(source: str | Path | bytes, limits: ImageLimits) -> Any:
+    """Open (not decode) an image of an accepted format within every limit checked from the header."""
+    from PIL import Image, UnidentifiedImageError
+
+    data = _read(source, limits)
     with warnings.catch_warnings():  # our own cap below decides; Pillow's hard stop (2x its limit) stays
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(stream)
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
         except Image.DecompressionBombError as exc:
             raise ImageTooLargeError(f"image refused as a decompression bomb: {exc}") from None
         except UnidentifiedImageError:
-            raise NotAnImageError("not an image (cannot identify image file)") from None
-    pixels = img.width * img.height
-    if pixels > limits.max_pixels:
+            raise NotAnImageError(f"not an image of an accepted format ({', '.join(FORMATS)})") from None
+        except Exception as exc:  # a header that starts right and then breaks: any of a dozen errors
+            raise _broken(exc) from None
+    try:
+        _check_header(img, data, limits)
+    except BaseException:
         img.close()
+        raise
+    return img
+
+
+def _check_header(img: Any, data: bytes, limits: ImageLimits) -> None:
+    width, height = img.size
+    pixels = width * height
+    if pixels > limits.max_pixels:
         raise ImageTooLargeError(
-            f"image is {img.width} x {img.height} = {pixels:,} pixels, over the limit of "
+            f"image is {width} x {height} = {pixels:,} pixels, over the limit of "
             f"{limits.max_pixels:,} (a decompression bomb, or a photo to downscale first)"
         )
-    return img
+    if min(width, height) < 1:
+        raise BrokenImageError(f"image is {width} x {height} pixels")
+    if max(width, height) / min(width, height) > limits.max_aspect:
+        raise ImageTooLargeError(
+            f"image is {width} x {height} pixels: an aspect ratio over the limit of "
+            f"{limits.max_aspect:g}:1 (crop it to the subject)"
+        )
+    if img.format == "JPEG":
+        scans = jpeg_scans(data)
+        if scans > limits.max_jpeg_scans:
+            raise ImageTooLargeError(
+                f"JPEG holds {scans:,} scans, over the limit of {limits.max_jpeg_scans} (encoders write "
+                "at most ~15; re-save the photo)"
+            )
+
+
+def _broken(exc: BaseException) -> BrokenImageError:
+    text = " ".join(str(exc).split())[:200]
+    return BrokenImageError(f"image could not be decoded ({type(exc).__name__}: {text})")
 
 
 def check_header(source: str | Path | bytes, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[int, int]:
@@ -68,7 +148,10 @@ def check_header(source: str | Path | bytes, limits: ImageLimits = DEFAULT_LIMIT
     img = _open(source, limits)
     with img:
         size = img.size
-        img.verify()
+        try:
+            img.verify()
+        except Exception as exc:
+            raise _broken(exc) from None
     return size
 
 
@@ -86,5 +169,7 @@ def decode_rgb(source: str | Path | bytes, limits: ImageLimits = DEFAULT_LIMITS)
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, img)
             return np.asarray(img.convert("RGB"))
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated, corrupt, odd modes
-            raise BrokenImageError(f"image could not be decoded ({type(exc).__name__}: {exc})") from None
+        except MemoryError:
+            raise ImageTooLargeError("image needs more memory to decode than this process has") from None
+        except Exception as exc:  # truncated, corrupt, odd modes: OSError, SyntaxError, struct.error ...
+            raise _broken(exc) from None

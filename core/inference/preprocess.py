@@ -11,7 +11,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from thali.core.errors import DataError
+from thali.core.errors import DataError, ImageTooLargeError
 from thali.core.images import DEFAULT_LIMITS, ImageLimits, decode_rgb
 
 INTERPOLATION = {
@@ -48,6 +48,10 @@ class Preprocessor:
         """The resized, centre-cropped RGB uint8 image (H, W, 3)."""
         rgb = decode_rgb(image, self.limits) if isinstance(image, bytes | bytearray) else image
         h, w = rgb.shape[:2]
+        if min(h, w) < 1 or max(h, w) / min(h, w) > self.limits.max_aspect:  # arrays skip decode_rgb
+            raise ImageTooLargeError(
+                f"image is {w} x {h} pixels: an aspect ratio over the limit of {self.limits.max_aspect:g}:1"
+            )
         scale = self.shorter / float(min(h, w))
         if scale != 1.0:
             size = (max(1, round(w * scale)), max(1, round(h * scale)))  # cv2 wants (width, height)
