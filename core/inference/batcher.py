@@ -145,8 +145,17 @@ class MicroBatcher:
         started = time.perf_counter()
         wait = started - jobs[0].queued_at
         batch = jobs[0].inputs if len(jobs) == 1 else np.concatenate([j.inputs for j in jobs])
+        flag = any(j.flag for j in jobs)
         try:
-            outputs = self.run(batch, any(j.flag for j in jobs)) if self.takes_flag else self.run(batch)
+            # a job larger than a batch (one request of many images) runs in batch-sized pieces: the
+            # engine never sees more than max_batch_size images at once
+            pieces = [
+                self.run(part, flag) if self.takes_flag else self.run(part)
+                for part in (
+                    batch[i : i + self.max_batch_size] for i in range(0, len(batch), self.max_batch_size)
+                )
+            ]
+            outputs = pieces[0] if len(pieces) == 1 else _concatenate(pieces)
         except BaseException as exc:  # the engine failed: every waiting request hears why
             for j in jobs:
                 j.future.set_exception(exc)
@@ -155,13 +164,39 @@ class MicroBatcher:
         start = 0
         for j in jobs:
             n = len(j.inputs)
-            if isinstance(outputs, tuple):
-                rows: Any = tuple(o[start : start + n] for o in outputs)
-            elif isinstance(outputs, dict):
-                rows = {name: o[start : start + n] for name, o in outputs.items()}
+            try:
+                rows = _rows(outputs, start, n)
+            except Exception as exc:  # outputs of a shape nobody can split: the request hears why
+                j.future.set_exception(exc)
             else:
-                rows = outputs[start : start + n]
-            j.future.set_result((rows, BatchStats(len(batch), started - j.queued_at, took)))
+                j.future.set_result((rows, BatchStats(len(batch), started - j.queued_at, took)))
             start += n
         if self.on_batch:
             self.on_batch(BatchStats(len(batch), wait, took))
+
+
+def _concatenate(pieces: list[Any]) -> Any:
+    """The outputs of several runs as if from one: arrays joined along the batch axis, in a tuple or a
+    dict like ``run`` returned them (``None`` outputs stay ``None``)."""
+    first = pieces[0]
+    if isinstance(first, tuple):
+        return tuple(_concatenate([p[i] for p in pieces]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {name: _concatenate([p[name] for p in pieces]) for name in first}
+    if first is None:
+        return None
+    if isinstance(first, list):  # e.g. one array per stage
+        return [_concatenate([p[i] for p in pieces]) for i in range(len(first))]
+    return np.concatenate(pieces)
+
+
+def _rows(outputs: Any, start: int, n: int) -> Any:
+    """Rows ``start:start + n`` of every array in ``outputs`` (an array, or a tuple, list or dict of
+    them; ``None`` stays ``None``)."""
+    if isinstance(outputs, tuple | list):
+        return type(outputs)(_rows(o, start, n) for o in outputs)
+    if isinstance(outputs, dict):
+        return {name: _rows(o, start, n) for name, o in outputs.items()}
+    if outputs is None:
+        return None
+    return outputs[start : start + n]
