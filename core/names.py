@@ -17,10 +17,28 @@ NAME_RULE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 RULE_TEXT = "1-64 characters: a lowercase letter first, then lowercase letters, digits, '_' or '-'"
 #: Names the registry gives a meaning of its own; they cannot be aliases.
 RESERVED_ALIASES = frozenset({"latest"})
+#: A version number as text: ASCII digits only (``str.isdigit`` also takes "²" and "٢"), at most 12, no
+#: leading zero, optionally after one ``v``.
+VERSION_RULE = re.compile(r"v?([1-9][0-9]{0,11})")
+DIGITS = re.compile(r"[0-9]{1,12}")
 
 
 def is_valid_name(name: object) -> bool:
     return isinstance(name, str) and NAME_RULE.fullmatch(name) is not None
+
+
+def version_number(text: object) -> int | None:
+    """The version ``3``, ``"3"`` or ``"v3"`` names, else None (``"²"``, ``"v٢"``, ``"0"``, ``"03"`` are not)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text if text >= 1 else None
+    match = VERSION_RULE.fullmatch(text) if isinstance(text, str) else None
+    number = int(match.group(1)) if match is not None else 0
+    return number if number >= 1 else None
+
+
+def is_digits(text: object) -> bool:
+    """ASCII digits only (a folder or claim name that is a version number)."""
+    return isinstance(text, str) and DIGITS.fullmatch(text) is not None
 
 
 def check_name(name: object, what: str = "name") -> str:

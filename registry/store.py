@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,11 +38,12 @@ from typing import Any
 
 from thali.core.errors import ConfigError, IntegrityError, ModelRegistryError, NotFoundError
 from thali.core.files import pid_alive, write_atomic
-from thali.core.names import check_alias, check_name, is_valid_name
+from thali.core.names import check_alias, check_name, is_digits, is_valid_name, version_number
 
 from .package import (
     CARD,
     CHECKSUMS,
+    MAX_MODEL_BYTES,
     SIGNATURE,
     ModelPackage,
     is_package_file,
@@ -144,13 +146,48 @@ class ModelRegistry:
                 handle.write(data)
 
     # -- reading -------------------------------------------------------------------------------
+    def _read(self, path: str, limit: int, what: str) -> bytes:
+        """The bytes of one file of the store, at most ``limit``: every read of the store goes through
+        here. On a local folder only a regular file is read (a FIFO, a device, a symlink to
+        ``/dev/zero`` is an IntegrityError; opening never blocks); on other stores the size is checked
+        and no more than ``limit + 1`` bytes are fetched. FileNotFoundError passes."""
+        if self.local:
+            flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+            try:
+                fd = os.open(path, flags)
+            except IsADirectoryError:
+                raise IntegrityError(f"{path}: {what} is a folder, not a file") from None
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise IntegrityError(f"{path}: {what} is not a regular file; not reading it")
+                if info.st_size > limit:
+                    raise IntegrityError(f"{path}: {what} is larger than {limit:,} bytes; not reading it")
+                os.set_blocking(fd, True)
+                chunks, size = [], 0
+                while size <= limit:
+                    chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+            finally:
+                os.close(fd)
+            data = b"".join(chunks)
+        else:
+            if self.fs.size(path) > limit:
+                raise IntegrityError(f"{path}: {what} is larger than {limit:,} bytes; not reading it")
+            data = self.fs.cat_file(path, start=0, end=limit + 1)
+        if len(data) > limit:
+            raise IntegrityError(f"{path}: {what} is larger than {limit:,} bytes; not reading it")
+        return data
+
     def _read_json(self, path: str, what: str) -> Any:
         """A small JSON object from the store; FileNotFoundError passes, anything else is an
         IntegrityError naming the file."""
-        if self.fs.size(path) > MAX_JSON_BYTES:
-            raise IntegrityError(f"{path}: {what} is larger than {MAX_JSON_BYTES:,} bytes; not reading it")
+        raw = self._read(path, MAX_JSON_BYTES, what)
         try:
-            return json.loads(self.fs.cat_file(path))
+            return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise IntegrityError(f"{path}: {what} is not valid JSON ({exc})") from None
 
@@ -170,7 +207,7 @@ class ModelRegistry:
         numbers = []
         for path in found:
             number = path.rstrip("/").split("/")[-2]
-            if number.isdigit() and not number.startswith("0"):
+            if is_digits(number) and not number.startswith("0"):
                 numbers.append(int(number))
         return sorted(numbers)
 
@@ -219,7 +256,7 @@ class ModelRegistry:
         if text == "latest":
             number = versions[-1]
         elif _is_number(text):
-            number = int(text.lstrip("v"))
+            number = version_number(text) or 0
             if number not in versions:
                 listed = ", ".join(map(str, versions))
                 raise NotFoundError(f"{domain} has no version {number} in {self.url}; versions: {listed}")
@@ -238,7 +275,7 @@ class ModelRegistry:
         """The file -> sha256 map of a version (names checked against the fixed set) and its bytes."""
         path = self._path(domain, "versions", version, CHECKSUMS)
         try:
-            raw = self.fs.cat_file(path)
+            raw = self._read(path, MAX_JSON_BYTES, "checksums.json")
         except FileNotFoundError as exc:
             raise NotFoundError(f"{domain} v{version} is not in {self.url}") from exc
         try:
@@ -261,8 +298,9 @@ class ModelRegistry:
 
     def _verified(self, domain: str, version: int, name: str, expected: str) -> bytes:
         """The bytes of one package file, checked against its sha256."""
+        limit = MAX_MODEL_BYTES if name.endswith(".onnx") else MAX_JSON_BYTES
         try:
-            data = self.fs.cat_file(self._path(domain, "versions", version, name))
+            data = self._read(self._path(domain, "versions", version, name), limit, name)
         except FileNotFoundError:
             missing = f"{domain} v{version}: {name} is missing from the store; not loading"
             raise IntegrityError(missing) from None
@@ -277,9 +315,7 @@ class ModelRegistry:
     def _signature(self, domain: str, version: int) -> bytes | None:
         path = self._path(domain, "versions", version, SIGNATURE)
         try:
-            if self.fs.size(path) > MAX_JSON_BYTES:
-                raise IntegrityError(f"{domain} v{version}: signature.json is too large; not loading")
-            return self.fs.cat_file(path)
+            return self._read(path, MAX_JSON_BYTES, "signature.json")
         except FileNotFoundError:
             return None
 
@@ -297,6 +333,7 @@ class ModelRegistry:
             card = json.loads(self._verified(domain, version, CARD, checksums[CARD]))
         except ValueError as exc:
             raise IntegrityError(f"{domain} v{version}: card.json is not valid JSON ({exc})") from None
+        _check_place(card, domain, version)
         sizes = {name: self.fs.size(self._path(domain, "versions", version, name)) for name in checksums}
         signed = self._signature(domain, version) is not None
         return {
@@ -354,6 +391,8 @@ class ModelRegistry:
                 raise IntegrityError(f"{domain} v{version}: {name} is not a JSON object")
             return value
 
+        card = load("card.json")
+        _check_place(card, domain, version)
         return ModelPackage(
             domain=domain,
             version=version,
@@ -362,7 +401,7 @@ class ModelRegistry:
             labels=load("labels.json"),
             preprocess=load("preprocess.json"),
             calibration=load("calibration.json"),
-            card=load("card.json"),
+            card=card,
             aliases=aliases,
             signed_by=signer,
         )
@@ -383,7 +422,7 @@ class ModelRegistry:
         taken = [
             int(p.rstrip("/").rsplit("/", 1)[-1])
             for p in self.fs.glob(self._path(domain, "claims", "*"))
-            if p.rstrip("/").rsplit("/", 1)[-1].isdigit()
+            if is_digits(p.rstrip("/").rsplit("/", 1)[-1])
         ]
         number = max([0, *taken, *self.versions(domain, refresh=False)]) + 1
         stamp = {"host": socket.gethostname(), "pid": os.getpid(), "at": utc_now(), "time": time.time()}
@@ -403,13 +442,13 @@ class ModelRegistry:
         removed = []
         for path in self.fs.glob(self._path(domain, "versions", "*")):
             number = path.rstrip("/").rsplit("/", 1)[-1]
-            if not number.isdigit() or int(number) in complete:
+            if not is_digits(number) or int(number) in complete:
                 continue
             try:
-                stamp = json.loads(self.fs.cat_file(self._path(domain, "claims", number)))
+                stamp = json.loads(self._read(self._path(domain, "claims", number), MAX_JSON_BYTES, "claim"))
                 dead = stamp.get("host") == socket.gethostname() and not pid_alive(int(stamp.get("pid", -1)))
                 old = time.time() - float(stamp.get("time", 0)) > STALE_CLAIM_SECONDS
-            except (FileNotFoundError, ValueError, TypeError, AttributeError):
+            except (FileNotFoundError, IntegrityError, ValueError, TypeError, AttributeError):
                 dead, old = False, True
             if dead or old:
                 with contextlib.suppress(OSError):
@@ -461,8 +500,8 @@ class ModelRegistry:
         number = self.resolve_version(domain, version)
         path = self._path(domain, "aliases", f"{alias}.json")
         try:
-            previous: bytes | None = self.fs.cat_file(path)
-        except FileNotFoundError:
+            previous: bytes | None = self._read(path, MAX_JSON_BYTES, "alias record")
+        except (FileNotFoundError, IntegrityError):
             previous = None
         record = {"version": number, "updated_at": utc_now(), "by": f"{socket.gethostname()}:{os.getpid()}"}
         self._write_whole(path, json.dumps(record).encode())
@@ -483,10 +522,10 @@ class ModelRegistry:
         concurrent ``promote`` pointed one at it meanwhile, checksums.json is put back and the removal
         is refused, so an alias never points at a removed version."""
         domain = check_name(domain, "domain")
-        text = str(version).lower().lstrip("v")
-        if not text.isdigit():
+        given = version_number(str(version).lower())
+        if given is None:
             raise ConfigError(f"registry rm takes a version number, not {version!r}")
-        number, pointing = self._locate(domain, int(text))
+        number, pointing = self._locate(domain, given)
         if pointing:
             raise self._pointed_at(domain, number, pointing)
         base = self._path(domain, "versions", number)
@@ -506,9 +545,21 @@ class ModelRegistry:
         )
 
 
+def _check_place(card: Any, domain: str, version: int) -> None:
+    """A package is what it says only where it was published: its card (covered by checksums.json,
+    which the signature covers) names its domain and version, and they must be where it sits. A
+    signed package copied to another domain or number (a replay, or a removed version brought back
+    under a new one) is refused even though every checksum and the signature match."""
+    named = (card.get("domain"), card.get("version")) if isinstance(card, dict) else (None, None)
+    if named != (domain, version):
+        raise IntegrityError(
+            f"{domain} v{version}: the package says it is {named[0]!r} v{named[1]!r}: copied from "
+            "elsewhere in the store; not loading"
+        )
+
+
 def _is_number(text: str) -> bool:
-    digits = text[1:] if text.startswith("v") else text
-    return digits.isdigit() and len(digits) <= 12
+    return version_number(text) is not None
 
 
 def _holds(path: Path, expected: str) -> bool:
