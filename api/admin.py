@@ -10,12 +10,14 @@ from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
+from .bodies import SafeParser
 from .errors import ApiError
 from .hosting import split_ref
 from .schemas import DomainSchema, ErrorBodySchema, LoadSchema
 from .service import service
 
 blp = Blueprint("admin", __name__, url_prefix="/v1/domains", description="Load, unload, reload (admin key)")
+blp.ARGUMENTS_PARSER = SafeParser()
 KEY_HEADER = "X-API-Key"
 
 
@@ -30,37 +32,38 @@ def require_admin() -> None:
         raise ApiError(403, "forbidden", "wrong admin key")
 
 
+# the key is checked before anything of the request is read: no key and a bad body is 401, not 422
+blp.before_request(require_admin)
+
+
 def _document(view: Any) -> Any:
     for status, text in {401: "no key", 403: "wrong key, or admin off", 404: "unknown domain"}.items():
         view = blp.alt_response(status, schema=ErrorBodySchema, description=text)(view)
     return blp.doc(security=[{"admin_key": []}])(view)
 
 
-@blp.route("/<string:domain>")
+@blp.route("/<name:domain>")
 class Load(MethodView):
-    @blp.arguments(LoadSchema)
+    @blp.arguments(LoadSchema, required=False)
     @blp.response(200, DomainSchema)
     @_document
     def put(self, body: dict[str, Any], domain: str) -> dict[str, Any]:
         """Load a version or alias of a domain (loaded and warmed before it takes traffic)"""
-        require_admin()
         name, _ = split_ref(domain)
         ref = split_ref(f"{name}@{body['ref']}")[1] if body.get("ref") else None
-        return service().hosting.load(name, ref, body.get("variant")).summary()
+        return service().hosting.pin(name, ref, body.get("variant")).summary()
 
     @blp.response(204)
     @_document
     def delete(self, domain: str) -> None:
         """Unload a domain (requests already queued are answered first)"""
-        require_admin()
         service().hosting.unload(domain)
 
 
-@blp.route("/<string:domain>/reload")
+@blp.route("/<name:domain>/reload")
 class Reload(MethodView):
     @blp.response(200, DomainSchema)
     @_document
     def post(self, domain: str) -> dict[str, Any]:
         """Resolve the domain's alias again and swap in the version it names now"""
-        require_admin()
         return service().hosting.reload(domain).summary()

@@ -3,6 +3,7 @@ host. It loads every configured domain before it returns, so a worker takes traf
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from pathlib import Path
@@ -11,9 +12,12 @@ from typing import Any
 from flask import Flask, g, request
 from flask_smorest import Api
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.routing import BaseConverter
 
 from thali.core import __version__
+from thali.core.names import NAME_RULE
 
+from .bodies import SafeJSONProvider, ThaliRequest
 from .cache import AnswerCache
 from .errors import register_error_handlers
 from .hosting import Hosting
@@ -40,6 +44,38 @@ def _swagger_ui_url() -> str | None:
     return "/docs/static/"
 
 
+class NameConverter(BaseConverter):
+    """``<name:domain>``: a path segment that follows the one name rule, else the route does not match
+    (404), and the spec says the pattern."""
+
+    regex = NAME_RULE.pattern
+
+
+def _spec_says_the_limits(api: Api, settings: Settings) -> None:
+    """The limits this server enforces, in its OpenAPI document: images per batch, bytes per image
+    (as base64 length), so a request valid by the spec is one the server takes."""
+    schemas = api.spec.components.schemas
+    base64_length = 4 * -(-settings.max_upload_bytes // 3)
+    n = settings.max_batch_images
+    schemas["BatchUpload"]["properties"]["images"].update(minItems=1, maxItems=n)
+    schemas["BatchJSON"]["properties"]["images"].update(minItems=1, maxItems=n)
+    schemas["BatchJSON"]["properties"]["images"]["items"].update(format="byte", maxLength=base64_length)
+    schemas["PredictJSON"]["properties"]["image"].update(format="byte", maxLength=base64_length)
+
+
+def body_limits(settings: Settings) -> dict[str, int]:
+    """Bytes a request body may have, per route: one image (base64 and form overhead included) for
+    ``/predict``, a full batch (at most ``max_batch_bytes`` of images) for ``/predict/batch``, 64 KB for
+    everything else (admin calls, GETs)."""
+    overhead = 65536
+    batch = min(settings.max_batch_images * settings.max_upload_bytes, settings.max_batch_bytes)
+    return {
+        "single": settings.max_upload_bytes * 4 // 3 + overhead,
+        "batch": batch * 4 // 3 + overhead,
+        "other": overhead,
+    }
+
+
 def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
     """The REST service for ``settings`` (default: from ``THALI_*``); ``plugins`` a built plugin manager."""
     from thali.core import build_plugin_manager
@@ -47,16 +83,20 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
     settings = settings or Settings()
     plugins = plugins or build_plugin_manager()
     app = Flask("thali.api", instance_path=str(Path(__file__).resolve().parent / "instance"))
+    app.json = SafeJSONProvider(app)
+    app.request_class = ThaliRequest
+    limits = body_limits(settings)
     app.config.update(
         API_TITLE="thali",
         API_VERSION=__version__,
         OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
-        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_PATH="/docs" if settings.docs else None,
         OPENAPI_SWAGGER_UI_URL=_swagger_ui_url(),
-        # the whole batch request, base64 included; each image is checked against its own limit
-        MAX_CONTENT_LENGTH=int(settings.max_batch_images * settings.max_upload_bytes * 1.4) + 65536,
+        # the largest body of any route (a full batch, base64 included); each route has its own below
+        MAX_CONTENT_LENGTH=body_limits(settings)["batch"],
+        MAX_FORM_PARTS=2 * settings.max_batch_images + 64,  # multipart parts parsed at most (else 413)
         API_SPEC_OPTIONS={
             "info": {"description": "Image classification for several domains: predict, explain, manage."},
             "components": {
@@ -64,7 +104,9 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
             },
         },
     )
+    app.url_map.converters["name"] = NameConverter
     api = ThaliApi(app)
+    api.register_converter(NameConverter, lambda _: {"type": "string", "pattern": f"^{NAME_RULE.pattern}$"})
     register_error_handlers(app)
     metrics, cache = Metrics(), AnswerCache(settings.cache_entries)
     hosting = Hosting(settings, plugins.registries, metrics, cache)
@@ -74,6 +116,7 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
 
     for module in (health, domains, predict, admin):
         api.register_blueprint(module.blp)
+    _spec_says_the_limits(api, settings)
     if app.config["OPENAPI_SWAGGER_UI_URL"] == "/docs/static/":
         import swagger_ui_bundle
         from flask import send_from_directory
@@ -85,9 +128,33 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
     @app.before_request
     def _start() -> None:
         g.started = time.perf_counter()
-        limit = app.config["MAX_CONTENT_LENGTH"]
+        endpoint = request.endpoint or ""
+        route = (
+            "single"
+            if endpoint == "predict.Predict"
+            else "batch"
+            if endpoint == "predict.PredictBatch"
+            else "other"
+        )
+        limit = limits[route]
+        # checked from Content-Length before anything is read, and by Werkzeug while a chunked body or
+        # a multipart upload streams in: nothing past the limit is read, parsed or spooled
+        request.max_content_length = limit
+        request.max_form_memory_size = limit  # an image sent as a plain field (no file name) fits
         if request.content_length is not None and request.content_length > limit:
-            raise RequestEntityTooLarge(f"the request body is over the limit of {limit:,} bytes")
+            raise RequestEntityTooLarge(f"the request body is over this route's limit of {limit:,} bytes")
+        if (
+            request.content_length is None
+            and "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        ):
+            # no length to check first: read at most one byte past the limit (Werkzeug's own limit
+            # on such a stream truncates silently), then serve the body like one sent with a length
+            data = request.environ["wsgi.input"].read(limit + 1)
+            if len(data) > limit:
+                raise RequestEntityTooLarge(f"the request body is over this route's limit of {limit:,} bytes")
+            request.environ["wsgi.input"] = io.BytesIO(data)
+            request.environ["CONTENT_LENGTH"] = str(len(data))
+            request.environ.pop("HTTP_TRANSFER_ENCODING", None)
 
     @app.after_request
     def _count(response: Any) -> Any:
@@ -101,6 +168,10 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
             response.headers["Server-Timing"] = f"app;dur={1000 * took:.3f}"  # server-side time, for clients
         return response
 
+    if settings.metrics_port and not metrics.multiprocess:  # --dev, or an app made in Python
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr="127.0.0.1", registry=metrics.registry)
     hosting.load_configured()
     if settings.watch_s:
         from .watch import RegistryWatcher

@@ -36,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="poll the registry every SECONDS and hot-swap a domain when its alias moves",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics on this port only (on --host), not on the public port",
+    )
+    p.add_argument("--no-docs", action="store_true", help="no Swagger UI at /docs")
     p.add_argument("--dev", action="store_true", help="Flask's development server instead of gunicorn")
     p.set_defaults(func=run_serve)
 
@@ -55,6 +62,8 @@ def settings_from(args: argparse.Namespace) -> Any:
         "max_wait_ms": args.max_wait_ms,
         "trusted_keys": args.trusted_key,
         "watch_s": args.watch,
+        "metrics_port": getattr(args, "metrics_port", None),
+        "docs": False if getattr(args, "no_docs", False) else None,
     }
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
@@ -63,7 +72,9 @@ def settings_from(args: argparse.Namespace) -> Any:
         field = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"serve: {field}: {first['msg']}") from None
     from .hosting import split_ref
+    from .settings import refuse_placeholder_secrets
 
+    refuse_placeholder_secrets()
     for text in settings.domains:  # before any worker starts: a bad name is one line, not a boot loop
         split_ref(text)
     return settings
@@ -94,10 +105,18 @@ def serve_gunicorn(settings: Any, args: argparse.Namespace) -> int:
     (and loading the models) once; SIGTERM/SIGINT stop gracefully, requests in flight finish."""
     from gunicorn.app.base import BaseApplication
 
-    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # several workers share their metrics through files; so does a metrics port, served by the master
+    if (args.workers > 1 or settings.metrics_port) and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="thali-metrics-")
+        # prometheus_client chose its value class when it was imported (settings_from imports it, via
+        # hosting): choose again, or the workers keep their values in memory and a scrape sees none
+        from prometheus_client import values
+
+        values.ValueClass = values.get_value_class()
     block = list(args.block_plugin or ())
     no_autoload = bool(args.no_autoload)
+
+    metrics = _metrics_server(args.host, settings.metrics_port) if settings.metrics_port else None
 
     class Application(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -105,7 +124,7 @@ def serve_gunicorn(settings: Any, args: argparse.Namespace) -> int:
                 "bind": f"{args.host}:{args.port}",
                 "workers": args.workers,
                 "threads": args.threads,
-                "worker_class": "gthread",
+                "worker_class": "thali.api.worker.ThaliThreadWorker",
                 "timeout": 120,
                 "graceful_timeout": 30,
                 "keepalive": 5,
@@ -114,6 +133,7 @@ def serve_gunicorn(settings: Any, args: argparse.Namespace) -> int:
                 "loglevel": "info",
                 "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
                 "child_exit": _child_exit,
+                "when_ready": metrics,
             }
             if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 24: one per user is shared
                 options["control_socket_disable"] = True
@@ -135,6 +155,20 @@ def serve_gunicorn(settings: Any, args: argparse.Namespace) -> int:
     )
     Application().run()
     return 0
+
+
+def _metrics_server(host: str, port: int) -> Any:
+    """gunicorn's ``when_ready``: the master serves every worker's metrics on their own port."""
+
+    def when_ready(server: Any) -> None:
+        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        start_http_server(port, addr=host, registry=registry)
+        server.log.info("metrics on http://%s:%d/metrics", host, port)
+
+    return when_ready
 
 
 def _child_exit(server: Any, worker: Any) -> None:

@@ -21,11 +21,11 @@ class Domains(MethodView):
         hosting = service().hosting
         return {
             "domains": [m.summary() for _, m in sorted(hosting.models.items())],
-            "not_loaded": dict(hosting.failures),
+            "not_loaded": hosting.public_failures(),
         }
 
 
-@blp.route("/<string:domain>")
+@blp.route("/<name:domain>")
 class Domain(MethodView):
     @blp.response(200, DomainSchema)
     @blp.alt_response(404, schema=ErrorBodySchema, description="not loaded")
@@ -35,7 +35,7 @@ class Domain(MethodView):
         return service().hosting.get(domain).summary()
 
 
-@blp.route("/<string:domain>/card")
+@blp.route("/<name:domain>/card")
 class Card(MethodView):
     @blp.response(200, CardSchema)
     @blp.alt_response(404, schema=ErrorBodySchema, description="not loaded")
@@ -45,6 +45,21 @@ class Card(MethodView):
         confusion matrix), the gate's verdicts, dataset and licence, lineage"""
         model = service().hosting.get(domain)
         summary = model.summary()
-        card = {k: v for k, v in model.card.items() if k != "config"} if isinstance(model.card, dict) else {}
+        card = _public_card(model.card)
         keys = ("domain", "version", "variant", "backend", "provider", "classes")
         return {**{k: summary[k] for k in keys}, "card": card}
+
+
+#: what a card tells of the machine it was made on: folders of runs, exports, datasets
+PRIVATE = {"lineage": ("run", "export_dir"), "dataset": ("root",)}
+
+
+def _public_card(card: Any) -> dict[str, Any]:
+    """The card without its config and without the training machine's folders."""
+    if not isinstance(card, dict):
+        return {}
+    out = {k: v for k, v in card.items() if k != "config"}
+    for section, keys in PRIVATE.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return out

@@ -25,6 +25,19 @@ class ApiError(ThaliError):
         self.http_status, self.code = status, code
 
 
+_CREDENTIALS = re.compile(r"([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@", re.IGNORECASE)
+_ABSOLUTE = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)+")
+
+
+def public_text(text: str, hide: tuple[str, ...] = ()) -> str:
+    """``text`` fit for a public answer: the registry's URL and folders (``hide``) become "the registry",
+    credentials in any URL go, and absolute paths keep only their last part (a file name)."""
+    for secret in sorted((h for h in hide if h and len(h) > 1), key=len, reverse=True):
+        text = text.replace(secret.rstrip("/") + "/", "").replace(secret.rstrip("/"), "the registry")
+    text = _CREDENTIALS.sub(r"\1", text)
+    return _ABSOLUTE.sub("", text)
+
+
 def body(code: str, status: int, message: str, errors: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"code": code, "status": status, "message": message, "errors": errors or {}}
 
@@ -36,7 +49,10 @@ def _snake(name: str) -> str:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ThaliError)
     def thali_error(exc: ThaliError) -> Any:
-        return jsonify(exc.to_dict()), exc.http_status
+        answer = exc.to_dict()
+        hosting = app.extensions["thali"].hosting if "thali" in app.extensions else None
+        answer["message"] = hosting.public(exc.message) if hosting is not None else public_text(exc.message)
+        return jsonify(answer), exc.http_status
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:
@@ -48,7 +64,9 @@ def register_error_handlers(app: Flask) -> None:
         message = exc.description or exc.name
         if status == 422 and errors:
             message = "the request has invalid fields: " + ", ".join(_fields(errors))
-        return jsonify(body(_snake(exc.name), status, message, errors)), status
+        # the exception's own headers (Allow on a 405, as RFC 9110 asks), without its HTML content type
+        headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
+        return jsonify(body(_snake(exc.name), status, message, errors)), status, headers
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Any:

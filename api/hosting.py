@@ -20,11 +20,11 @@ from thali.core.inference import BatcherClosed, MicroBatcher, Preprocessor, load
 from thali.core.inference.postprocess import heatmap_png
 from thali.core.inference.unknown import UnknownScore
 from thali.core.inference.unknown import load_spec as load_unknown
-from thali.core.names import check_name
+from thali.core.names import check_name, version_number
 from thali.core.registry import Registries
 
 from .cache import AnswerCache
-from .errors import ApiError
+from .errors import ApiError, public_text
 from .metrics import Metrics
 from .settings import Settings
 
@@ -88,7 +88,7 @@ def split_ref(text: str) -> tuple[str, str | None]:
     name, _, ref = text.partition("@")
     check_name(name.strip(), "domain")
     ref = ref.strip() or None
-    if ref is not None and not (ref.lower() == "latest" or ref.lower().lstrip("v").isdigit()):
+    if ref is not None and not (ref.lower() == "latest" or version_number(ref.lower()) is not None):
         check_name(ref, "version or alias")
     return name.strip(), ref
 
@@ -110,7 +110,18 @@ class Hosting:
         self._loading = threading.Lock()  # one build at a time (admin calls and the registry watch)
         self.watcher: Any = None  # a RegistryWatcher with `thali serve --watch`
         self.unloaded: set[str] = set()  # domains an admin unloaded: the watch does not bring them back
+        #: domain -> variant an admin asked for: kept across swaps; else each version's own default
+        self.pinned_variants: dict[str, str] = {}
         self.limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_bytes)
+
+    def public(self, text: str) -> str:
+        """A message fit for a public answer: no registry URL (it may hold credentials), no folder of
+        this machine; domains, versions, file names and reasons stay."""
+        hide = (self.registry.url, self.registry.root, str(self.registry.cache))
+        return public_text(text, hide)
+
+    def public_failures(self) -> dict[str, str]:
+        return {name: self.public(why) for name, why in self.failures.items()}
 
     # -- loading -------------------------------------------------------------------------------
     def load_configured(self) -> None:
@@ -274,10 +285,20 @@ class Hosting:
                 new.domain, str(new.version), new.variant, new.backend_name, str(new.info.get("provider"))
             ).set(1)
 
+    def pin(self, domain: str, ref: str | None, variant: str | None) -> LoadedModel:
+        """An admin load: ``variant`` (if given) stays the domain's across later swaps."""
+        model = self.load(domain, ref, variant)
+        if variant:
+            self.pinned_variants[domain] = model.variant
+        else:
+            self.pinned_variants.pop(domain, None)
+        return model
+
     def unload(self, domain: str) -> None:
         with self._lock:
             old = self.models.pop(check_name(domain, "domain"), None)
             self.wanted.pop(domain, None)
+            self.pinned_variants.pop(domain, None)
             self.unloaded.add(domain)
         if old is None:
             raise NotFoundError(f"domain {domain!r} is not loaded")
@@ -286,7 +307,7 @@ class Hosting:
     def reload(self, domain: str) -> LoadedModel:
         """Resolve the domain's ref again (an alias may have moved) and swap in what it names now."""
         model = self.get(domain)
-        return self.load(domain, model.ref, model.variant)
+        return self.load(domain, model.ref, self.pinned_variants.get(domain))
 
     def close(self) -> None:
         if self.watcher is not None:
@@ -304,6 +325,7 @@ class Hosting:
         if model is None:
             why = self.failures.get(domain)
             if why:
+                why = self.public(why)
                 raise ApiError(503, "unavailable", f"domain {domain!r} is not being served: {why}")
             loaded = ", ".join(sorted(self.models)) or "none"
             raise NotFoundError(f"domain {domain!r} is not loaded (loaded: {loaded})")
@@ -316,7 +338,7 @@ class Hosting:
         model = self.get(domain)
         if explain and not model.explainable:
             raise ApiError(
-                422,
+                409,
                 "explain_not_available",
                 f"{domain} v{model.version} cannot explain: export it with export.explain: true "
                 "(a 'cam' output), or serve it with the torch backend",

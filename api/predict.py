@@ -12,6 +12,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import ValidationError
 
+from .bodies import SafeParser, part_bytes
 from .errors import ApiError
 from .schemas import (
     BatchJSONSchema,
@@ -26,13 +27,15 @@ from .schemas import (
 from .service import service
 
 blp = Blueprint("predict", __name__, url_prefix="/v1/domains", description="Classify images")
+blp.ARGUMENTS_PARSER = SafeParser()
 
 ERRORS = {
     400: "not a readable image (corrupt or truncated)",
     404: "unknown domain",
     413: "image or request too large (bytes or pixels)",
-    415: "not an image, or a body that is neither multipart nor JSON",
-    422: "wrong fields, top_k out of range, bad base64",
+    409: "explain=true for a model that cannot explain (no heatmap output)",
+    415: "not an image of an accepted format, or a body that is neither multipart nor JSON",
+    422: "wrong fields, top_k out of range, bad base64, several images on single predict",
     503: "domain failed to load, or the server is overloaded",
 }
 
@@ -49,22 +52,36 @@ def unsupported(message: str) -> ApiError:
     return ApiError(415, "unsupported_media_type", message)
 
 
-def _body_doc(json_schema: type, upload_schema: type) -> dict[str, Any]:
+#: what a part may be: the formats the decoder takes (the server reads the bytes, not the part's type)
+IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/gif, image/bmp, image/tiff"
+
+
+def _body_doc(json_schema: type, upload_schema: type, field: str) -> dict[str, Any]:
     return {
         "requestBody": {
             "required": True,
             "content": {
-                "multipart/form-data": {"schema": upload_schema},
+                "multipart/form-data": {
+                    "schema": upload_schema,
+                    "encoding": {field: {"contentType": IMAGE_TYPES}},
+                },
                 "application/json": {"schema": json_schema},
             },
         }
     }
 
 
-def _decode_b64(text: Any, field: str) -> bytes:
+def _decode_b64(text: Any, field: str, limit: int) -> bytes:
     if not isinstance(text, str):
         raise ApiError(
             422, "unprocessable_entity", f"{field}: expected a base64 string", errors={field: "not a string"}
+        )
+    if len(text) // 4 * 3 > limit + 3:  # checked before decoding: the decoded bytes are never made
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"{field} is over the limit of {limit:,} bytes",
+            errors={field: "too large"},
         )
     try:
         return base64.b64decode(text, validate=True)
@@ -79,7 +96,8 @@ def _read_body(many: bool) -> tuple[list[bytes], dict[str, Any]]:
     settings = service().settings
     field = "images" if many else "image"
     if request.mimetype == "multipart/form-data":
-        uploads = request.files.getlist(field)
+        # file parts, and parts sent without a file name (form fields, kept as bytes)
+        uploads = request.files.getlist(field) + request.form.getlist(field)
         if not uploads:
             raise ApiError(
                 422,
@@ -87,7 +105,27 @@ def _read_body(many: bool) -> tuple[list[bytes], dict[str, Any]]:
                 f"multipart field {field!r} is missing",
                 errors={field: "missing"},
             )
-        images = [u.stream.read(settings.max_upload_bytes + 1) for u in uploads]
+        if not many and len(uploads) > 1:
+            raise ApiError(
+                422,
+                "unprocessable_entity",
+                f"{len(uploads)} {field!r} parts: this endpoint classifies one image; send several to "
+                "/predict/batch (field 'images')",
+                errors={field: "exactly one"},
+            )
+        if many and len(uploads) > settings.max_batch_images:  # before any part is read
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"{len(uploads)} images in one request; the limit is {settings.max_batch_images}",
+                errors={field: f"at most {settings.max_batch_images}"},
+            )
+        images = [
+            part_bytes(u)[: settings.max_upload_bytes + 1]
+            if isinstance(u, str)
+            else u.stream.read(settings.max_upload_bytes + 1)
+            for u in uploads
+        ]
         options: dict[str, Any] = {}
     elif request.mimetype == "application/json":
         schema = BatchJSONSchema() if many else PredictJSONSchema()
@@ -102,7 +140,15 @@ def _read_body(many: bool) -> tuple[list[bytes], dict[str, Any]]:
                 errors=errors,
             ) from None
         texts = data["images"] if many else [data["image"]]
-        images = [_decode_b64(t, f"{field}[{i}]" if many else field) for i, t in enumerate(texts)]
+        if many and len(texts) > settings.max_batch_images:
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"{len(texts)} images in one request; the limit is {settings.max_batch_images}",
+                errors={field: f"at most {settings.max_batch_images}"},
+            )
+        limit = settings.max_upload_bytes
+        images = [_decode_b64(t, f"{field}[{i}]" if many else field, limit) for i, t in enumerate(texts)]
         options = {k: data[k] for k in ("top_k", "explain") if k in data}
     else:
         raise ApiError(
@@ -111,13 +157,6 @@ def _read_body(many: bool) -> tuple[list[bytes], dict[str, Any]]:
             f"send the image as multipart/form-data (field {field!r}) or JSON {{{field!r}: base64}}, "
             f"not {request.mimetype or 'an empty body'}",
         )
-    if many and len(images) > settings.max_batch_images:
-        raise ApiError(
-            413,
-            "payload_too_large",
-            f"{len(images)} images in one request; the limit is {settings.max_batch_images}",
-            errors={field: f"at most {settings.max_batch_images}"},
-        )
     for i, data in enumerate(images):
         if len(data) > settings.max_upload_bytes:
             raise ApiError(
@@ -125,6 +164,13 @@ def _read_body(many: bool) -> tuple[list[bytes], dict[str, Any]]:
                 "payload_too_large",
                 f"image {i} is over the limit of {settings.max_upload_bytes:,} bytes",
             )
+    total = sum(len(data) for data in images)
+    if total > settings.max_batch_bytes:
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"the images are {total:,} bytes together, over the limit of {settings.max_batch_bytes:,}",
+        )
     return images, options
 
 
@@ -141,22 +187,22 @@ def _document(view: Any) -> Any:
     return view
 
 
-@blp.route("/<string:domain>/predict")
+@blp.route("/<name:domain>/predict")
 class Predict(MethodView):
     @blp.arguments(PredictQuerySchema, location="query")
     @blp.response(200, PredictionSchema)
-    @blp.doc(**_body_doc(PredictJSONSchema, UploadSchema))
+    @blp.doc(**_body_doc(PredictJSONSchema, UploadSchema, "image"))
     @_document
     def post(self, query: dict[str, Any], domain: str) -> dict[str, Any]:
         """Classify one image (multipart field `image`, or JSON `{"image": base64}`)"""
         return _answer(domain, False, query)[0]
 
 
-@blp.route("/<string:domain>/predict/batch")
+@blp.route("/<name:domain>/predict/batch")
 class PredictBatch(MethodView):
     @blp.arguments(PredictQuerySchema, location="query")
     @blp.response(200, BatchResponseSchema)
-    @blp.doc(**_body_doc(BatchJSONSchema, BatchUploadSchema))
+    @blp.doc(**_body_doc(BatchJSONSchema, BatchUploadSchema, "images"))
     @_document
     def post(self, query: dict[str, Any], domain: str) -> dict[str, Any]:
         """Classify several images in one request (multipart fields `images`, or JSON `{"images": [...]}`)"""

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from marshmallow import Schema, fields, validate
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, validate
+
+from thali.core.names import NAME_RULE, VERSION_RULE
+
+#: a ref: ``latest``, a version number (ASCII digits, optionally after ``v``) or an alias name
+REF_RULE = f"^(latest|{VERSION_RULE.pattern}|{NAME_RULE.pattern})$"
 
 
 class ErrorBodySchema(Schema):
@@ -22,10 +29,19 @@ class PredictQuerySchema(Schema):
     explain = fields.Boolean(load_default=False, metadata={"description": "add a heatmap PNG (base64)"})
 
 
+class StrictBoolean(fields.Boolean):
+    """``true`` or ``false`` in a JSON body, nothing else (marshmallow's Boolean also takes 0, 1, "yes")."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, bool):
+            raise ValidationError("Not a valid boolean.")
+        return value
+
+
 class PredictJSONSchema(Schema):
     image = fields.String(required=True, metadata={"description": "the image file's bytes, base64"})
     top_k = fields.Integer(validate=validate.Range(min=1, max=100))
-    explain = fields.Boolean()
+    explain = StrictBoolean()
 
 
 class BatchJSONSchema(Schema):
@@ -33,7 +49,7 @@ class BatchJSONSchema(Schema):
         fields.String(), required=True, validate=validate.Length(min=1), metadata={"description": "base64"}
     )
     top_k = fields.Integer(validate=validate.Range(min=1, max=100))
-    explain = fields.Boolean()
+    explain = StrictBoolean()
 
 
 class UploadSchema(Schema):
@@ -41,7 +57,11 @@ class UploadSchema(Schema):
 
 
 class BatchUploadSchema(Schema):
-    images = fields.List(fields.Raw(metadata={"type": "string", "format": "binary"}), required=True)
+    images = fields.List(
+        fields.Raw(metadata={"type": "string", "format": "binary"}),
+        required=True,
+        validate=validate.Length(min=1),
+    )
 
 
 class LabelSchema(Schema):
@@ -128,9 +148,12 @@ class LoadSchema(Schema):
     ref = fields.String(
         load_default=None,
         allow_none=True,
-        metadata={"description": "version, alias or latest (default production)"},
+        validate=validate.Regexp(REF_RULE),
+        metadata={"description": "version (3 or v3), alias, or latest (default: production)"},
     )
-    variant = fields.String(load_default=None, allow_none=True)
+    variant = fields.String(
+        load_default=None, allow_none=True, validate=validate.Regexp(f"^{NAME_RULE.pattern}$")
+    )
 
 
 class PluginsSchema(Schema):

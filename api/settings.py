@@ -8,6 +8,36 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+#: values deploy files and tutorials ship in place of a secret; a server refuses to start on one
+PLACEHOLDERS = frozenset(
+    {"replace-me", "change-me", "changeme", "thali-change-me", "secret", "password", "minioadmin", "admin"}
+)
+#: the secrets a serving process reads from its environment
+SECRET_ENV = ("THALI_ADMIN_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def check_secret(name: str, value: str, min_length: int = 0) -> None:
+    """ValueError (the settings' way of saying which field) for a placeholder or too short secret."""
+    if value.strip().lower() in PLACEHOLDERS:
+        raise ValueError(f"{name} is the placeholder {value.strip()!r}: set a real secret")
+    if len(value.strip()) < min_length:
+        raise ValueError(f"{name} is {len(value.strip())} characters; use at least {min_length}")
+
+
+def refuse_placeholder_secrets(environ: Any = None) -> None:
+    """The store credentials too (they are not settings): a pod started from secret.yaml as shipped, or
+    compose with a default password, stops here with one line naming the variable."""
+    from thali.core.errors import ConfigError
+
+    environ = os.environ if environ is None else environ
+    for name in SECRET_ENV:
+        value = environ.get(name)
+        if value:
+            try:
+                check_secret(name, value)
+            except ValueError as exc:
+                raise ConfigError(f"serve: {exc}") from None
+
 
 class Settings(BaseSettings):
     """What ``create_app`` needs. Every field can come from the environment: ``THALI_<FIELD>`` (lists as
@@ -28,6 +58,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="per image")
     max_image_pixels: int = Field(40_000_000, ge=1, description="per image, checked before decoding")
     max_batch_images: int = Field(16, ge=1, le=256, description="images in one /predict/batch request")
+    max_batch_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="image bytes of one /predict/batch request, all images together",
+    )
     cache_entries: int = Field(2048, ge=0, description="LRU entries of answers keyed by image bytes; 0: off")
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits for its batch")
     admin_key: SecretStr | None = Field(None, description="enables the admin endpoints (header X-API-Key)")
@@ -40,6 +75,10 @@ class Settings(BaseSettings):
         None, gt=0, le=86400, description="poll the registry every N s; hot-swap when an alias moves"
     )
     warmup: bool = Field(True, description="run one batch through each model before it takes traffic")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve /metrics on this port only (not on the public one)"
+    )
+    docs: bool = Field(True, description="serve the Swagger UI at /docs (off: /docs answers 404)")
 
     @field_validator("domains", mode="before")
     @classmethod
@@ -58,6 +97,14 @@ class Settings(BaseSettings):
     def _unset_when_empty(cls, value: Any) -> Any:
         """``THALI_ADMIN_KEY=`` (empty, as a compose file or a manifest may leave it) keeps admin off."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("admin_key")
+    @classmethod
+    def _not_a_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        """An admin key that is a manifest's placeholder, or short enough to guess, is refused at start."""
+        if value is not None:
+            check_secret("THALI_ADMIN_KEY", value.get_secret_value(), min_length=16)
+        return value
 
     @field_validator("trusted_keys", mode="before")
     @classmethod

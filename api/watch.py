@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from thali.core.errors import IntegrityError, ThaliError
+from thali.core.names import version_number
 
 log = logging.getLogger("thali.api.watch")
 
@@ -98,7 +99,7 @@ class RegistryWatcher:
         ref = hosting.watched_ref(domain)
         state = self._state(domain)
         state.update(ref=ref, checked_at=_now())
-        if model is not None and ref.lower().lstrip("v").isdigit():
+        if model is not None and version_number(ref.lower()) is not None:
             state["error"] = None  # a version number never moves
             return
         version = hosting.registry.resolve_version(domain, ref)
@@ -112,7 +113,7 @@ class RegistryWatcher:
         was = f"v{model.version}" if model is not None else "nothing"
         started = time.perf_counter()
         try:
-            loaded = hosting.load(domain, ref, model.variant if model is not None else None)
+            loaded = hosting.load(domain, ref, hosting.pinned_variants.get(domain))  # else the pack's
         except IntegrityError as exc:
             self._refused_at[(domain, version)] = self._polls
             state["refused"] = {"version": version, "error": exc.message, "at": _now()}
