@@ -103,7 +103,9 @@ def _open(source: str | Path | bytes, limits: ImageLimits) -> Any:
         except Image.DecompressionBombError as exc:
             raise ImageTooLargeError(f"image refused as a decompression bomb: {exc}") from None
         except UnidentifiedImageError:
-            raise NotAnImageError(f"not an image of an accepted format ({', '.join(FORMATS)})") from None
+            raise NotAnImageError(
+                f"not an image (cannot identify image file; accepted formats: {', '.join(FORMATS)})"
+            ) from None
         except Exception as exc:  # a header that starts right and then breaks: any of a dozen errors
             raise _broken(exc) from None
     try:

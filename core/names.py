@@ -28,7 +28,7 @@ def is_valid_name(name: object) -> bool:
 
 
 def version_number(text: object) -> int | None:
-    """The version ``3``, ``"3"`` or ``"v3"`` names, else None (``"²"``, ``"v٢"``, ``"0"``, ``"03"`` are not)."""
+    """The version ``3``, ``"3"`` or ``"v3"`` names, else None (not ``"²"``, ``"v٢"``, ``"0"``, ``"03"``)."""
     if isinstance(text, int) and not isinstance(text, bool):
         return text if text >= 1 else None
     match = VERSION_RULE.fullmatch(text) if isinstance(text, str) else None

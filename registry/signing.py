@@ -3,7 +3,8 @@
 ``checksums.json`` holds the sha256 of every file of a package, so one signature over its exact bytes
 covers the whole package, ``card.json`` included; the card names the package's domain and version, and
 the store loads a package only at that place (``store._check_place``), so a signature also binds where
-a package may be served: a signed package copied to another domain or version number is refused. Checksums alone only catch accidents: anyone who can write to the bucket can
+a package may be served: a signed package copied to another domain or version number is refused.
+Checksums alone only catch accidents: anyone who can write to the bucket can
 rewrite a model *and* its checksums. A signature made with the publisher's private key catches a writer
 who is not the publisher, as long as readers only trust the publisher's public key.
 
