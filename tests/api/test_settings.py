@@ -7,17 +7,19 @@ from helpers import run_thali
 
 from thali.api.settings import Settings
 
+SECRET = "s3cret-0123456789abcdef"
+
 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("THALI_DOMAINS", "south_asian_food@production, plant_disease")
     monkeypatch.setenv("THALI_TRUSTED_KEYS", "/keys/a.pub:/keys/b.pub")
     monkeypatch.setenv("THALI_MAX_UPLOAD_BYTES", "2048")
-    monkeypatch.setenv("THALI_ADMIN_KEY", "s3cret")
+    monkeypatch.setenv("THALI_ADMIN_KEY", SECRET)
     settings = Settings()
     assert settings.domains == ["south_asian_food@production", "plant_disease"]
     assert settings.trusted_keys == ["/keys/a.pub", "/keys/b.pub"]
-    assert settings.max_upload_bytes == 2048 and settings.admin_key.get_secret_value() == "s3cret"
-    assert "s3cret" not in repr(settings)
+    assert settings.max_upload_bytes == 2048 and settings.admin_key.get_secret_value() == SECRET
+    assert SECRET not in repr(settings)
     monkeypatch.setenv("THALI_DOMAINS", '["a", "b@3"]')
     assert Settings().domains == ["a", "b@3"]
 

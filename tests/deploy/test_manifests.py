@@ -204,3 +204,36 @@ def test_the_service_and_autoscaler_point_at_the_api(k8s: dict[tuple[str, str], 
     ui = k8s[("Deployment", "thali-ui")]["spec"]["template"]["spec"]["containers"][0]
     assert f"http://{service['metadata']['name']}" in ui["args"]
     assert ui["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+# --- safe defaults (issue 24) -----------------------------------------------------------------------
+
+
+def test_no_default_credentials_a_trust_key_documented_and_metrics_off_the_public_port(
+    compose: dict[str, Any], k8s: dict[tuple[str, str], Any]
+) -> None:
+    import re
+
+    text = (DEPLOY / "docker-compose.yaml").read_text()
+    # a credential is required (compose stops with a message), never defaulted
+    for name in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"):
+        assert re.search(rf"\$\{{{name}:\?[^}}]+\}}", text) and not re.search(rf"\$\{{{name}:-", text), name
+    api = compose["services"]["api"]
+    assert "THALI_TRUSTED_KEYS" in api["environment"] and "thali registry keygen" in text
+    assert "THALI_TRUSTED_KEYS" in (K8S / "configmap.yaml").read_text()
+    assert api["command"][api["command"].index("--metrics-port") + 1] == "9100"
+    assert all(not str(p).endswith(":9100") for p in api.get("ports", []))  # not published
+    deployment = k8s[("Deployment", "thali-api")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container["args"][container["args"].index("--metrics-port") + 1] == str(ports["metrics"])
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(
+        ports["metrics"]
+    )
+    service = k8s[("Service", "thali-api")]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    # the shipped secret holds placeholders, which a server refuses (tests/api/test_attacks.py runs it)
+    from thali.api.settings import PLACEHOLDERS
+
+    values = k8s[("Secret", "thali-secrets")]["stringData"]
+    assert {values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"]} <= PLACEHOLDERS

@@ -58,15 +58,15 @@ def test_a_lone_request_does_not_wait_for_company() -> None:
     batcher.close()
 
 
-def test_batching_off_runs_each_request_alone_and_multi_image_jobs_stay_whole() -> None:
+def test_batching_off_runs_each_request_alone_and_a_multi_image_job_in_pieces() -> None:
     engine = Engine()
     batcher = MicroBatcher(engine, max_batch_size=1, max_wait_ms=50)
     futures = [batcher.submit(_inputs(1, i)) for i in range(5)]
     assert [f.result(timeout=10)[0].shape for f in futures] == [(1, 4)] * 5
-    big = batcher.submit(_inputs(3, 7.0)).result(timeout=10)[0]  # larger than the batch: runs alone, whole
+    big = batcher.submit(_inputs(3, 7.0)).result(timeout=10)[0]  # larger than a batch: pieces, one answer
     assert big.shape == (3, 4)
     batcher.close()
-    assert engine.sizes == [1, 1, 1, 1, 1, 3]
+    assert engine.sizes == [1, 1, 1, 1, 1, 1, 1, 1]  # the engine never sees more than max_batch_size
 
 
 def test_engine_errors_reach_every_waiting_request_and_close_refuses_new_work() -> None:
