@@ -114,6 +114,11 @@ class GroupConfig(Strict):
     min_images: int = Field(
         10, ge=1, description="a group with fewer images of a class is never that class's validation group"
     )
+    exclude_from_training: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="collections (a group, or a source before '#') whose photos never train; the split "
+        "is made as without this, so validation stays the same: a baseline without new collections",
+    )
 
     @field_validator("manifest")
     @classmethod

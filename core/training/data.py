@@ -345,7 +345,35 @@ def make_split(config: DomainConfig, root: Path, samples: Sequence[Sample]) -> t
         return stratified_split(samples, s.val, s.test, s.seed), []
     groups, notes = read_groups(s.group, root, samples)
     split = grouped_split(samples, groups, s.val, s.test, s.seed, s.group.min_images)
-    return split, [*notes, grouping_note(split, config.class_names)]
+    notes = [*notes, grouping_note(split, config.class_names)]
+    if s.group.exclude_from_training:
+        notes.append(exclude_from_training(split, samples, groups, s.group.exclude_from_training))
+    return split, notes
+
+
+def exclude_from_training(
+    split: Split, samples: Sequence[Sample], groups: Sequence[str], names: Sequence[str]
+) -> str:
+    """Drop from ``split.train`` the photos of the collections ``names`` (a group, or the source part
+    before ``#`` of one); validation and test stay as they are. A note says what went."""
+    wanted = set(names)
+    group = {Path(p): g for (p, _), g in zip(samples, groups, strict=True)}
+
+    def excluded(path: Path) -> bool:
+        g = group.get(Path(path), "")
+        return g in wanted or g.split("#", 1)[0] in wanted
+
+    before = len(split.train)
+    split.train = [(p, label) for p, label in split.train if not excluded(p)]
+    left = before - len(split.train)
+    unused = sorted(n for n in wanted if not any(g == n or g.split("#", 1)[0] == n for g in groups))
+    if not split.train:
+        raise DataError("dataset.split.group.exclude_from_training: no training photos are left")
+    text = (
+        f"exclude_from_training: {left} training photos of {', '.join(sorted(wanted))} left out "
+        "(validation unchanged)"
+    )
+    return text + (f"; no photos of {', '.join(unused)} in the manifest" if unused else "")
 
 
 def grouping_note(split: Split, classes: Sequence[str]) -> str:

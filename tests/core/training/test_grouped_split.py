@@ -18,6 +18,7 @@ from thali.core.errors import DataError
 from thali.core.training.data import (
     UNKNOWN_GROUP,
     Split,
+    exclude_from_training,
     grouped_split,
     read_groups,
     read_split,
@@ -103,6 +104,27 @@ def test_the_largest_group_is_not_held_out_when_training_would_keep_under_half()
     split = grouped_split(samples, groups, val=0.6, test=0.0, seed=0)  # big is closer to 12
     assert split.groups == {0: "small"}
     assert len(split.train) == 16
+
+
+def test_a_collection_excluded_from_training_leaves_validation_as_it_was() -> None:
+    """The baseline of a new collection: the same split, the collection's photos out of training only."""
+    spec = {0: {"a": 20, "b": 6, "new#x": 8}, 1: {"a": 15, "new#y": 9}, 2: {"a": 10, "b": 10}}
+    samples, groups = synthetic(spec)
+    full = grouped_split(samples, groups, 0.2, 0.0, 42, 5)
+    split = grouped_split(samples, groups, 0.2, 0.0, 42, 5)
+    note = exclude_from_training(split, samples, groups, ["new", "gone"])
+    where = group_of(samples, groups)
+    assert split.val == full.val and split.val_cross == full.val_cross and split.groups == full.groups
+    assert not any(where[p].startswith("new") for p, _ in split.train)
+    left = sum(1 for p, _ in full.train if where[p].startswith("new"))
+    assert left > 0 and len(split.train) == len(full.train) - left
+    assert note == (
+        f"exclude_from_training: {left} training photos of gone, new left out (validation unchanged); "
+        "no photos of gone in the manifest"
+    )
+    with pytest.raises(DataError, match="no training photos are left"):
+        exclude_from_training(split, samples, groups, ["a", "b"])
+    assert GroupConfig(exclude_from_training=["owner/two"]).exclude_from_training == ["owner/two"]
 
 
 # --- the manifest -----------------------------------------------------------------------------------
@@ -383,3 +405,10 @@ def test_real_manifest_with_the_cross_collection_preset(datasets_root: Path, reg
         train = [p for p, lab in split.train if lab == label]
         assert group not in {where[p] for p in train}
         assert len(train) >= 0.5 * sum(1 for _, lab in images.samples if lab == label)
+    # the grouped split finds the two new collections, and the baseline can leave them out of training
+    new = {"TanayaBandodkar/FoodDataset", "deeprodge/Indian-Dishes-Classifier"}
+    assert new <= set(groups) and "deeprodge/Indian-Dishes-Classifier" in held.values()
+    full_val = list(split.val)
+    note = exclude_from_training(split, images.samples, groups, sorted(new))
+    assert split.val == full_val and "no photos of" not in note
+    assert not any(Path(p).name.startswith(("tanaya_", "deeprodge_")) for p, _ in split.train)
