@@ -306,6 +306,11 @@ class TrainingConfig(Strict):
     seed: int = 42
     num_workers: int = Field(2, ge=0)
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    init_from: str | None = Field(
+        None,
+        description="a run folder of the same model whose best.pt the training starts from (LP-FT: "
+        "fine-tune from a linear probe's head, not a random one)",
+    )
 
     @field_validator("device")
     @classmethod

@@ -52,6 +52,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=run_evaluate)
 
+    w = sub.add_parser(
+        "wise-ft",
+        help="interpolate a linear-probe run and a fine-tuned run of one model (WiSE-FT) into a new run",
+    )
+    w.add_argument("probe", type=Path, help="run folder of the linear probe (the head trained alone)")
+    w.add_argument("tuned", type=Path, help="run folder of the fine-tuned model (same model)")
+    w.add_argument("--out", required=True, type=Path, help="new run folder for the interpolated model")
+    w.add_argument(
+        "--alpha",
+        type=float,
+        help="weight of the fine-tuned run, 0-1 (default: chosen from 0, .25, .5, .75, 1 on the validation "
+        "photos of the training collections)",
+    )
+    w.add_argument("--data", type=Path, help="the data folder, if it moved since training")
+    w.add_argument("--json", action="store_true", help="print the result as JSON")
+    w.set_defaults(func=run_wise_ft)
+
 
 def _latest_run(domain: str) -> Path:
     runs = sorted((Path("runs") / domain).glob("*/last.pt"))
@@ -171,4 +188,22 @@ def run_evaluate(ctx: Context) -> int:
         print(cross_line(result["val_cross"]))
     if result.get("problems"):
         print(f"note: {result['problems']}")
+    return 0
+
+
+def run_wise_ft(ctx: Context) -> int:
+    args = ctx.args
+    require_train("wise-ft")
+    from thali.core.training.wise import wise_ft
+
+    result = wise_ft(
+        args.probe, args.tuned, args.out, ctx.plugins.registries, alpha=args.alpha, data=args.data
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    tried = ", ".join(f"{a}: {100 * t:.1f} %" for a, t in result["top1_by_alpha"].items())
+    print(f"alpha {result['alpha']:g} (top-1 on {result['chosen_on']}: {tried})")
+    print(f"wrote {args.out} (temperature {result['temperature']:.3f})")
+    print(f"export it with `thali export {args.out}`")
     return 0

@@ -146,7 +146,15 @@ class Trainer:
             write_split(split_file, self.split, root, self.classes)
 
     def _model(self) -> None:
-        self.model: Classifier = build_classifier(self.config, self.registries).to(self.device)
+        self.model: Classifier = build_classifier(self.config, self.registries)
+        if self.config.training.init_from and not self.options.resume:
+            start = Path(self.config.training.init_from) / "best.pt"
+            try:  # plain data only (weights_only), a mismatch one line
+                ckpt.load_weights(self.model, ckpt.load(start)["model"], start)
+            except DataError as exc:
+                raise DataError(f"training.init_from: {exc.message}") from None
+            self.notes.append(f"training.init_from: started from {start}")
+        self.model = self.model.to(self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.preprocess = self.model.preprocess
         counts = self.split.class_counts(len(self.classes))
