@@ -340,6 +340,11 @@ class UnknownConfig(Strict):
     max_in_domain_flagged: float = Field(
         0.05, ge=0.0, lt=1.0, description="share of held-out photos of our own classes the threshold may flag"
     )
+    budget: Literal["per_collection", "pooled"] = Field(
+        "per_collection",
+        description="per_collection: the share holds in every held-out collection of a cross-collection "
+        "split (the worst unseen collection stays within it); pooled: over all held-out photos together",
+    )
     ood: list[str] = Field(
         default_factory=list,
         description="out-of-domain photo folders beside the data folder (plain names, e.g. "

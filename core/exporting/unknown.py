@@ -167,6 +167,11 @@ def fit_unknown(
     cross = set(split.val_cross)
     held_out = np.array([i in cross for i in val.indices]) if cross else np.ones(len(val.labels), bool)
     source = "held-out collections (val_cross)" if cross else "validation split"
+    # the collection of each held-out photo: its class's held-out group (a cross-collection split)
+    collections = (
+        np.array([split.groups.get(int(label), "?") for label in val.labels[held_out]]) if cross else None
+    )
+    budget_groups = collections if settings.budget == "per_collection" else None
     folders, missing = ood_folders(root, settings.ood)
     ood = {name: [(p, 0) for p in paths] for name, paths in folders.items()}
 
@@ -219,6 +224,7 @@ def fit_unknown(
                 tuple(v[held_out] for v in components["in-domain"]),  # type: ignore[arg-type]
                 settings.max_in_domain_flagged,
                 [tuple(v[choose[n]] for v in components[n]) for n in ood_out],  # type: ignore[misc]
+                groups=budget_groups,
             )
             candidate = dataclasses.replace(candidate, knn_threshold=t_knn, residual_threshold=t_res)
             margins = {name: candidate.margin(c) for name, c in components.items()}
@@ -231,6 +237,7 @@ def fit_unknown(
 
     report: dict[str, Any] = {
         "in_domain": source,
+        "budget": settings.budget if cross else "pooled",
         "in_domain_images": int(held_out.sum()),
         "ood_images": {name: len(v) for name, v in ood.items()},
         "ood_protocol": "every other photo of each out-of-domain set chooses the score and its thresholds; "
@@ -239,7 +246,7 @@ def fit_unknown(
     }
     thresholds = {
         "max_probability": knn.choose_threshold(
-            scores["max_probability"]["in-domain"][held_out], settings.max_in_domain_flagged
+            scores["max_probability"]["in-domain"][held_out], settings.max_in_domain_flagged, budget_groups
         ),
         knn.METHOD: 0.0,  # the margin over both feature thresholds
     }
@@ -254,6 +261,15 @@ def fit_unknown(
             float(np.mean([(values[n][choose[n]] < threshold).mean() for n in ood])) if ood else 0
         )
         report["scores"][method] = {"threshold": threshold, "flagged": rates}
+        if collections is not None:  # per held-out collection and per class: where the flag bites
+            flagged = values["in-domain"][held_out] < threshold
+            names = val.labels[held_out]
+            report["scores"][method]["flagged_by_collection"] = {
+                str(g): float(flagged[collections == g].mean()) for g in sorted(set(collections.tolist()))
+            }
+            report["scores"][method]["flagged_by_class"] = {
+                int(c): float(flagged[names == c].mean()) for c in sorted(set(names.tolist()))
+            }
     if fitted is not None:
         report["scores"][knn.METHOD].update(
             knn_threshold=fitted.knn_threshold, residual_threshold=fitted.residual_threshold

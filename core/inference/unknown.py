@@ -320,10 +320,25 @@ def _cut(values: np.ndarray, count: int) -> float:
     return float(ordered[count]) if count < len(ordered) else float(ordered[-1] + 1e-6)
 
 
-def choose_threshold(values: np.ndarray, max_flagged: float) -> float:
+def _parts(count: int, groups: Sequence[Any] | np.ndarray | None) -> list[np.ndarray]:
+    """Row masks of each group (one for all rows without groups)."""
+    if groups is None:
+        return [np.ones(count, dtype=bool)]
+    labels = np.asarray(groups)
+    if len(labels) != count:
+        raise ValueError(f"{len(labels)} group labels for {count} photos")
+    return [labels == g for g in sorted(set(labels.tolist()), key=str)]
+
+
+def choose_threshold(
+    values: np.ndarray, max_flagged: float, groups: Sequence[Any] | np.ndarray | None = None
+) -> float:
     """The highest threshold that flags at most ``max_flagged`` of ``values`` (scores of photos of our
-    classes the model did not train on): no other threshold flags more out-of-domain photos within it."""
-    return _cut(values, int(np.floor(max_flagged * len(values))))
+    classes the model did not train on): no other threshold flags more out-of-domain photos within it.
+    With ``groups`` (the photo collection of each value) the budget holds in *every* group: the lowest
+    of the groups' thresholds."""
+    values = np.asarray(values)
+    return min(_cut(values[m], int(np.floor(max_flagged * m.sum()))) for m in _parts(len(values), groups))
 
 
 def choose_thresholds(
@@ -331,20 +346,27 @@ def choose_thresholds(
     max_flagged: float,
     outside: Sequence[tuple[np.ndarray, np.ndarray]] = (),
     steps: int = 21,
+    groups: Sequence[Any] | np.ndarray | None = None,
 ) -> tuple[float, float]:
     """``(knn_threshold, residual_threshold)`` that together flag at most ``max_flagged`` of the
     ``in_domain`` photos (components of photos of our classes the model never trained on) and, among
     the ways to share that budget between the two scores, flag most of the ``outside`` photos (mean
-    share over the sets; without any, the budget is shared equally)."""
+    share over the sets; without any, the budget is shared equally). With ``groups`` (the collection of
+    each in-domain photo) the budget holds in every collection, not only over all of them: each
+    threshold is the lowest the collections allow (lowering a threshold never flags more)."""
     knn, residual = (np.asarray(v, dtype=np.float64) for v in in_domain)
-    allowed = int(np.floor(max_flagged * len(knn)))
+    parts = _parts(len(knn), groups)
+    allowed = [int(np.floor(max_flagged * m.sum())) for m in parts]
     best: tuple[float, float, float] | None = None
     shares = np.linspace(0, 1, steps) if outside else np.array([0.5])
     for share in shares:
-        t_knn = _cut(knn, round(share * allowed))
+        t_knn = min(_cut(knn[m], round(share * a)) for m, a in zip(parts, allowed, strict=True))
         below = knn < t_knn
-        # the largest residual threshold that keeps the union within the budget
-        t_res = _cut(residual[~below], allowed - int(below.sum()))
+        # the largest residual threshold that keeps the union within every budget
+        t_res = min(
+            _cut(residual[m & ~below], a - int((below & m).sum()))
+            for m, a in zip(parts, allowed, strict=True)
+        )
         if not outside:
             return t_knn, t_res
         caught = np.mean([np.mean((k_ < t_knn) | (r_ < t_res)) for k_, r_ in outside])

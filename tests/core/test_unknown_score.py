@@ -342,3 +342,32 @@ def test_the_training_photos_own_neighbour_statistics_do_not_depend_on_the_block
     for chunk in (7, 50, 512):
         mean, std = _loo_stats(bank, 3, chunk=chunk)
         assert mean == pytest.approx(third.mean()) and std == pytest.approx(third.std())
+
+
+def test_the_per_collection_budget_holds_in_every_unseen_collection() -> None:
+    """Two unseen collections of our own dishes: a large one that scores like the training photos and a
+    small one from other cameras that scores lower. A pooled 5 % budget spends itself on the small one
+    (it was 17 % on the worst sealed collection); per collection, each stays within 5 %."""
+    rng = np.random.default_rng(4)
+    like = rng.normal(1.0, 0.1, (400, 2))  # (k-NN, residual) components of collection A
+    other = rng.normal(0.7, 0.1, (100, 2))  # collection B: lower on both scores
+    knn, residual = np.concatenate([like, other]).T
+    groups = np.array(["A"] * 400 + ["B"] * 100)
+    outside = [tuple(rng.normal(0.4, 0.2, (200, 2)).T)]  # other cuisines, to share the budget on
+
+    def shares(t_knn: float, t_res: float) -> dict[str, float]:
+        flagged = (knn < t_knn) | (residual < t_res)
+        return {g: float(flagged[groups == g].mean()) for g in ("A", "B")} | {"all": float(flagged.mean())}
+
+    pooled = shares(*choose_thresholds((knn, residual), 0.05, outside))
+    assert pooled["all"] <= 0.05 and pooled["B"] > 0.15  # within budget overall, not where it matters
+    per = shares(*choose_thresholds((knn, residual), 0.05, outside, groups=groups))
+    assert per["A"] <= 0.05 and per["B"] <= 0.05
+    caught = lambda t: float(np.mean((outside[0][0] < t[0]) | (outside[0][1] < t[1])))  # noqa: E731
+    assert caught(choose_thresholds((knn, residual), 0.05, outside, groups=groups)) > 0.3  # still catches
+    # one score alone (the top probability of packages without features) follows the same rule
+    t = choose_threshold(knn, 0.05, groups)
+    assert all((knn[groups == g] < t).mean() <= 0.05 for g in ("A", "B"))
+    assert choose_threshold(knn, 0.05) == choose_threshold(knn, 0.05, None)
+    with pytest.raises(ValueError, match="group labels"):
+        choose_threshold(knn, 0.05, groups[:10])
