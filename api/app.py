@@ -63,6 +63,10 @@ def _spec_says_the_limits(api: Api, settings: Settings) -> None:
     schemas["PredictJSON"]["properties"]["image"].update(format="byte", maxLength=base64_length)
 
 
+#: endpoint -> its body limit in body_limits(); every other route has "other"
+ROUTES = {"predict.Predict": "single", "predict.PredictBatch": "batch"}
+
+
 def body_limits(settings: Settings) -> dict[str, int]:
     """Bytes a request body may have, per route: one image (base64 and form overhead included) for
     ``/predict``, a full batch (at most ``max_batch_bytes`` of images) for ``/predict/batch``, 64 KB for
@@ -95,7 +99,7 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
         OPENAPI_SWAGGER_UI_PATH="/docs" if settings.docs else None,
         OPENAPI_SWAGGER_UI_URL=_swagger_ui_url(),
         # the largest body of any route (a full batch, base64 included); each route has its own below
-        MAX_CONTENT_LENGTH=body_limits(settings)["batch"],
+        MAX_CONTENT_LENGTH=limits["batch"],
         MAX_FORM_PARTS=2 * settings.max_batch_images + 64,  # multipart parts parsed at most (else 413)
         API_SPEC_OPTIONS={
             "info": {"description": "Image classification for several domains: predict, explain, manage."},
@@ -128,21 +132,14 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
     @app.before_request
     def _start() -> None:
         g.started = time.perf_counter()
-        endpoint = request.endpoint or ""
-        route = (
-            "single"
-            if endpoint == "predict.Predict"
-            else "batch"
-            if endpoint == "predict.PredictBatch"
-            else "other"
-        )
-        limit = limits[route]
+        limit = limits[ROUTES.get(request.endpoint or "", "other")]
+        too_large = RequestEntityTooLarge(f"the request body is over this route's limit of {limit:,} bytes")
         # checked from Content-Length before anything is read, and by Werkzeug while a chunked body or
         # a multipart upload streams in: nothing past the limit is read, parsed or spooled
         request.max_content_length = limit
         request.max_form_memory_size = limit  # an image sent as a plain field (no file name) fits
         if request.content_length is not None and request.content_length > limit:
-            raise RequestEntityTooLarge(f"the request body is over this route's limit of {limit:,} bytes")
+            raise too_large
         if (
             request.content_length is None
             and "chunked" in request.headers.get("Transfer-Encoding", "").lower()
@@ -151,7 +148,7 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
             # on such a stream truncates silently), then serve the body like one sent with a length
             data = request.environ["wsgi.input"].read(limit + 1)
             if len(data) > limit:
-                raise RequestEntityTooLarge(f"the request body is over this route's limit of {limit:,} bytes")
+                raise too_large
             request.environ["wsgi.input"] = io.BytesIO(data)
             request.environ["CONTENT_LENGTH"] = str(len(data))
             request.environ.pop("HTTP_TRANSFER_ENCODING", None)

@@ -77,18 +77,19 @@ def _decode_b64(text: Any, field: str, limit: int) -> bytes:
             422, "unprocessable_entity", f"{field}: expected a base64 string", errors={field: "not a string"}
         )
     if len(text) // 4 * 3 > limit + 3:  # checked before decoding: the decoded bytes are never made
-        raise ApiError(
-            413,
-            "payload_too_large",
-            f"{field} is over the limit of {limit:,} bytes",
-            errors={field: "too large"},
-        )
+        raise too_large(f"{field} is over the limit of {limit:,} bytes", {field: "too large"})
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(
             422, "unprocessable_entity", f"{field}: not valid base64", errors={field: "not valid base64"}
         ) from None
+
+
+def _check_count(count: int, many: bool, field: str) -> None:
+    limit = service().settings.max_batch_images
+    if many and count > limit:
+        raise too_large(f"{count} images in one request; the limit is {limit}", {field: f"at most {limit}"})
 
 
 def _read_body(many: bool) -> tuple[list[bytes], dict[str, Any]]:
@@ -106,20 +107,12 @@ def _read_body(many: bool) -> tuple[list[bytes], dict[str, Any]]:
                 errors={field: "missing"},
             )
         if not many and len(uploads) > 1:
-            raise ApiError(
-                422,
-                "unprocessable_entity",
+            raise wrong(
                 f"{len(uploads)} {field!r} parts: this endpoint classifies one image; send several to "
                 "/predict/batch (field 'images')",
-                errors={field: "exactly one"},
+                {field: "exactly one"},
             )
-        if many and len(uploads) > settings.max_batch_images:  # before any part is read
-            raise ApiError(
-                413,
-                "payload_too_large",
-                f"{len(uploads)} images in one request; the limit is {settings.max_batch_images}",
-                errors={field: f"at most {settings.max_batch_images}"},
-            )
+        _check_count(len(uploads), many, field)  # before any part is read
         images = [
             part_bytes(u)[: settings.max_upload_bytes + 1]
             if isinstance(u, str)
@@ -140,13 +133,7 @@ def _read_body(many: bool) -> tuple[list[bytes], dict[str, Any]]:
                 errors=errors,
             ) from None
         texts = data["images"] if many else [data["image"]]
-        if many and len(texts) > settings.max_batch_images:
-            raise ApiError(
-                413,
-                "payload_too_large",
-                f"{len(texts)} images in one request; the limit is {settings.max_batch_images}",
-                errors={field: f"at most {settings.max_batch_images}"},
-            )
+        _check_count(len(texts), many, field)
         limit = settings.max_upload_bytes
         images = [_decode_b64(t, f"{field}[{i}]" if many else field, limit) for i, t in enumerate(texts)]
         options = {k: data[k] for k in ("top_k", "explain") if k in data}
@@ -166,10 +153,8 @@ def _read_body(many: bool) -> tuple[list[bytes], dict[str, Any]]:
             )
     total = sum(len(data) for data in images)
     if total > settings.max_batch_bytes:
-        raise ApiError(
-            413,
-            "payload_too_large",
-            f"the images are {total:,} bytes together, over the limit of {settings.max_batch_bytes:,}",
+        raise too_large(
+            f"the images are {total:,} bytes together, over the limit of {settings.max_batch_bytes:,}"
         )
     return images, options
 

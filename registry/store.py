@@ -151,6 +151,7 @@ class ModelRegistry:
         here. On a local folder only a regular file is read (a FIFO, a device, a symlink to
         ``/dev/zero`` is an IntegrityError; opening never blocks); on other stores the size is checked
         and no more than ``limit + 1`` bytes are fetched. FileNotFoundError passes."""
+        too_large = IntegrityError(f"{path}: {what} is larger than {limit:,} bytes; not reading it")
         if self.local:
             flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
             try:
@@ -162,7 +163,7 @@ class ModelRegistry:
                 if not stat.S_ISREG(info.st_mode):
                     raise IntegrityError(f"{path}: {what} is not a regular file; not reading it")
                 if info.st_size > limit:
-                    raise IntegrityError(f"{path}: {what} is larger than {limit:,} bytes; not reading it")
+                    raise too_large
                 os.set_blocking(fd, True)
                 chunks, size = [], 0
                 while size <= limit:
@@ -176,10 +177,10 @@ class ModelRegistry:
             data = b"".join(chunks)
         else:
             if self.fs.size(path) > limit:
-                raise IntegrityError(f"{path}: {what} is larger than {limit:,} bytes; not reading it")
+                raise too_large
             data = self.fs.cat_file(path, start=0, end=limit + 1)
-        if len(data) > limit:
-            raise IntegrityError(f"{path}: {what} is larger than {limit:,} bytes; not reading it")
+        if len(data) > limit:  # grew while it was read
+            raise too_large
         return data
 
     def _read_json(self, path: str, what: str) -> Any:
