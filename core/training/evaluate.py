@@ -78,7 +78,29 @@ def cross_summary(
         if stats["support"]
     }
     keys = ("images", "top1", "top5", "nll", "ece", "temperature")
-    return {**{k: full[k] for k in keys}, "classes": len(per_class), "per_class": per_class}
+    return {
+        **{k: full[k] for k in keys},
+        "classes": len(per_class),
+        "per_class": per_class,
+        "per_collection": per_collection(per_class),
+    }
+
+
+def per_collection(per_class: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Top-1 per held-out collection, from :func:`cross_summary`'s ``per_class`` (each class holds out one
+    collection, so a collection's photos are those of the classes holding it out): ``{collection:
+    {"images", "top1", "classes"}}``, collections by name."""
+    found: dict[str, dict[str, Any]] = {}
+    for name, stats in per_class.items():
+        entry = found.setdefault(str(stats.get("group")), {"images": 0, "right": 0.0, "classes": []})
+        entry["images"] += int(stats["support"])
+        entry["right"] += float(stats["accuracy"]) * int(stats["support"])
+        entry["classes"].append(name)
+    return {
+        group: {"images": e["images"], "top1": e["right"] / e["images"], "classes": e["classes"]}
+        for group, e in sorted(found.items())
+        if e["images"]
+    }
 
 
 def cross_line(summary: Mapping[str, Any]) -> str:
@@ -87,6 +109,9 @@ def cross_line(summary: Mapping[str, Any]) -> str:
         f"cross-collection val ({summary['images']} images of {summary['classes']} classes, collections "
         f"never trained on): top-1 {summary['top1']:.3f}  top-5 {summary['top5']:.3f}  "
         f"ECE {summary['ece']:.3f}"
+    ) + "".join(
+        f"\n  {group}: top-1 {entry['top1']:.3f} ({entry['images']} images)"
+        for group, entry in (summary.get("per_collection") or {}).items()
     )
 
 

@@ -291,6 +291,20 @@ def test_split_json_round_trip_and_old_files(tmp_path: Path) -> None:
             read_split(tmp_path / "bad.json")
 
 
+def test_per_collection_top1_weighs_each_class_by_its_photos() -> None:
+    from thali.core.training.evaluate import per_collection
+
+    per_class = {
+        "a": {"accuracy": 0.5, "support": 4, "group": "web"},
+        "b": {"accuracy": 1.0, "support": 2, "group": "web"},
+        "c": {"accuracy": 0.25, "support": 4, "group": "phone"},
+    }
+    found = per_collection(per_class)
+    assert list(found) == ["phone", "web"]
+    assert found["web"] == {"images": 6, "top1": pytest.approx(4 / 6), "classes": ["a", "b"]}
+    assert found["phone"] == {"images": 4, "top1": 0.25, "classes": ["c"]}
+
+
 def test_split_defaults_keep_positional_construction() -> None:
     split = Split([], [], [])
     assert split.val_cross == [] and split.groups == {}
@@ -354,6 +368,11 @@ def test_training_reports_cross_collection_metrics(
     assert set(cross["per_class"]) == {"blue", "red"}
     assert cross["per_class"]["red"]["support"] == 4 and cross["per_class"]["red"]["group"] == "beta"
     assert {"top1", "top5", "ece", "nll"} <= set(cross) and metrics["val"]["images"] == len(split["val"])
+    # both classes hold out collection beta: its top-1 is that of all 7 held-out photos
+    assert list(cross["per_collection"]) == ["beta"]
+    assert cross["per_collection"]["beta"]["images"] == 7
+    assert cross["per_collection"]["beta"]["classes"] == ["blue", "red"]
+    assert cross["per_collection"]["beta"]["top1"] == pytest.approx(cross["top1"])
     assert result["metrics"]["val_cross"] == cross
     # the held-out collections are only measured: the best epoch, early stopping and the temperature
     # read the other 2 validation images (every epoch still shows the held-out top-1)
@@ -369,6 +388,7 @@ def test_training_reports_cross_collection_metrics(
     assert "1 image(s) are not in manifest.csv" in notes
     assert "2 of 3 classes hold out a whole collection" in notes
     assert "cross-collection val (7 images of 2 classes" in notes
+    assert "\n  beta: top-1 " in notes and "(7 images)" in notes
 
     scored = evaluate_run(run, images, registries, progress=False)
     assert scored["val_cross"]["images"] == 7 and scored["images"] == 30
