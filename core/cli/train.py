@@ -204,6 +204,13 @@ def run_wise_ft(ctx: Context) -> int:
         return 0
     tried = ", ".join(f"{a}: {100 * t:.1f} %" for a, t in result["top1_by_alpha"].items())
     print(f"alpha {result['alpha']:g} (top-1 on {result['chosen_on']}: {tried})")
+    if cross := result.get("val_cross"):  # measured on the mix chosen, never chosen on
+        print(
+            f"held-out collections ({cross['images']} images, never chosen on): top-1 {cross['top1']:.3f}  "
+            f"top-5 {cross['top5']:.3f}  ECE {cross['ece']:.3f}"
+        )
+        for group, entry in cross["per_collection"].items():
+            print(f"  {group}: top-1 {entry['top1']:.3f} ({entry['images']} images)")
     print(f"wrote {args.out} (temperature {result['temperature']:.3f})")
     print(f"export it with `thali export {args.out}`")
     return 0
