@@ -151,7 +151,59 @@ def accuracy_section(runs: list[tuple[str, Path]], recipe_files: list[Path]) -> 
                 share = entry.get("accuracy", entry.get("recall")) if entry else None
                 cells.append(f"{pct(share)} ({entry['support']})" if entry else "-")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines += collection_lines(runs, all_metrics)
     return [*lines, ""]
+
+
+def _flagged(run: Path) -> dict[str, Any] | None:
+    """The shipped unknown score's rates in the run's export (``RUN/export/export.json``), if exported."""
+    path = run / "export" / "export.json"
+    report = json.loads(path.read_text()).get("unknown") if path.is_file() else None
+    return report["scores"].get(report["method"]) if report else None
+
+
+def collection_lines(runs: list[tuple[str, Path]], all_metrics: list[dict[str, Any]]) -> list[str]:
+    """Per held-out collection: each run's top-1 there and the share its export's unknown flag turns
+    away (our own dishes: lower is better), then the flag's rates on the out-of-domain sets."""
+    from thali.core.training.evaluate import per_collection
+
+    # runs trained before metrics.json carried per_collection: the same figure from its per-class rows
+    per_run = [
+        cross.get("per_collection") or per_collection(cross.get("per_class") or {})
+        for cross in ((m.get("val_cross") or {}) for m in all_metrics)
+    ]
+    flags = [_flagged(run) for _, run in runs]
+    collections = sorted({c for found in per_run for c in found})
+    if not collections:
+        return []
+    lines = [
+        "",
+        "Held-out collections, top-1 / share of the photos the export's unknown flag turns away "
+        "(photos; '-' where the run was not exported):",
+        "",
+        "| collection | " + " | ".join(n for n, _ in runs) + " |",
+        "|---|" + "---:|" * len(runs),
+    ]
+    for c in collections:
+        cells = []
+        for found, flag in zip(per_run, flags, strict=True):
+            entry = found.get(c)
+            share = ((flag or {}).get("flagged_by_collection") or {}).get(c)
+            cells.append(f"{pct(entry['top1'])} / {pct(share)} ({entry['images']})" if entry else "-")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    sets = sorted({k for flag in flags if flag for k in flag["flagged"]})
+    if sets:
+        lines += [
+            "",
+            "The unknown flag of each exported run: the share of each set it turns away.",
+            "",
+            "| set | " + " | ".join(n for n, _ in runs) + " |",
+            "|---|" + "---:|" * len(runs),
+        ]
+        for name in sets:
+            cells = [pct(flag["flagged"].get(name)) if flag else "-" for flag in flags]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def score_export(run: Path, data: Path | None) -> dict[str, Any]:
