@@ -56,8 +56,10 @@ def thali_register_backbones(registry: Registry[Any]) -> None:
     ``(N, 3, H, W)`` images to ``(N, C, h, w)`` feature maps and exposes ``num_features`` (``C``).
     ``pretrained`` is ``"none"``, a named weight source listed in the entry's ``metadata["weights"]``,
     or a path to a local checkpoint. Entry metadata must carry the preprocessing the weights expect:
-    ``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation``, ``crop_pct``, plus ``weights`` and
-    ``licence``: it travels with the model into the model package, so nothing downstream hard-codes 224.
+    ``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation`` (``nearest``, ``bilinear``,
+    ``bicubic``, ``area`` or ``lanczos``: training and serving resample alike), ``crop_pct``, plus
+    ``weights`` and ``licence``: it travels with the model into the model package, so nothing
+    downstream hard-codes 224.
 
     Two shapes are accepted:
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BrokenImageError, ImageTooLargeError, NotAnImageError
+from .errors import BrokenImageError, DataError, ImageTooLargeError, NotAnImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: above every phone camera; 5x below a 13k x 13k bomb
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
@@ -28,6 +28,22 @@ DEFAULT_MAX_JPEG_SCANS = 100
 #: the formats people send; the other decoders Pillow has (PPM, IM, DDS, JPEG 2000, PSD ...) are attack
 #: surface nobody needs here
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+#: resampling by the names backbones declare (timm's ``interpolation``), as OpenCV flags: the one table
+#: that training's albumentations transforms and the server's OpenCV preprocessing both read, so a model
+#: is served with the resampling it was trained with (two tables had drifted: ``lanczos`` trained bilinear
+#: and served Lanczos)
+INTERPOLATION = {"nearest": 0, "bilinear": 1, "bicubic": 2, "area": 3, "lanczos": 4}
+
+
+def interpolation_flag(name: object) -> int:
+    """OpenCV's flag for a declared interpolation (``cv2.INTER_*``); a name outside
+    :data:`INTERPOLATION` is a :class:`DataError`, not a silent bilinear."""
+    flag = INTERPOLATION.get(str(name))
+    if flag is None:
+        raise DataError(f"interpolation {name!r} is not one of {', '.join(INTERPOLATION)}")
+    return flag
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,7 @@ import cv2
 import numpy as np
 
 from thali.core.errors import DataError, ImageTooLargeError
-from thali.core.images import DEFAULT_LIMITS, ImageLimits, decode_rgb
-
-INTERPOLATION = {
-    "nearest": cv2.INTER_NEAREST,
-    "bilinear": cv2.INTER_LINEAR,
-    "bicubic": cv2.INTER_CUBIC,
-    "area": cv2.INTER_AREA,
-    "lanczos": cv2.INTER_LANCZOS4,
-}
+from thali.core.images import DEFAULT_LIMITS, ImageLimits, decode_rgb, interpolation_flag
 
 
 class Preprocessor:
@@ -31,12 +23,12 @@ class Preprocessor:
         try:
             _, self.height, self.width = (int(v) for v in spec["input_size"])
             self.shorter = int(spec.get("resize_shorter_side") or round(min(self.height, self.width) / 0.875))
-            self.interpolation = INTERPOLATION.get(
-                str(spec.get("interpolation", "bilinear")), cv2.INTER_LINEAR
-            )
+            self.interpolation = interpolation_flag(spec.get("interpolation", "bilinear"))
             scale = float(spec.get("pixel_scale", 255.0))
             mean = np.asarray(spec["mean"], dtype=np.float32) * scale
             std = np.asarray(spec["std"], dtype=np.float32) * scale
+        except DataError as exc:
+            raise DataError(f"preprocess.json: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"preprocess.json is not usable ({type(exc).__name__}: {exc})") from None
         if mean.shape != (3,) or std.shape != (3,) or not (std > 0).all():

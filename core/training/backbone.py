@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from thali.core.errors import ConfigError, PluginError, one_line
+from thali.core.images import INTERPOLATION
 
 
 class FeatureBackbone(nn.Module):
@@ -109,6 +110,11 @@ def as_feature_backbone(module: Any, name: str, who: str, metadata: Mapping[str,
         raise PluginError(f"backbone {name!r} ({who}): unusable preprocessing metadata ({exc})") from None
     if c != 3 or len(preprocess["mean"]) != 3 or len(preprocess["std"]) != 3:
         raise PluginError(f"backbone {name!r} ({who}): input_size, mean and std must be for 3 channels (RGB)")
+    if preprocess["interpolation"] not in INTERPOLATION:
+        raise PluginError(
+            f"backbone {name!r} ({who}): interpolation {preprocess['interpolation']!r} is not one of "
+            f"{', '.join(INTERPOLATION)}"
+        )
     return FeatureBackbone(
         nn.Identity(),
         [module],

@@ -9,13 +9,7 @@ from typing import Any
 import cv2
 
 from thali.core.config import AugmentationConfig
-
-INTERPOLATION = {
-    "bicubic": cv2.INTER_CUBIC,
-    "bilinear": cv2.INTER_LINEAR,
-    "nearest": cv2.INTER_NEAREST,
-    "area": cv2.INTER_AREA,
-}
+from thali.core.images import interpolation_flag
 
 
 def _size(preprocess: Mapping[str, Any]) -> tuple[int, int]:
@@ -28,7 +22,7 @@ def eval_transform(preprocess: Mapping[str, Any]) -> Any:
     from albumentations.pytorch import ToTensorV2
 
     h, w = _size(preprocess)
-    interp = INTERPOLATION.get(str(preprocess.get("interpolation", "bilinear")), cv2.INTER_LINEAR)
+    interp = interpolation_flag(preprocess.get("interpolation", "bilinear"))
     resize = round(min(h, w) / float(preprocess.get("crop_pct", 0.875)))
     return A.Compose(
         [
@@ -45,7 +39,7 @@ def train_transform(aug: AugmentationConfig, preprocess: Mapping[str, Any], seed
     from albumentations.pytorch import ToTensorV2
 
     h, w = _size(preprocess)
-    interp = INTERPOLATION.get(str(preprocess.get("interpolation", "bilinear")), cv2.INTER_LINEAR)
+    interp = interpolation_flag(preprocess.get("interpolation", "bilinear"))
     steps: list[Any] = [
         A.RandomResizedCrop(size=(h, w), scale=tuple(aug.random_resized_crop_scale), interpolation=interp)
     ]

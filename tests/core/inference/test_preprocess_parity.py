@@ -128,3 +128,39 @@ def test_serving_never_imports_torch(tiny_export: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "heavy:", result.stdout
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic", "area", "lanczos"])
+def test_every_interpolation_trains_and_serves_alike(photos: list[Path], interpolation: str) -> None:
+    """One table for both sides: a backbone declaring ``lanczos`` once trained bilinear and served
+    Lanczos (the training table lacked it and fell back silently)."""
+    from thali.core.exporting.pipeline import preprocess_spec
+
+    declared = {**LITE0, "interpolation": interpolation}
+    spec = preprocess_spec(declared)
+    assert spec["interpolation"] == interpolation
+    for path in photos[:6]:
+        ours, theirs = _both(path, declared, spec)
+        assert np.abs(ours - theirs).max() <= 1e-2, (interpolation, path)
+    if interpolation != "bilinear":  # and it is not bilinear in disguise on either side
+        plain, _ = _both(photos[0], LITE0, preprocess_spec(LITE0))
+        ours, theirs = _both(photos[0], declared, spec)
+        assert np.abs(ours - plain).max() > 0.05 and np.abs(theirs - plain).max() > 0.05
+
+
+def test_an_unknown_interpolation_is_refused_on_both_sides() -> None:
+    from thali.core.errors import DataError, PluginError
+    from thali.core.training.backbone import as_feature_backbone
+    from thali.core.training.transforms import eval_transform
+
+    declared = {**LITE0, "interpolation": "hamming"}
+    with pytest.raises(DataError, match=r"^preprocess\.json: interpolation 'hamming' is not one of nearest"):
+        Preprocessor(declared)
+    with pytest.raises(DataError, match="interpolation 'hamming'"):
+        eval_transform(declared)
+    import torch
+
+    module = torch.nn.Conv2d(3, 8, 3)
+    module.num_features = 8  # type: ignore[assignment]
+    with pytest.raises(PluginError, match=r"^backbone 'mine' \(plugin x\): interpolation 'hamming' is not"):
+        as_feature_backbone(module, "mine", "plugin x", declared)
