@@ -58,3 +58,76 @@ def test_the_bundled_models_answer_real_photos(tmp_path: Path, datasets_root: Pa
             assert answer.json()["predictions"][0]["label"] == disease, leaf
     finally:
         stop_server(server)
+
+
+RECORDED = Path(__file__).with_name("bundled_predictions.json")
+
+
+def _probe_images() -> list[tuple[str, bytes]]:
+    """Four photos-to-be, made here from a seeded generator: smooth colour fields with noise, of the
+    sizes and formats people send (square PNG, wide JPEG, tall JPEG, small WebP)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(26)
+    out = []
+    for name, (w, h), fmt in (
+        ("square.png", (300, 300), "PNG"),
+        ("wide.jpg", (640, 360), "JPEG"),
+        ("tall.jpg", (300, 533), "JPEG"),
+        ("small.webp", (120, 90), "WEBP"),
+    ):
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x / w, y / h, (x + y) / (w + h)], axis=-1) * rng.uniform(80, 255, 3)
+        pixels = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, fmt, **({} if fmt == "PNG" else {"quality": 90}))
+        out.append((name, buf.getvalue()))
+    return out
+
+
+def test_the_bundled_models_answer_as_recorded(tmp_path: Path) -> None:
+    """What the API answers for fixed images on the bundled models, byte for byte (labels, probabilities,
+    the unknown flag and score, version and variant): a refactoring of export, registry or serving must
+    not move it. After rebuilding the bundled models, record again with THALI_RECORD=1."""
+    import json
+    import os
+
+    _registry(tmp_path)
+    server = start_server(MODELS, tmp_path / "serve.log", {"THALI_CACHE": str(tmp_path / "cache")})
+    try:
+        answers: dict[str, dict[str, object]] = {}
+        for domain in ("south_asian_food", "plant_disease"):
+            for name, data in _probe_images():
+                reply = server.post(f"/v1/domains/{domain}/predict", files={"image": (name, data)})
+                assert reply.status_code == 200, reply.text
+                body = reply.json()
+                keep = ("predictions", "unknown", "unknown_score", "unknown_threshold", "version", "variant")
+                answers[f"{domain}/{name}"] = {k: body[k] for k in keep}
+    finally:
+        stop_server(server)
+    text = json.dumps(answers, indent=1, sort_keys=True) + "\n"
+    if os.environ.get("THALI_RECORD") == "1":
+        RECORDED.write_text(text)
+    assert RECORDED.is_file(), f"no {RECORDED.name}: record it with THALI_RECORD=1"
+    if text != RECORDED.read_text():  # on this machine they are byte-identical; another CPU's ONNX
+        # Runtime kernels may move the sixth decimal the API rounds to, and nothing else
+        _same(answers, json.loads(RECORDED.read_text()), "answers")
+
+
+def _same(got: object, recorded: object, where: str) -> None:
+    """Equal, floats within 1e-5 (a few units of the API's sixth decimal)."""
+    if isinstance(recorded, float) and isinstance(got, float):
+        assert abs(got - recorded) <= 1e-5, (where, got, recorded)
+    elif isinstance(recorded, dict) and isinstance(got, dict):
+        assert sorted(got) == sorted(recorded), (where, sorted(got), sorted(recorded))
+        for key in recorded:
+            _same(got[key], recorded[key], f"{where}/{key}")
+    elif isinstance(recorded, list) and isinstance(got, list):
+        assert len(got) == len(recorded), where
+        for i, (a, b) in enumerate(zip(got, recorded, strict=True)):
+            _same(a, b, f"{where}[{i}]")
+    else:
+        assert got == recorded, (where, got, recorded)
