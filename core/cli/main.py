@@ -7,14 +7,19 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from thali.core.errors import ThaliError
+from thali.core.errors import NotAvailableError, ThaliError
 
-from . import check, config, domains, export, later, plugins, train, up
+from . import check, config, domains, export, plugins, train, up
 from .context import Context
 
 COMMAND_GROUPS = (plugins, check, domains, config, train, export, up)
-# Command groups that live in rooms downstream of core (core never imports them at module level).
-DOWNSTREAM_GROUPS = ("thali.registry.cli", "thali.api.cli", "thali.ui.cli")
+# Command groups that live in rooms downstream of core (core never imports them at module level), and
+# the commands each adds: when one cannot be imported (a broken install), its commands say so in a line.
+DOWNSTREAM_GROUPS = {
+    "thali.registry.cli": {"publish": "publish an export folder", "registry": "manage model versions"},
+    "thali.api.cli": {"serve": "serve registry models over the REST API"},
+    "thali.ui.cli": {"ui": "start the Streamlit UI"},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,14 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.register(sub)
-    for name in DOWNSTREAM_GROUPS:
+    for name, commands in DOWNSTREAM_GROUPS.items():
         try:
             module = importlib.import_module(name)
-        except ImportError:  # an installation without that room: its commands say "not available"
+        except ImportError as exc:  # an installation without that room: its commands say why, in a line
+            for command, help_text in commands.items():
+                # no option prefix: whatever follows (--registry ...) is taken, and the line says why
+                p = sub.add_parser(
+                    command, help=f"{help_text} (unavailable: {exc})", prefix_chars="\x00", add_help=False
+                )
+                p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+                p.set_defaults(func=_unavailable, room=name, reason=str(exc))
             continue
         module.register(sub)
-    later.register(sub, skip=set(sub.choices))
     return parser
+
+
+def _unavailable(ctx: Context) -> int:
+    raise NotAvailableError(
+        f"`thali {ctx.args.command}` is unavailable: {ctx.args.room} could not be imported "
+        f"({ctx.args.reason}); reinstall thali (pip install 'thali[train]' for everything)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

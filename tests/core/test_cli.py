@@ -38,3 +38,18 @@ def test_user_mistakes_print_one_line_and_exit_non_zero() -> None:
         assert result.stderr.startswith("error: "), result.stderr
         assert expected in result.stderr.splitlines()[0], (args, result.stderr)
     assert not list(Path("runs").glob("south_asian_food/*")), "a run that never started leaves no folder"
+
+
+def test_a_room_that_cannot_be_imported_is_one_line_naming_it(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A broken install (here thali.api.cli cannot be imported: Python's import system raises
+    ImportError for a module set to None) keeps every other command and makes ``thali serve`` say
+    which room is missing and why, in one line, instead of a traceback or a 'not available yet'."""
+    import sys
+
+    from thali.core.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "thali.api.cli", None)
+    assert main(["serve", "--registry", "models"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: `thali serve` is unavailable: thali.api.cli")
+    assert main(["--no-autoload", "domains", "--json"]) == 0  # the rest still works
