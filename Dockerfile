@@ -12,7 +12,7 @@
 # THALI_EXTRAS adds extras to the serving install, e.g. --build-arg THALI_EXTRAS=s3.
 ARG BASE=python:3.11-slim
 
-# ---- base: Python 3.10+ with venv, and tini to be PID 1 (forwards signals, reaps children) ----------
+# ---- base: Python 3.11+ with venv, and tini to be PID 1 (forwards signals, reaps children) ----------
 FROM ${BASE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

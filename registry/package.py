@@ -39,7 +39,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _card(export_dir: Path, export: dict[str, Any], config_text: bytes, version: int) -> dict[str, Any]:

@@ -226,7 +226,7 @@ def export_run(
             (package / name).write_text(text, encoding="utf-8")
         report = {
             "domain": config.name,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "thali_version": __version__,
             "lineage": {
                 "run": str(run_dir.resolve()),

@@ -10,11 +10,11 @@ import shutil
 import signal
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 import requests
-import tomllib
 from api_support import free_port
 from dockerfile_support import VENV, parse, stage
 from helpers import REPO
