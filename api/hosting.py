@@ -159,10 +159,10 @@ class Hosting:
         return wanted or self._default_ref(domain)
 
     def _default_ref(self, domain: str) -> str:
-        if "production" in self.registry.aliases(domain):
-            return "production"
-        log.info("%s has no 'production' alias: serving its latest version", domain)
-        return "latest"
+        ref = self.registry.default_ref(domain)
+        if ref == "latest":
+            log.info("%s has no 'production' alias: serving its latest version", domain)
+        return ref
 
     def build(self, domain: str, ref: str | None, variant: str | None = None) -> LoadedModel:
         """Resolve, verify, build and warm a model; nothing is swapped in here."""

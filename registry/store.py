@@ -237,6 +237,11 @@ class ModelRegistry:
                 log.warning("%s", exc.message)
         return dict(sorted(out.items()))
 
+    def default_ref(self, domain: str) -> str:
+        """What a domain serves and scores when no ref is given: ``production`` when it has that alias,
+        else ``latest`` (the one rule for the server, ``thali evaluate`` and the UI)."""
+        return "production" if "production" in self.aliases(domain) else "latest"
+
     def resolve_version(self, domain: str, ref: int | str) -> int:
         """A version number from ``3``, ``"3"``, ``"v3"``, ``"latest"`` or an alias name."""
         return self._locate(domain, ref)[0]

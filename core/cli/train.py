@@ -137,7 +137,7 @@ def _registry_model(ctx: Context) -> dict[str, Any]:
         raise NotAvailableError("the model registry is not installed; pass a training run folder") from None
     registry = ModelRegistry(args.registry, trusted_keys=args.trusted_key)
     if not ref:
-        ref = "production" if "production" in registry.aliases(domain) else "latest"
+        ref = registry.default_ref(domain)
     package = registry.resolve(domain, ref)
     return evaluate_package(
         package,

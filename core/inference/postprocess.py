@@ -14,11 +14,13 @@ import numpy as np
 from .unknown import METHOD, UnknownScore
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+def softmax(logits: np.ndarray, temperature: float = 1.0, dtype: Any = np.float32) -> np.ndarray:
+    """Temperature-scaled probabilities over the last axis, computed in float64 and returned as
+    ``dtype`` (float32 for answers; training's metrics keep float64): the one softmax of thali."""
     z = np.asarray(logits, dtype=np.float64) / max(float(temperature), 1e-6)
     z -= z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(dtype, copy=False)
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Classification metrics and probability calibration, numpy only (shared by training, export gates
-and evaluation): top-k, per-class precision/recall, confusion matrix, ECE, temperature scaling."""
+and evaluation; the softmax is serving's): top-k, per-class precision/recall, confusion matrix, ECE,
+temperature scaling."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -10,12 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from thali.core.inference.postprocess import softmax as _softmax
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits.astype(np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+#: the serving softmax, in float64 for NLL and ECE (training may import inference, never the reverse)
+softmax = functools.partial(_softmax, dtype=np.float64)
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
