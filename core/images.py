@@ -35,6 +35,9 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 #: is served with the resampling it was trained with (two tables had drifted: ``lanczos`` trained bilinear
 #: and served Lanczos)
 INTERPOLATION = {"nearest": 0, "bilinear": 1, "bicubic": 2, "area": 3, "lanczos": 4}
+#: the share of the resized shorter side the centre crop keeps when a backbone declares none (timm's and
+#: torchvision's ImageNet evaluation default): resize to ``size / 0.875``, crop ``size``
+DEFAULT_CROP_PCT = 0.875
 
 
 def interpolation_flag(name: object) -> int:

@@ -15,9 +15,9 @@ from typing import Any
 
 from thali.core import hookimpl
 from thali.core.errors import DataError, NotAvailableError, one_line
+from thali.core.inference.providers import PREFERRED_PROVIDERS
 from thali.core.registry import Registry
 
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 SHORT = {
     "TensorrtExecutionProvider": "TensorRT",
     "CUDAExecutionProvider": "CUDA",

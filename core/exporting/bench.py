@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from thali.core.errors import DataError
+from thali.core.inference.providers import PREFERRED_PROVIDERS
 
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 SHORT = {
     "TensorrtExecutionProvider": "TensorRT",
     "CUDAExecutionProvider": "CUDA",

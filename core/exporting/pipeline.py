@@ -31,6 +31,7 @@ from thali.core.export import (
     variant_file,
 )
 from thali.core.files import fsync_dir, pid_alive
+from thali.core.images import DEFAULT_CROP_PCT
 from thali.core.quiet import no_update_checks
 from thali.core.registry import Registries
 
@@ -54,7 +55,7 @@ def sha256(path: Path) -> str:
 def preprocess_spec(preprocess: dict[str, Any]) -> dict[str, Any]:
     """What a server needs to prepare an image exactly like evaluation did."""
     _, h, w = (int(v) for v in preprocess["input_size"])
-    crop_pct = float(preprocess.get("crop_pct", 0.875))
+    crop_pct = float(preprocess.get("crop_pct", DEFAULT_CROP_PCT))
     return {
         "input_size": [3, h, w],
         "resize_shorter_side": round(min(h, w) / crop_pct),

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from thali.core.errors import DataError, ImageTooLargeError
-from thali.core.images import DEFAULT_LIMITS, ImageLimits, decode_rgb, interpolation_flag
+from thali.core.images import DEFAULT_CROP_PCT, DEFAULT_LIMITS, ImageLimits, decode_rgb, interpolation_flag
 
 
 class Preprocessor:
@@ -22,7 +22,8 @@ class Preprocessor:
     def __init__(self, spec: Mapping[str, Any], limits: ImageLimits = DEFAULT_LIMITS) -> None:
         try:
             _, self.height, self.width = (int(v) for v in spec["input_size"])
-            self.shorter = int(spec.get("resize_shorter_side") or round(min(self.height, self.width) / 0.875))
+            default_side = round(min(self.height, self.width) / DEFAULT_CROP_PCT)
+            self.shorter = int(spec.get("resize_shorter_side") or default_side)
             self.interpolation = interpolation_flag(spec.get("interpolation", "bilinear"))
             scale = float(spec.get("pixel_scale", 255.0))
             mean = np.asarray(spec["mean"], dtype=np.float32) * scale

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from thali.core.errors import ConfigError, PluginError, one_line
-from thali.core.images import INTERPOLATION
+from thali.core.images import DEFAULT_CROP_PCT, INTERPOLATION
 
 
 class FeatureBackbone(nn.Module):
@@ -104,7 +104,7 @@ def as_feature_backbone(module: Any, name: str, who: str, metadata: Mapping[str,
             "mean": tuple(float(v) for v in metadata["mean"]),
             "std": tuple(float(v) for v in metadata["std"]),
             "interpolation": str(metadata.get("interpolation", "bilinear")),
-            "crop_pct": float(metadata.get("crop_pct", 0.875)),
+            "crop_pct": float(metadata.get("crop_pct", DEFAULT_CROP_PCT)),
         }
     except (TypeError, ValueError) as exc:
         raise PluginError(f"backbone {name!r} ({who}): unusable preprocessing metadata ({exc})") from None

@@ -9,7 +9,7 @@ from typing import Any
 import cv2
 
 from thali.core.config import AugmentationConfig
-from thali.core.images import interpolation_flag
+from thali.core.images import DEFAULT_CROP_PCT, interpolation_flag
 
 
 def _size(preprocess: Mapping[str, Any]) -> tuple[int, int]:
@@ -23,7 +23,7 @@ def eval_transform(preprocess: Mapping[str, Any]) -> Any:
 
     h, w = _size(preprocess)
     interp = interpolation_flag(preprocess.get("interpolation", "bilinear"))
-    resize = round(min(h, w) / float(preprocess.get("crop_pct", 0.875)))
+    resize = round(min(h, w) / float(preprocess.get("crop_pct", DEFAULT_CROP_PCT)))
     return A.Compose(
         [
             A.SmallestMaxSize(max_size=resize, interpolation=interp),
