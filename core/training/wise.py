@@ -21,8 +21,10 @@ one photo apart) while the held-out collections read 79.6 % at 1 and 82.4 % at 0
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +84,8 @@ def wise_ft(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Write the interpolated run to ``out`` (a new folder); returns what was chosen and measured."""
-    from tqdm import tqdm
-
-    from .data import ImageDataset, make_loader, read_split
-    from .evaluate import cross_summary, load_run
-    from .metrics import fit_temperature, summarize
-    from .transforms import eval_transform
+    from .data import read_split
+    from .evaluate import load_run
 
     probe_run, tuned_run, out = Path(probe_run), Path(tuned_run), Path(out)
     if out.exists():
@@ -99,18 +97,66 @@ def wise_ft(
     split = read_split(tuned_run / "split.json", data)
     if not split.val:
         raise DataError(f"{tuned_run}: its split has no validation photos to choose on")
-    limits = run.config.dataset.image_limits()
-    loader = make_loader(
-        ImageDataset(split.val, eval_transform(run.model.preprocess), limits=limits),
-        32,
-        shuffle=False,
-        seed=0,
-        num_workers=0,
-    )
-    classes = run.config.class_names
+    grid = [float(alpha)] if alpha is not None else sorted({float(a) for a in alphas})
+    scored = _score_grid(run, probe, tuned, split, grid, tuned_run, progress)
+    top1 = {a: s.top1 for a, s in scored.items()}
+    chosen = choose_alpha(top1, int(scored[grid[0]].chooses.sum()))
+    record = {
+        "probe_run": str(probe_run),
+        "tuned_run": str(tuned_run),
+        "alpha": chosen,
+        "top1_by_alpha": {f"{a:g}": t for a, t in top1.items()},
+        "chosen_on": f"{int(scored[chosen].chooses.sum())} validation photos of the training collections",
+        "rule": "nearest 0.5 within one standard error of the best top-1" if alpha is None else "given",
+    }
+    metrics = _mix_metrics(run.config, scored[chosen], split, record)
+    _write_run(out, tuned_run, interpolate(probe, tuned, chosen), record, metrics)
+    temperature = metrics["calibration"]["temperature"]
+    summary = {**record, "top1": top1[chosen], "temperature": temperature}
+    if cross := metrics.get("val_cross"):
+        summary["val_cross"] = {k: cross[k] for k in ("images", "top1", "top5", "ece", "per_collection")}
+    write_atomic(out / "wise_ft.json", json.dumps(summary, indent=1))
+    return summary
 
-    def logits_at(a: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ckpt.load_weights(run.model, interpolate(probe, tuned, a), probe_run / "best.pt")
+
+@dataclass
+class _Scored:
+    """One mix's logits on the validation split, and which of its photos may choose."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    chooses: np.ndarray
+
+    @property
+    def top1(self) -> float:
+        right = self.logits[self.chooses].argmax(1) == self.labels[self.chooses]
+        return float(right.mean())
+
+
+def _score_grid(
+    run: Any,
+    probe: Mapping[str, Any],
+    tuned: Mapping[str, Any],
+    split: Any,
+    grid: Sequence[float],
+    tuned_run: Path,
+    progress: bool,
+) -> dict[float, _Scored]:
+    """Every mix of the grid on the whole validation split (photos decoded once per mix); a
+    cross-collection split's held-out photos are scored, never chosen on."""
+    from tqdm import tqdm
+
+    from .data import ImageDataset, make_loader
+    from .transforms import eval_transform
+
+    limits = run.config.dataset.image_limits()
+    dataset = ImageDataset(split.val, eval_transform(run.model.preprocess), limits=limits)
+    loader = make_loader(dataset, 32, shuffle=False, seed=0, num_workers=0)
+    held_out = np.asarray(split.val_cross, dtype=np.int64)
+    scored: dict[float, _Scored] = {}
+    for a in grid:
+        ckpt.load_weights(run.model, interpolate(probe, tuned, a), tuned_run / "best.pt")
         run.model.eval()
         outs, labels, indices = [], [], []
         with torch.no_grad():
@@ -121,60 +167,67 @@ def wise_ft(
                     indices.append(batch["indices"])
         if not outs:
             raise DataError(f"{tuned_run}: none of the validation photos could be read")
-        return torch.cat(outs).numpy(), torch.cat(labels).numpy(), torch.cat(indices).numpy()
-
-    grid = [float(alpha)] if alpha is not None else sorted({float(a) for a in alphas})
-    scored: dict[float, float] = {}
-    found: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    chooses = np.ones(0, dtype=bool)
-    for a in grid:
-        logits, labels, indices = found[a] = logits_at(a)
-        # a cross-collection split's held-out photos are scored below, never chosen on
-        chooses = ~np.isin(indices, np.asarray(split.val_cross, dtype=np.int64))
+        index = torch.cat(indices).numpy()
+        chooses = ~np.isin(index, held_out)
         if not chooses.any():
             raise DataError(f"{tuned_run}: no validation photos of the training collections to choose on")
-        scored[a] = float((logits[chooses].argmax(1) == labels[chooses]).mean())
-    chosen = choose_alpha(scored, int(chooses.sum()))
-    logits, labels, indices = found[chosen]
-    temperature = fit_temperature(logits[chooses], labels[chooses])
-    raw, calibrated = summarize(logits, labels, classes), summarize(logits, labels, classes, temperature)
-    out.mkdir(parents=True)
-    for name in ("config.yaml", "split.json"):
-        shutil.copy2(tuned_run / name, out / name)
-    mixed = interpolate(probe, tuned, chosen)
-    record = {
-        "probe_run": str(probe_run),
-        "tuned_run": str(tuned_run),
-        "alpha": chosen,
-        "top1_by_alpha": {f"{a:g}": t for a, t in scored.items()},
-        "chosen_on": f"{int(chooses.sum())} validation photos of the training collections",
-        "rule": "nearest 0.5 within one standard error of the best top-1" if alpha is None else "given",
-    }
+        scored[a] = _Scored(torch.cat(outs).numpy(), torch.cat(labels).numpy(), index, chooses)
+    return scored
+
+
+def _mix_metrics(config: Any, mix: _Scored, split: Any, record: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics.json`` of the chosen mix as ``thali train`` writes it: the temperature fitted on the
+    photos that choose, the whole split calibrated, the held-out collections on their own."""
+    from .evaluate import cross_summary
+    from .metrics import fit_temperature, summarize
+
+    classes = config.class_names
+    temperature = fit_temperature(mix.logits[mix.chooses], mix.labels[mix.chooses])
+    raw = summarize(mix.logits, mix.labels, classes)
+    calibrated = summarize(mix.logits, mix.labels, classes, temperature)
     metrics: dict[str, Any] = {
-        "domain": run.config.name,
-        "wise_ft": record,
+        "domain": config.name,
+        "wise_ft": dict(record),
         "val": calibrated,
         "calibration": {
             "temperature": temperature,
-            "fitted_on_images": int(chooses.sum()),
+            "fitted_on_images": int(mix.chooses.sum()),
             "ece_before": raw["ece"],
             "ece_after": calibrated["ece"],
             "nll_before": raw["nll"],
             "nll_after": calibrated["nll"],
         },
     }
-    cross = (
-        cross_summary(logits, labels, indices, split.val_cross, split.groups, classes, temperature)
-        if split.val_cross
-        else None
-    )
-    if cross:
-        metrics["val_cross"] = cross
-    ckpt.save_atomic({"model": mixed, "wise_ft": record}, out / "best.pt")
-    write_atomic(out / "calibration.json", json.dumps({"temperature": temperature}, indent=1))
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=1))
-    summary = {**record, "top1": scored[chosen], "temperature": temperature}
-    if cross:
-        summary["val_cross"] = {k: cross[k] for k in ("images", "top1", "top5", "ece", "per_collection")}
-    write_atomic(out / "wise_ft.json", json.dumps(summary, indent=1))
-    return summary
+    if split.val_cross:
+        cross = cross_summary(
+            mix.logits, mix.labels, mix.indices, split.val_cross, split.groups, classes, temperature
+        )
+        if cross:
+            metrics["val_cross"] = cross
+    return metrics
+
+
+def _write_run(
+    out: Path,
+    tuned_run: Path,
+    mixed: Mapping[str, Any],
+    record: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+) -> None:
+    """The run folder, written beside ``out`` and renamed into place: an interrupted mix leaves no
+    half-written run that ``thali export`` would take."""
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        for name in ("config.yaml", "split.json"):
+            shutil.copy2(tuned_run / name, staging / name)
+        ckpt.save_atomic({"model": dict(mixed), "wise_ft": dict(record)}, staging / "best.pt")
+        temperature = metrics["calibration"]["temperature"]
+        write_atomic(staging / "calibration.json", json.dumps({"temperature": temperature}, indent=1))
+        write_atomic(staging / "metrics.json", json.dumps(metrics, indent=1))
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
