@@ -18,12 +18,6 @@ from thali.core.errors import DataError, NotAvailableError, one_line
 from thali.core.inference.providers import PREFERRED_PROVIDERS
 from thali.core.registry import Registry
 
-SHORT = {
-    "TensorrtExecutionProvider": "TensorRT",
-    "CUDAExecutionProvider": "CUDA",
-    "CPUExecutionProvider": "CPU",
-}
-
 
 def provider_chain(provider: str | None = None) -> list[str]:
     """``provider`` (with CPU behind it), or every preferred provider this build offers."""

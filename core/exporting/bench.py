@@ -21,13 +21,7 @@ from typing import Any
 import numpy as np
 
 from thali.core.errors import DataError
-from thali.core.inference.providers import PREFERRED_PROVIDERS
-
-SHORT = {
-    "TensorrtExecutionProvider": "TensorRT",
-    "CUDAExecutionProvider": "CUDA",
-    "CPUExecutionProvider": "CPU",
-}
+from thali.core.inference.providers import PREFERRED_PROVIDERS, SHORT
 
 
 @dataclass

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from thali.core.errors import ConfigError, PluginError, one_line
-from thali.core.images import DEFAULT_CROP_PCT, INTERPOLATION
+from thali.core.errors import ConfigError, DataError, PluginError, one_line
+from thali.core.images import DEFAULT_CROP_PCT, interpolation_flag
 
 
 class FeatureBackbone(nn.Module):
@@ -110,11 +110,10 @@ def as_feature_backbone(module: Any, name: str, who: str, metadata: Mapping[str,
         raise PluginError(f"backbone {name!r} ({who}): unusable preprocessing metadata ({exc})") from None
     if c != 3 or len(preprocess["mean"]) != 3 or len(preprocess["std"]) != 3:
         raise PluginError(f"backbone {name!r} ({who}): input_size, mean and std must be for 3 channels (RGB)")
-    if preprocess["interpolation"] not in INTERPOLATION:
-        raise PluginError(
-            f"backbone {name!r} ({who}): interpolation {preprocess['interpolation']!r} is not one of "
-            f"{', '.join(INTERPOLATION)}"
-        )
+    try:
+        interpolation_flag(preprocess["interpolation"])
+    except DataError as exc:
+        raise PluginError(f"backbone {name!r} ({who}): {exc}") from None
     return FeatureBackbone(
         nn.Identity(),
         [module],

@@ -136,6 +136,25 @@ def summarize(
     }
 
 
+def calibrated_summary(
+    logits: np.ndarray, labels: np.ndarray, classes: Sequence[str], chooses: np.ndarray
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A temperature fitted on the rows that may choose (``chooses``), then every row summarised with
+    it: ``(summary, calibration)``, the ``val`` and ``calibration`` entries of ``metrics.json``."""
+    temperature = fit_temperature(logits[chooses], labels[chooses])
+    raw = summarize(logits, labels, classes)
+    calibrated = summarize(logits, labels, classes, temperature)
+    calibration = {
+        "temperature": temperature,
+        "fitted_on_images": int(np.count_nonzero(chooses)),  # without a split's held-out collections
+        "ece_before": raw["ece"],
+        "ece_after": calibrated["ece"],
+        "nll_before": raw["nll"],
+        "nll_after": calibrated["nll"],
+    }
+    return calibrated, calibration
+
+
 def confusion_image(cm: np.ndarray, classes: Sequence[str], cell: int = 22) -> np.ndarray:
     """Row-normalised confusion matrix as an RGB image (HWC uint8) with class names."""
     from PIL import Image, ImageDraw

@@ -47,7 +47,7 @@ from .evaluate import cross_line, cross_summary
 from .features import compute_features, make_engine, shard_features
 from .logbook import write_epoch
 from .loss import build_loss
-from .metrics import fit_temperature, summarize, topk_accuracy
+from .metrics import calibrated_summary, summarize, topk_accuracy
 from .mix import mix_batch
 from .model import Classifier, build_classifier
 from .optim import ModelEma, build_optimizer, build_scheduler
@@ -454,21 +454,13 @@ class Trainer:
         ckpt.load_weights(self.model, best["model"], self.run_dir / "best.pt")
         logits, labels, indices = self._predict_indexed(self.model, "val")
         chooses = self._chooses(indices)
-        temperature = fit_temperature(logits[chooses], labels[chooses])
-        raw = summarize(logits, labels, self.classes)
-        calibrated = summarize(logits, labels, self.classes, temperature)
+        calibrated, calibration = calibrated_summary(logits, labels, self.classes, chooses)
+        temperature = calibration["temperature"]
         metrics: dict[str, Any] = {
             "domain": self.config.name,
             "best_epoch": best["epoch"],
             "val": calibrated,
-            "calibration": {
-                "temperature": temperature,
-                "fitted_on_images": int(chooses.sum()),  # without the held-out collections' images
-                "ece_before": raw["ece"],
-                "ece_after": calibrated["ece"],
-                "nll_before": raw["nll"],
-                "nll_after": calibrated["nll"],
-            },
+            "calibration": calibration,
         }
         if self.split.val_cross:  # the held-out collections alone: images of sources never trained on
             cross = cross_summary(

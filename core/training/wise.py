@@ -98,24 +98,24 @@ def wise_ft(
     if not split.val:
         raise DataError(f"{tuned_run}: its split has no validation photos to choose on")
     grid = [float(alpha)] if alpha is not None else sorted({float(a) for a in alphas})
-    scored = _score_grid(run, probe, tuned, split, grid, tuned_run, progress)
+    mixes = {a: interpolate(probe, tuned, a) for a in grid}
+    scored = _score_mixes(run, mixes, split, tuned_run, progress)
     top1 = {a: s.top1 for a, s in scored.items()}
-    chosen = choose_alpha(top1, int(scored[grid[0]].chooses.sum()))
+    choosing = int(scored[grid[0]].chooses.sum())  # the same photos for every mix
+    chosen = choose_alpha(top1, choosing)
     record = {
         "probe_run": str(probe_run),
         "tuned_run": str(tuned_run),
         "alpha": chosen,
         "top1_by_alpha": {f"{a:g}": t for a, t in top1.items()},
-        "chosen_on": f"{int(scored[chosen].chooses.sum())} validation photos of the training collections",
+        "chosen_on": f"{choosing} validation photos of the training collections",
         "rule": "nearest 0.5 within one standard error of the best top-1" if alpha is None else "given",
     }
     metrics = _mix_metrics(run.config, scored[chosen], split, record)
-    _write_run(out, tuned_run, interpolate(probe, tuned, chosen), record, metrics)
-    temperature = metrics["calibration"]["temperature"]
-    summary = {**record, "top1": top1[chosen], "temperature": temperature}
+    summary = {**record, "top1": top1[chosen], "temperature": metrics["calibration"]["temperature"]}
     if cross := metrics.get("val_cross"):
         summary["val_cross"] = {k: cross[k] for k in ("images", "top1", "top5", "ece", "per_collection")}
-    write_atomic(out / "wise_ft.json", json.dumps(summary, indent=1))
+    _write_run(out, tuned_run, mixes[chosen], record, metrics, summary)
     return summary
 
 
@@ -134,16 +134,10 @@ class _Scored:
         return float(right.mean())
 
 
-def _score_grid(
-    run: Any,
-    probe: Mapping[str, Any],
-    tuned: Mapping[str, Any],
-    split: Any,
-    grid: Sequence[float],
-    tuned_run: Path,
-    progress: bool,
+def _score_mixes(
+    run: Any, mixes: Mapping[float, Mapping[str, Any]], split: Any, tuned_run: Path, progress: bool
 ) -> dict[float, _Scored]:
-    """Every mix of the grid on the whole validation split (photos decoded once per mix); a
+    """Every mix on the whole validation split, each photo decoded once and run through every mix; a
     cross-collection split's held-out photos are scored, never chosen on."""
     from tqdm import tqdm
 
@@ -153,52 +147,43 @@ def _score_grid(
     limits = run.config.dataset.image_limits()
     dataset = ImageDataset(split.val, eval_transform(run.model.preprocess), limits=limits)
     loader = make_loader(dataset, 32, shuffle=False, seed=0, num_workers=0)
-    held_out = np.asarray(split.val_cross, dtype=np.int64)
-    scored: dict[float, _Scored] = {}
-    for a in grid:
-        ckpt.load_weights(run.model, interpolate(probe, tuned, a), tuned_run / "best.pt")
-        run.model.eval()
-        outs, labels, indices = [], [], []
-        with torch.no_grad():
-            for batch in tqdm(loader, desc=f"alpha {a:g}", unit="batch", disable=not progress, leave=False):
-                if batch["images"] is not None:
-                    outs.append(run.model(batch["images"]))
-                    labels.append(batch["labels"])
-                    indices.append(batch["indices"])
-        if not outs:
-            raise DataError(f"{tuned_run}: none of the validation photos could be read")
-        index = torch.cat(indices).numpy()
-        chooses = ~np.isin(index, held_out)
-        if not chooses.any():
-            raise DataError(f"{tuned_run}: no validation photos of the training collections to choose on")
-        scored[a] = _Scored(torch.cat(outs).numpy(), torch.cat(labels).numpy(), index, chooses)
-    return scored
+    outs: dict[float, list[torch.Tensor]] = {a: [] for a in mixes}
+    labels, indices = [], []
+    run.model.eval()
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="wise-ft", unit="batch", disable=not progress, leave=False):
+            if batch["images"] is None:
+                continue
+            for a, weights in mixes.items():
+                ckpt.load_weights(run.model, weights, tuned_run / "best.pt")
+                outs[a].append(run.model(batch["images"]))
+            labels.append(batch["labels"])
+            indices.append(batch["indices"])
+    if not labels:
+        raise DataError(f"{tuned_run}: none of the validation photos could be read")
+    index, truth = torch.cat(indices).numpy(), torch.cat(labels).numpy()
+    chooses = ~np.isin(index, np.asarray(split.val_cross, dtype=np.int64))
+    if not chooses.any():
+        raise DataError(f"{tuned_run}: no validation photos of the training collections to choose on")
+    return {a: _Scored(torch.cat(outs[a]).numpy(), truth, index, chooses) for a in mixes}
 
 
 def _mix_metrics(config: Any, mix: _Scored, split: Any, record: Mapping[str, Any]) -> dict[str, Any]:
     """``metrics.json`` of the chosen mix as ``thali train`` writes it: the temperature fitted on the
     photos that choose, the whole split calibrated, the held-out collections on their own."""
     from .evaluate import cross_summary
-    from .metrics import fit_temperature, summarize
+    from .metrics import calibrated_summary
 
     classes = config.class_names
-    temperature = fit_temperature(mix.logits[mix.chooses], mix.labels[mix.chooses])
-    raw = summarize(mix.logits, mix.labels, classes)
-    calibrated = summarize(mix.logits, mix.labels, classes, temperature)
+    calibrated, calibration = calibrated_summary(mix.logits, mix.labels, classes, mix.chooses)
     metrics: dict[str, Any] = {
         "domain": config.name,
         "wise_ft": dict(record),
         "val": calibrated,
-        "calibration": {
-            "temperature": temperature,
-            "fitted_on_images": int(mix.chooses.sum()),
-            "ece_before": raw["ece"],
-            "ece_after": calibrated["ece"],
-            "nll_before": raw["nll"],
-            "nll_after": calibrated["nll"],
-        },
+        "calibration": calibration,
     }
     if split.val_cross:
+        temperature = calibration["temperature"]
         cross = cross_summary(
             mix.logits, mix.labels, mix.indices, split.val_cross, split.groups, classes, temperature
         )
@@ -213,6 +198,7 @@ def _write_run(
     mixed: Mapping[str, Any],
     record: Mapping[str, Any],
     metrics: Mapping[str, Any],
+    summary: Mapping[str, Any],
 ) -> None:
     """The run folder, written beside ``out`` and renamed into place: an interrupted mix leaves no
     half-written run that ``thali export`` would take."""
@@ -227,6 +213,7 @@ def _write_run(
         temperature = metrics["calibration"]["temperature"]
         write_atomic(staging / "calibration.json", json.dumps({"temperature": temperature}, indent=1))
         write_atomic(staging / "metrics.json", json.dumps(metrics, indent=1))
+        write_atomic(staging / "wise_ft.json", json.dumps(summary, indent=1))
         os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
