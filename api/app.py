@@ -22,7 +22,7 @@ from .cache import AnswerCache
 from .errors import register_error_handlers
 from .hosting import Hosting
 from .metrics import Metrics
-from .schemas import ErrorBodySchema
+from .schemas import ErrorBodySchema, register_manifest_schemas
 from .service import Service
 from .settings import Settings
 
@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
     app.url_map.converters["name"] = NameConverter
     api = ThaliApi(app)
     api.register_converter(NameConverter, lambda _: {"type": "string", "pattern": f"^{NAME_RULE.pattern}$"})
+    register_manifest_schemas(api.spec)  # the /card answer, field by field, from the pydantic models
     register_error_handlers(app)
     metrics, cache = Metrics(), AnswerCache(settings.cache_entries)
     hosting = Hosting(settings, plugins.registries, metrics, cache)
