@@ -41,25 +41,10 @@ class Card(MethodView):
     @blp.alt_response(404, schema=ErrorBodySchema, description="not loaded")
     @blp.alt_response(503, schema=ErrorBodySchema, description="configured, but failed to load")
     def get(self, domain: str) -> dict[str, Any]:
-        """The model card of the served version: metrics per variant (top-1, top-5, ECE, per class,
-        confusion matrix), the gate's verdicts, dataset and licence, lineage"""
+        """The model card of the served version: its manifest (metrics per variant: top-1, top-5, ECE,
+        per class, confusion matrix; the gate's verdicts; serving defaults; dataset, licence, lineage as
+        ids and hashes), schema ``Manifest``"""
         model = service().hosting.get(domain)
         summary = model.summary()
-        card = _public_card(model.card)
         keys = ("domain", "version", "variant", "backend", "provider", "classes")
-        return {**{k: summary[k] for k in keys}, "card": card}
-
-
-#: what a card tells of the machine it was made on: folders of runs, exports, datasets
-PRIVATE = {"lineage": ("run", "export_dir"), "dataset": ("root",)}
-
-
-def _public_card(card: Any) -> dict[str, Any]:
-    """The card without its config and without the training machine's folders."""
-    if not isinstance(card, dict):
-        return {}
-    out = {k: v for k, v in card.items() if k != "config"}
-    for section, keys in PRIVATE.items():
-        if isinstance(out.get(section), dict):
-            out[section] = {k: v for k, v in out[section].items() if k not in keys}
-    return out
+        return {**{k: summary[k] for k in keys}, "card": model.card}

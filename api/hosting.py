@@ -15,11 +15,20 @@ from typing import Any
 import numpy as np
 
 from thali.core.errors import ConfigError, NotFoundError, ThaliError
+from thali.core.export import CAM, FEATURES, LOGITS, STAGE_FEATURES
 from thali.core.images import ImageLimits
-from thali.core.inference import BatcherClosed, MicroBatcher, Preprocessor, load_backend, predictions
+from thali.core.inference import (
+    BatcherClosed,
+    MicroBatcher,
+    Preprocessor,
+    ServingBackend,
+    load_backend,
+    predictions,
+)
 from thali.core.inference.postprocess import heatmap_png
 from thali.core.inference.unknown import UnknownScore
 from thali.core.inference.unknown import load_spec as load_unknown
+from thali.core.manifest import Manifest, ModelPackage
 from thali.core.names import check_name, version_number
 from thali.core.registry import Registries
 
@@ -33,37 +42,60 @@ log = logging.getLogger("thali.api")
 
 @dataclass
 class LoadedModel:
-    """One domain's model as served: package metadata, backend, batcher, preprocessing."""
+    """One domain's model as served: its verified package, backend, batcher and preprocessing."""
 
     domain: str
     ref: str
-    version: int
-    aliases: list[str]
+    package: ModelPackage
     variant: str
     backend_name: str
-    backend: Any
+    backend: ServingBackend
     batcher: MicroBatcher
     preprocessor: Preprocessor
-    labels: dict[str, Any]
-    calibration: dict[str, Any]
-    card: dict[str, Any]
     top_k: int
     info: dict[str, Any]
     unknown: UnknownScore | None = None  # the package's feature score, when the backend gives features
-    signed_by: str | None = None
     loaded_at: float = field(default_factory=time.time)
 
     @property
+    def version(self) -> int:
+        return self.package.version
+
+    @property
+    def aliases(self) -> list[str]:
+        return list(self.package.aliases)
+
+    @property
+    def labels(self) -> dict[str, Any]:
+        return self.package.labels
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        return self.package.calibration
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.package.manifest
+
+    @property
+    def card(self) -> dict[str, Any]:
+        return self.package.card
+
+    @property
+    def signed_by(self) -> str | None:
+        return self.package.signed_by
+
+    @property
     def explainable(self) -> bool:
-        return bool(self.info.get("explain")) and callable(getattr(self.backend, "explain", None))
+        return bool(self.info.get("explain")) and CAM in self.backend.capabilities
 
     def summary(self) -> dict[str, Any]:
-        metrics = self.card.get("metrics", {}).get(self.variant, {}) if isinstance(self.card, dict) else {}
-        dataset = self.card.get("dataset", {}) if isinstance(self.card, dict) else {}
+        manifest = self.manifest
+        metrics = manifest.variants.get(self.variant)
         return {
             "domain": self.domain,
             "display_name": self.domain.replace("_", " ").title(),
-            "description": str((self.card.get("config") or {}).get("description") or ""),
+            "description": manifest.description,
             "version": self.version,
             "ref": self.ref,
             "aliases": self.aliases,
@@ -73,14 +105,25 @@ class LoadedModel:
             "explain": self.explainable,
             "signed_by": self.signed_by,
             "top_k": self.top_k,
-            "metrics": {k: metrics.get(k) for k in ("top1", "top5", "ece")},
-            "licence": str(dataset.get("licence") or "not stated"),
+            "metrics": {k: getattr(metrics, k) if metrics else None for k in ("top1", "top5", "ece")},
+            "licence": manifest.licence or "not stated",
             "classes": [
                 {"name": c.get("name"), "display_name": c.get("display_name") or c.get("name")}
                 for c in self.labels.get("classes", [])
             ],
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
         }
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """How one package is served: read from its manifest, then the server's settings on top."""
+
+    variant: str
+    backend: str
+    top_k: int
+    max_batch_size: int
+    max_wait_ms: float
 
 
 def split_ref(text: str) -> tuple[str, str | None]:
@@ -169,88 +212,95 @@ class Hosting:
         domain = check_name(domain, "domain")
         ref = ref or self._default_ref(domain)
         package = self.registry.resolve(domain, ref)
-        serving = (
-            ((package.card.get("config") or {}).get("serving") or {})
-            if isinstance(package.card, dict)
-            else {}
-        )
-        variant = variant or self.settings.variant or str(serving.get("variant") or "fp32")
-        check_name(variant, "variant")
-        if variant not in package.variants:
-            fallback = "fp32" if "fp32" in package.variants else sorted(package.variants)[0]
-            log.warning("%s v%d has no %s variant; serving %s", domain, package.version, variant, fallback)
-            variant = fallback
-        backend_name = self.settings.backend or str(serving.get("backend") or "onnxruntime")
-        params: dict[str, Any] = {"variant": variant, "package": package, "registries": self.registries}
-        if self.settings.ort_threads:
-            params["threads"] = self.settings.ort_threads
-        if not self.settings.ort_spinning:
-            params["spinning"] = False
-        backend = load_backend(self.registries, backend_name, package.model_path(variant), **params)
+        plan = self.plan(package, variant)
+        backend = self._backend(package, plan)
         info = dict(backend.info())
-        explain = bool(info.get("explain")) and callable(getattr(backend, "explain", None))
-        unknown = load_unknown(package.calibration)  # checked before serving: a bad spec fails the load
-        infer = getattr(backend, "infer", None) if unknown is not None else None
-        if unknown is not None and (not callable(infer) or info.get("features") is False):
-            log.warning(
-                "%s v%d: backend %s gives no features, so the unknown flag uses the top probability",
-                domain, package.version, backend_name,
-            )  # fmt: skip
-            unknown, infer = None, None
-        if unknown is not None and unknown.layers and callable(infer):
-            # the score also reads earlier stages: a backend must give them, or the flag falls back
-            _, h, w = (int(v) for v in package.preprocess["input_size"])
-            probe = infer(np.zeros((1, 3, h, w), dtype=np.float32), cam=False)
-            if not isinstance(probe, dict) or probe.get("stage_features") is None:
-                log.warning(
-                    "%s v%d: backend %s gives no stage_features, so the unknown flag uses the top "
-                    "probability", domain, package.version, backend_name,
-                )  # fmt: skip
-                unknown, infer = None, None
+        unknown, wanted = self._unknown_outputs(package, plan, backend)
+        explain = bool(info.get("explain")) and CAM in backend.capabilities
 
-        def run(batch: np.ndarray, wants_heatmaps: bool) -> Any:
+        def run(batch: np.ndarray, wants_heatmaps: bool) -> dict[str, np.ndarray]:
             # heatmaps cost ~15 % of the engine's throughput: only batches that hold an explain request
-            heatmaps = explain and wants_heatmaps
-            if callable(infer):  # logits and features (the unknown score) from one run
-                return infer(batch, cam=heatmaps)
-            return backend.explain(batch) if heatmaps else backend.predict(batch)
-
-        batch = self.settings.max_batch_size or int(serving.get("max_batch_size") or 32)
-        wait = self.settings.max_wait_ms
-        wait = float(serving.get("batch_timeout_ms", 5.0)) if wait is None else wait
+            return backend.run(batch, wanted | {CAM} if explain and wants_heatmaps else wanted)
 
         def on_batch(stats: Any) -> None:
             self.metrics.batch_size.labels(domain).observe(stats.size)
             self.metrics.queue_wait.labels(domain).observe(stats.queue_wait_s)
             self.metrics.inference.labels(domain).observe(stats.run_s)
 
-        preprocessor = Preprocessor(package.preprocess, self.limits)
         if self.settings.warmup:
             _, h, w = (int(v) for v in package.preprocess["input_size"])
-            warm = np.zeros((min(batch, 8), 3, h, w), dtype=np.float32)
+            warm = np.zeros((min(plan.max_batch_size, 8), 3, h, w), dtype=np.float32)
             for size in sorted({1, len(warm)}):
                 run(warm[:size], explain)
         batcher = MicroBatcher(
-            run, max_batch_size=batch, max_wait_ms=wait, name=domain, on_batch=on_batch, takes_flag=True
+            run,
+            max_batch_size=plan.max_batch_size,
+            max_wait_ms=plan.max_wait_ms,
+            name=domain,
+            on_batch=on_batch,
+            takes_flag=True,
         )
         return LoadedModel(
             domain=domain,
             ref=str(ref),
-            version=package.version,
-            aliases=list(package.aliases),
-            variant=variant,
-            backend_name=backend_name,
+            package=package,
+            variant=plan.variant,
+            backend_name=plan.backend,
             backend=backend,
             batcher=batcher,
-            preprocessor=preprocessor,
-            labels=package.labels,
-            calibration=package.calibration,
+            preprocessor=Preprocessor(package.preprocess, self.limits),
             unknown=unknown,
-            card=package.card,
-            top_k=int(serving.get("top_k") or 5),
+            top_k=plan.top_k,
             info=info,
-            signed_by=package.signed_by,
         )
+
+    def plan(self, package: ModelPackage, variant: str | None = None) -> ServingPlan:
+        """The manifest's serving defaults (what the export's config said, ``--set`` included), under
+        this server's settings; a variant the package lacks falls back to fp32 with a warning."""
+        serving = package.manifest.serving
+        chosen = check_name(variant or self.settings.variant or serving.variant, "variant")
+        if chosen not in package.variants:
+            fallback = "fp32" if "fp32" in package.variants else sorted(package.variants)[0]
+            log.warning(
+                "%s v%d has no %s variant; serving %s", package.domain, package.version, chosen, fallback
+            )
+            chosen = fallback
+        wait = self.settings.max_wait_ms
+        return ServingPlan(
+            variant=chosen,
+            backend=self.settings.backend or serving.backend,
+            top_k=serving.top_k,
+            max_batch_size=self.settings.max_batch_size or serving.max_batch_size,
+            max_wait_ms=serving.batch_timeout_ms if wait is None else wait,
+        )
+
+    def _backend(self, package: ModelPackage, plan: ServingPlan) -> ServingBackend:
+        params: dict[str, Any] = {"variant": plan.variant, "package": package, "registries": self.registries}
+        if self.settings.ort_threads:
+            params["threads"] = self.settings.ort_threads
+        if not self.settings.ort_spinning:
+            params["spinning"] = False
+        if self.settings.torch_run is not None:
+            params["run_dir"] = self.settings.torch_run
+        return load_backend(self.registries, plan.backend, package.model_path(plan.variant), **params)
+
+    def _unknown_outputs(
+        self, package: ModelPackage, plan: ServingPlan, backend: ServingBackend
+    ) -> tuple[UnknownScore | None, frozenset[str]]:
+        """The package's unknown score and the outputs it needs, when the backend declares them; else
+        None (the flag falls back to the top probability) and a warning naming what is missing."""
+        unknown = load_unknown(package.calibration)  # checked before serving: a bad spec fails the load
+        if unknown is None:
+            return None, frozenset()
+        needs = frozenset({FEATURES, STAGE_FEATURES} if unknown.layers else {FEATURES})
+        missing = sorted(needs - backend.capabilities)
+        if missing:
+            log.warning(
+                "%s v%d: backend %s gives no %s, so the unknown flag uses the top probability",
+                package.domain, package.version, plan.backend, " or ".join(missing),
+            )  # fmt: skip
+            return None, frozenset()
+        return unknown, needs
 
     def load(self, domain: str, ref: str | None = None, variant: str | None = None) -> LoadedModel:
         """Build ``domain`` at ``ref`` and swap it in; the old model drains and closes."""
@@ -400,12 +450,8 @@ class Hosting:
                     "unavailable",
                     f"{model.domain}: no answer within {self.settings.request_timeout_s:g} s (overloaded)",
                 ) from None
-        if isinstance(outputs, dict):
-            logits, features, cams = outputs["logits"], outputs.get("features"), outputs.get("cam")
-            stages = outputs.get("stage_features")
-        else:
-            (logits, cams), features = (outputs if isinstance(outputs, tuple) else (outputs, None)), None
-            stages = None
+        logits, features, cams = outputs[LOGITS], outputs.get(FEATURES), outputs.get(CAM)
+        stages = outputs.get(STAGE_FEATURES)
         classes = model.labels.get("classes", [])
         results = predictions(
             logits,

@@ -127,6 +127,15 @@ class DomainSchema(Schema):
     loaded_at = fields.String(required=True)
 
 
+def register_manifest_schemas(spec: Any) -> None:
+    """Put :class:`thali.core.manifest.Manifest` (and the models it uses) into the spec's components,
+    generated from the pydantic models: the ``/card`` answer is documented field by field."""
+    from thali.core.manifest import manifest_openapi_schemas
+
+    for name, schema in manifest_openapi_schemas().items():
+        spec.components.schema(name, component=schema)
+
+
 class CardSchema(Schema):
     """The model card of the served version: what the registry stores in ``card.json``."""
 
@@ -136,7 +145,14 @@ class CardSchema(Schema):
     backend = fields.String(required=True)
     provider = fields.String(required=True)
     classes = fields.List(fields.Nested(ClassSchema), required=True)
-    card = fields.Dict(required=True, metadata={"description": "metrics per variant, dataset, lineage"})
+    card = fields.Dict(
+        required=True,
+        metadata={
+            "description": "the package's manifest (card.json): metrics per variant, gate verdicts, "
+            "serving defaults, dataset, lineage",
+            "allOf": [{"$ref": "#/components/schemas/Manifest"}],
+        },
+    )
 
 
 class DomainListSchema(Schema):

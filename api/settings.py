@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         default_factory=list, description="public keys packages must be signed by"
     )
     ort_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per model")
+    torch_run: str | None = Field(
+        None,
+        description="the torch backend's training run folder (a development backend; default: "
+        "$THALI_RUNS or runs/, then DOMAIN/RUN_ID from the manifest)",
+    )
     ort_spinning: bool = Field(True, description="ONNX Runtime threads spin while idle (off: less CPU)")
     watch_s: float | None = Field(
         None, gt=0, le=86400, description="poll the registry every N s; hot-swap when an alias moves"

@@ -35,7 +35,14 @@ VARIANT_FILES: dict[str, str] = {
 #: recorded in ``export.json`` under ``files``.
 METADATA_FILES: tuple[str, ...] = ("labels.json", "preprocess.json", "calibration.json")
 EXPORT_REPORT = "export.json"
+#: The names of a thali ONNX model's input and outputs: the ``onnx`` exporter writes them, the serving
+#: backends and the unknown score read them. ``features`` (N, C) are the pooled penultimate features,
+#: ``stage_features`` (N, S) earlier stages' pooled outputs, ``cam`` (N, K, h, w) class-activation maps.
+INPUT, LOGITS, FEATURES, STAGE_FEATURES, CAM = "input", "logits", "features", "stage_features", "cam"
+OUTPUTS: tuple[str, ...] = (LOGITS, FEATURES, STAGE_FEATURES, CAM)
 EXPORT_CONFIG = "config.yaml"
+#: The package's manifest (:class:`thali.core.manifest.Manifest`), written by ``thali export``.
+EXPORT_MANIFEST = "card.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -81,7 +88,15 @@ def read_export_report(export_dir: Path) -> dict[str, Any]:
         raise bad("(top level)", "expected a JSON object")
     if not is_valid_name(report.get("domain")):
         raise bad("domain", f"{report.get('domain')!r} is not a valid domain name")
-    variants = report.get("variants")
+    _check_variants(report.get("variants"), bad)
+    _check_files(report.get("files"), bad)
+    for key in ("lineage", "dataset", "rejected"):
+        if not isinstance(report.get(key, {}), dict):
+            raise bad(key, "expected an object")
+    return report
+
+
+def _check_variants(variants: Any, bad: Callable[[str, str], DataError]) -> None:
     if not isinstance(variants, dict) or "fp32" not in variants:
         raise bad("variants", "expected an object with at least the fp32 variant")
     for name, entry in variants.items():
@@ -96,16 +111,19 @@ def read_export_report(export_dir: Path) -> dict[str, Any]:
             raise bad(f"{where}.sha256", "missing or not a sha256; export again")
         if not isinstance(entry.get("metrics"), dict):
             raise bad(f"{where}.metrics", "missing")
-    files = report.get("files")
+
+
+def _check_files(files: Any, bad: Callable[[str, str], DataError]) -> None:
     if not isinstance(files, dict):
         raise bad("files", "missing: this export records no sha256 of its metadata files; export again")
     for name in (*METADATA_FILES, EXPORT_CONFIG):
         if not isinstance(files.get(name), str) or not _SHA256.fullmatch(files[name]):
             raise bad(f"files.{name}", "missing or not a sha256; export again")
-    for key in ("lineage", "dataset", "rejected"):
-        if not isinstance(report.get(key, {}), dict):
-            raise bad(key, "expected an object")
-    return report
+    if not isinstance(files.get(EXPORT_MANIFEST), str) or not _SHA256.fullmatch(files[EXPORT_MANIFEST]):
+        raise bad(
+            f"files.{EXPORT_MANIFEST}",
+            "missing: an export of an older thali (no manifest); export the run again",
+        )
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any
 
 from thali.core import hookimpl
 from thali.core.errors import DataError, NotAvailableError, one_line
+from thali.core.export import CAM, FEATURES, LOGITS, STAGE_FEATURES
 from thali.core.inference.providers import PREFERRED_PROVIDERS
 from thali.core.registry import Registry
 
@@ -68,10 +69,20 @@ class OnnxRuntimeBackend:
         inputs = self.session.get_inputs()
         self.input_name = inputs[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.has_cam = "cam" in self.outputs
-        self.has_features = "features" in self.outputs
-        self.has_stages = self.has_features and "stage_features" in self.outputs
-        self.logits_name = "logits" if "logits" in self.outputs else self.outputs[0]
+        self.has_cam = CAM in self.outputs
+        self.has_features = FEATURES in self.outputs
+        self.has_stages = self.has_features and STAGE_FEATURES in self.outputs
+        self.logits_name = LOGITS if LOGITS in self.outputs else self.outputs[0]
+        #: read from the model's outputs: the server knows what this backend gives without running it
+        self.capabilities = frozenset(
+            name
+            for name, present in (
+                (CAM, self.has_cam),
+                (FEATURES, self.has_features),
+                (STAGE_FEATURES, self.has_stages),
+            )
+            if present
+        )
         import numpy as np
 
         shape = inputs[0].shape
@@ -105,18 +116,20 @@ class OnnxRuntimeBackend:
     def explain(self, batch: Any) -> tuple[Any, Any]:
         if not self.has_cam:
             raise NotAvailableError("this model was exported without a heatmap output (export.explain)")
-        logits, cam = self.session.run([self.logits_name, "cam"], {self.input_name: batch})
+        logits, cam = self.session.run([self.logits_name, CAM], {self.input_name: batch})
         return logits, cam
+
+    def run(self, batch: Any, outputs: frozenset[str]) -> dict[str, Any]:
+        """``logits`` and each of ``outputs`` (a subset of ``capabilities``), from one session run."""
+        names = [self.logits_name, *(n for n in (FEATURES, STAGE_FEATURES, CAM) if n in outputs)]
+        values = self.session.run(names, {self.input_name: batch})
+        return dict(zip([LOGITS, *names[1:]], values, strict=True))
 
     def infer(self, batch: Any, cam: bool = False) -> dict[str, Any]:
         """Every output a request needs, in one run: ``logits``, ``features`` and ``stage_features`` when
         the model has them (the unknown score), ``cam`` when asked for and available."""
-        names = [self.logits_name]
-        names += ["features"] if self.has_features else []
-        names += ["stage_features"] if self.has_stages else []
-        names += ["cam"] if cam and self.has_cam else []
-        values = self.session.run(names, {self.input_name: batch})
-        return dict(zip(["logits", *names[1:]], values, strict=True))
+        wanted = self.capabilities if cam else self.capabilities - {CAM}
+        return self.run(batch, wanted)
 
     def info(self) -> dict[str, Any]:
         return {

@@ -1,34 +1,56 @@
-"""The ``torch`` serving backend: the training checkpoint a package was exported from, run eagerly.
+"""The ``torch`` serving backend: a development backend for a training run folder at hand.
 
-It serves a package only when the checkpoint its card names (``lineage.run``/best.pt) is at hand and
-its sha256 is the one recorded at export; otherwise it says to use the ``onnxruntime`` backend. Torch and
-the training code are imported inside the factory, so registering it costs nothing.
+It runs the training checkpoint a package was exported from, eagerly. The package names that run only by
+id and hash (``lineage.run_id``, ``lineage.checkpoint_sha256``: a package never holds a machine's
+folders), so the run folder comes from the ``run_dir`` parameter (``thali evaluate --run``,
+``thali serve --torch-run``), else from ``$THALI_RUNS/DOMAIN/RUN_ID`` or ``runs/DOMAIN/RUN_ID`` (where
+``thali train`` writes it); its ``best.pt`` must have the recorded sha256. Otherwise it says to use the
+``onnxruntime`` backend. Torch and the training code are imported inside the factory, so registering it
+costs nothing.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from thali.core import hookimpl
 from thali.core.errors import DataError, IntegrityError, NotAvailableError
+from thali.core.export import CAM, FEATURES, LOGITS, STAGE_FEATURES
+from thali.core.names import is_valid_name
 from thali.core.registry import Registry
 
 USE_ONNX = "serve it with the onnxruntime backend"
+RUNS_ENV = "THALI_RUNS"
 
 
-def _checkpoint(package: Any) -> Path:
+def _checkpoint(package: Any, run_dir: str | Path | None) -> Path:
     """The package's training checkpoint, checked against the sha256 recorded at export."""
     from thali.core.exporting.pipeline import sha256
 
     name = f"{package.domain} v{package.version}"
-    lineage = (package.card or {}).get("lineage") or {}
-    run, expected = lineage.get("run"), lineage.get("checkpoint_sha256")
-    if not run or not expected:
-        raise NotAvailableError(f"{name}: its card names no training checkpoint; {USE_ONNX}")
-    path = Path(str(run)) / "best.pt"
+    lineage = package.manifest.lineage
+    expected = lineage.checkpoint_sha256
+    if not expected:
+        raise NotAvailableError(f"{name}: its manifest names no training checkpoint; {USE_ONNX}")
+    if run_dir is None:
+        run_id = lineage.run_id
+        if (
+            not is_valid_name(package.domain)
+            or not run_id
+            or "/" in run_id
+            or "\\" in run_id
+            or run_id in (".", "..")
+        ):
+            raise NotAvailableError(f"{name}: no run folder given (run_dir) and no run id; {USE_ONNX}")
+        run_dir = Path(os.environ.get(RUNS_ENV) or "runs") / package.domain / run_id
+    path = Path(run_dir) / "best.pt"
     if not path.is_file():
-        raise NotAvailableError(f"{name}: its training checkpoint {path} is not at hand; {USE_ONNX}")
+        raise NotAvailableError(
+            f"{name}: its training checkpoint {path} is not at hand (the torch backend is for a run folder "
+            f"on this machine: pass run_dir); {USE_ONNX}"
+        )
     if sha256(path) != expected:
         raise IntegrityError(
             f"{path} is not the checkpoint {name} was exported from (sha256 differs); {USE_ONNX}"
@@ -37,8 +59,8 @@ def _checkpoint(package: Any) -> Path:
 
 
 class TorchBackend:
-    """``predict(batch)``, ``explain(batch)``, ``infer(batch, cam)`` and ``info()`` on the package's fp32
-    training checkpoint."""
+    """``run(batch, outputs)``, ``predict(batch)``, ``explain(batch)``, ``infer(batch, cam)`` and
+    ``info()`` on the package's fp32 training checkpoint."""
 
     def __init__(
         self,
@@ -48,13 +70,14 @@ class TorchBackend:
         registries: Any,
         device: str = "auto",
         variant: str | None = None,
+        run_dir: str | Path | None = None,
         **_: Any,
     ) -> None:
         if variant not in (None, "fp32"):
             raise NotAvailableError(
                 f"the torch backend runs the fp32 checkpoint, not {variant!r}; {USE_ONNX}"
             )
-        self.checkpoint = _checkpoint(package)
+        self.checkpoint = _checkpoint(package, run_dir)
         import torch
 
         from thali.core.inference.unknown import load_spec
@@ -80,7 +103,8 @@ class TorchBackend:
             }
         except ValueError as exc:
             raise DataError(f"calibration.json unknown.layers: {exc}") from None
-        self.names = ["logits", "features", *(["stage_features"] if stages else [])]
+        self.names = [LOGITS, FEATURES, *([STAGE_FEATURES] if stages else [])]
+        self.capabilities = frozenset({FEATURES, CAM, *([STAGE_FEATURES] if stages else [])})
         self.variant = variant or "fp32"
 
     def _input(self, batch: Any) -> Any:
@@ -103,8 +127,14 @@ class TorchBackend:
         ``cam``: the outputs an export of this checkpoint has."""
         with self.torch.inference_mode():
             values = self.outputs[bool(cam)](self._input(batch))
-        names = [*self.names, "cam"][: len(values)]
+        names = [*self.names, CAM][: len(values)]
         return {n: v.float().cpu().numpy() for n, v in zip(names, values, strict=True)}
+
+    def run(self, batch: Any, outputs: frozenset[str]) -> dict[str, Any]:
+        """``logits`` and ``outputs`` (a subset of ``capabilities``)."""
+        if not outputs:
+            return {LOGITS: self.predict(batch)}
+        return self.infer(batch, cam=CAM in outputs)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -122,5 +152,5 @@ def thali_register_serving_backends(registry: Registry[Any]) -> None:
     registry.add(
         "torch",
         TorchBackend,
-        description="PyTorch eager on the package's training checkpoint (when at hand); CUDA when present",
+        description="development: PyTorch eager on the training run folder at hand; CUDA when present",
     )

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from thali.core.manifest import read_manifest
+
 from .signing import TRUST_ENV
 
 URL_HELP = "a folder, memory://, s3://bucket/prefix, gs://… (default $THALI_REGISTRY or ./model-registry)"
@@ -124,18 +126,16 @@ def run_registry(ctx: Any) -> int:
         if args.json:
             print_json(info)
             return 0
-        card = info["card"]
+        card = read_manifest(info["card"], f"{info['domain']} v{info['version']}")
         print(f"{info['domain']} v{info['version']}  aliases: {', '.join(info['aliases']) or '-'}")
-        lineage, dataset = _mapping(card.get("lineage")), _mapping(card.get("dataset"))
-        created, made_with = card.get("created_at"), card.get("thali_version")
-        print(f"  created {created} with thali {made_with}; run {lineage.get('run')}")
-        fingerprint = str(dataset.get("fingerprint", "?"))[:16]
-        print(f"  data fingerprint {fingerprint}…  licence: {dataset.get('licence')}")
+        lineage = card.lineage
+        print(f"  published {card.published_at} with thali {card.thali_version}; run {lineage.run_id}")
+        fingerprint = str(card.dataset.fingerprint or "?")[:16]
+        print(f"  data fingerprint {fingerprint}…  licence: {card.licence}")
         print(f"  signature: {'signed' if info['signed'] else 'unsigned'}")
-        for name, m in _mapping(card.get("metrics")).items():
-            m = _mapping(m)
-            scores = "  ".join(f"{label} {_score(m.get(key), pct)}" for label, key, pct in SCORES)
-            print(f"  {name:<13} {m.get('file')!s:<24} {scores}")
+        for name, m in card.variants.items():
+            scores = "  ".join(f"{label} {_score(getattr(m, key), pct)}" for label, key, pct in SCORES)
+            print(f"  {name:<13} {m.file!s:<24} {scores}")
         for name, size in info["files"].items():
             print(f"  file {name:<24} {size / 1e6:8.2f} MB")
         return 0
@@ -149,11 +149,6 @@ def run_registry(ctx: Any) -> int:
 
 
 SCORES = (("top-1", "top1", True), ("top-5", "top5", True), ("ECE", "ece", False))
-
-
-def _mapping(value: Any) -> dict[str, Any]:
-    """A card is data from a store: a field that is not a mapping shows as empty, never a traceback."""
-    return value if isinstance(value, dict) else {}
 
 
 def _score(value: Any, percent: bool) -> str:

@@ -1,8 +1,10 @@
 """The model package: what the registry stores and the server loads.
 
 ``model.onnx`` (+ ``model.int8.onnx``, ``model.fp16.onnx``, … that passed the gate), ``labels.json``,
-``preprocess.json``, ``calibration.json``, ``card.json`` and ``checksums.json`` (sha256 of every other
-file). It is built from an export folder (``thali export``) and checked file by file when loaded.
+``preprocess.json``, ``calibration.json``, ``card.json`` (the manifest, :mod:`thali.core.manifest`) and
+``checksums.json`` (sha256 of every other file). It is an export folder (``thali export``) numbered and
+checksummed, and it is checked file by file when loaded. :class:`ModelPackage` lives in
+:mod:`thali.core.manifest` (serving backends receive it) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -10,17 +12,17 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from thali.core.errors import DataError, ModelRegistryError
+from thali.core.errors import DataError, IntegrityError, ModelRegistryError
 from thali.core.export import EXPORT_CONFIG, METADATA_FILES, is_model_file, read_export_report, variant_file
 from thali.core.files import inside, read_bounded
-from thali.core.names import is_valid_name
+from thali.core.manifest import CARD, ModelPackage, read_manifest
+
+__all__ = ["CARD", "CHECKSUMS", "ModelPackage", "is_package_file", "package_files", "read_export"]
 
 CHECKSUMS = "checksums.json"
-CARD = "card.json"
 SIGNATURE = "signature.json"
 METADATA = METADATA_FILES
 MAX_MODEL_BYTES = 4 * 1024**3  # ONNX's protobuf limit is 2 GB; anything larger is not a model of ours
@@ -42,45 +44,6 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def _card(export_dir: Path, export: dict[str, Any], config_text: bytes, version: int) -> dict[str, Any]:
-    from thali.core import __version__
-
-    config = _config_mapping(export_dir, config_text)
-    metrics = {}
-    for name, entry in export["variants"].items():
-        m = entry["metrics"]
-        metrics[name] = {
-            "file": variant_file(name),
-            "size_bytes": entry.get("size_bytes"),
-            **{key: m.get(key) for key in ("top1", "top5", "ece", "nll", "per_class", "confusion_matrix")},
-            "gate": entry.get("gate"),
-        }
-    dataset = dict(export.get("dataset", {}))
-    dataset["licence"] = ((config.get("dataset") or {}).get("licence")) or "not stated"
-    return {
-        "domain": export["domain"],
-        "version": version,
-        "created_at": utc_now(),
-        "thali_version": __version__,
-        "variants": sorted(metrics),
-        "metrics": metrics,
-        "rejected_variants": {
-            k: v.get("reasons", []) if isinstance(v, dict) else []
-            for k, v in export.get("rejected", {}).items()
-        },
-        "parity": export.get("parity"),
-        "unknown": export.get("unknown"),
-        "dataset": dataset,
-        "config": config,
-        "lineage": {
-            **export.get("lineage", {}),
-            "export_dir": str(export_dir.resolve()),
-            "exported_at": export.get("created_at"),
-            "exported_with": export.get("thali_version"),
-        },
-    }
-
-
 def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The export's report and its model and metadata files, each checked against the sha256 that
     ``thali export`` recorded in ``export.json``, and each read from inside the export folder only."""
@@ -90,7 +53,7 @@ def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     except DataError as exc:
         raise ModelRegistryError(exc.message, errors=exc.errors) from None
     recorded = {variant_file(name): entry["sha256"] for name, entry in export["variants"].items()}
-    recorded.update({name: export["files"][name] for name in (*METADATA, EXPORT_CONFIG)})
+    recorded.update({name: export["files"][name] for name in (*METADATA, CARD, EXPORT_CONFIG)})
     files: dict[str, bytes] = {}
     for name, expected in recorded.items():
         limit = MAX_MODEL_BYTES if name.endswith(".onnx") else MAX_METADATA_BYTES
@@ -109,64 +72,25 @@ def read_export(export_dir: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     return export, files
 
 
-def _config_mapping(export_dir: Path, text: bytes) -> dict[str, Any]:
-    from thali.core.errors import ConfigError
-    from thali.core.safe_yaml import parse_yaml
-
-    try:
-        data = parse_yaml(text.decode("utf-8"), str(export_dir / EXPORT_CONFIG))[0] if text else {}
-    except UnicodeDecodeError:
-        raise ModelRegistryError(f"{export_dir / EXPORT_CONFIG}: not UTF-8 text") from None
-    except ConfigError as exc:
-        raise ModelRegistryError(exc.message) from None
-    return data if isinstance(data, dict) else {}
-
-
 def package_files(
     export_dir: Path, export: dict[str, Any], files: dict[str, bytes], version: int
 ) -> dict[str, bytes]:
-    """Every file of the package for ``version``: the export's files, card.json, checksums.json last."""
-    files = dict(files)
-    config_text = files.pop(EXPORT_CONFIG, b"")
-    files[CARD] = json.dumps(
-        _card(Path(export_dir), export, config_text, version), indent=1, default=str
-    ).encode()
+    """Every file of the package for ``version``: the export's files with its manifest numbered, and
+    checksums.json last. Publishing changes nothing else: what ``thali export`` wrote is the package."""
+    from thali.core import __version__
+
+    files = {name: data for name, data in files.items() if name != EXPORT_CONFIG}
+    try:
+        manifest = read_manifest(json.loads(files[CARD]), str(Path(export_dir) / CARD))
+    except ValueError as exc:
+        raise ModelRegistryError(f"{Path(export_dir) / CARD}: not valid JSON ({exc})") from None
+    except IntegrityError as exc:
+        raise ModelRegistryError(exc.message) from None
+    if manifest.domain != export["domain"]:
+        raise ModelRegistryError(
+            f"{export_dir}: card.json names domain {manifest.domain!r}, export.json {export['domain']!r}"
+        )
+    files[CARD] = manifest.numbered(version, utc_now(), __version__).to_json()
     checksums = {name: sha256_bytes(data) for name, data in files.items()}
     files[CHECKSUMS] = json.dumps({"algorithm": "sha256", "files": checksums}, indent=1).encode()
     return files
-
-
-@dataclass
-class ModelPackage:
-    """A loaded, verified model package. ``files`` are local paths whose sha256 matched."""
-
-    domain: str
-    version: int
-    folder: Path
-    files: dict[str, Path]
-    labels: dict[str, Any]
-    preprocess: dict[str, Any]
-    calibration: dict[str, Any]
-    card: dict[str, Any]
-    aliases: list[str] = field(default_factory=list)
-
-    signed_by: str | None = None
-
-    @property
-    def variants(self) -> dict[str, Path]:
-        """Variant name -> verified ONNX file (``fp32``, ``int8``, ``fp16``, …). File names come from
-        the variant names (never from the card), and only files that passed their checksum count."""
-        names = [n for n in self.card.get("metrics", {}) if is_valid_name(n)]
-        return {n: self.files[variant_file(n)] for n in names if variant_file(n) in self.files}
-
-    def model_path(self, variant: str = "fp32") -> Path:
-        if variant not in self.variants:
-            have = ", ".join(sorted(self.variants))
-            raise ModelRegistryError(
-                f"{self.domain} v{self.version} has no {variant!r} variant; it has {have}"
-            )
-        return self.variants[variant]
-
-    @property
-    def class_names(self) -> list[str]:
-        return [c["name"] for c in self.labels["classes"]]

@@ -38,6 +38,7 @@ from typing import Any
 
 from thali.core.errors import ConfigError, IntegrityError, ModelRegistryError, NotFoundError
 from thali.core.files import pid_alive, write_atomic
+from thali.core.manifest import read_manifest
 from thali.core.names import check_alias, check_name, is_digits, is_valid_name, version_number
 
 from .package import (
@@ -347,7 +348,7 @@ class ModelRegistry:
             "version": version,
             "aliases": aliases,
             "files": sizes,
-            "card": card if isinstance(card, dict) else {},
+            "card": read_manifest(card, f"{domain} v{version}").model_dump(mode="json"),
             "signed": signed,
             "signed_by": signer,
         }
@@ -399,6 +400,7 @@ class ModelRegistry:
 
         card = load("card.json")
         _check_place(card, domain, version)
+        manifest = read_manifest(card, f"{domain} v{version}")  # a format-1 card is upgraded here
         return ModelPackage(
             domain=domain,
             version=version,
@@ -407,7 +409,7 @@ class ModelRegistry:
             labels=load("labels.json"),
             preprocess=load("preprocess.json"),
             calibration=load("calibration.json"),
-            card=card,
+            manifest=manifest,
             aliases=aliases,
             signed_by=signer,
         )

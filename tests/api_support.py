@@ -188,11 +188,9 @@ def api_registry(
     )
     registry.publish(explain_export)
     registry.publish(second_export)
-    broken = root / "broken_export"
-    shutil.copytree(tiny_export, broken)
-    report = json.loads((broken / "export.json").read_text())
-    report["domain"] = "broken"
-    (broken / "export.json").write_text(json.dumps(report))
+    from export_support import edited_export
+
+    broken = edited_export(tiny_export, root / "broken_export", domain="broken")
     registry.publish(broken, aliases=["production"])
     model = root / "registry" / "broken" / "versions" / "1" / "model.int8.onnx"
     model.write_bytes(model.read_bytes()[:-10] + b"0123456789")  # a flipped tail: fails its checksum

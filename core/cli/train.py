@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--variant", help="registry model: the variant to score (default fp32)")
     e.add_argument("--backend", help="registry model: the serving backend to run it (default onnxruntime)")
     e.add_argument(
+        "--run",
+        type=Path,
+        help="registry model, --backend torch: the training run folder it was exported from "
+        "(default $THALI_RUNS or runs/, then DOMAIN/RUN_ID from the manifest)",
+    )
+    e.add_argument(
         "--registry", help="registry model: where it is (default $THALI_REGISTRY or ./model-registry)"
     )
     e.add_argument("--trusted-key", action="append", type=Path, help="registry model: trust this public key")
@@ -146,6 +152,7 @@ def _registry_model(ctx: Context) -> dict[str, Any]:
         backend=args.backend or "onnxruntime",
         variant=args.variant or "fp32",
         progress=not args.no_progress,
+        **({"run_dir": args.run} if args.run else {}),
     )
 
 
@@ -154,7 +161,7 @@ def run_evaluate(ctx: Context) -> int:
     if Path(args.model).is_dir():
         given = [
             f"--{n.replace('_', '-')}"
-            for n in ("variant", "backend", "registry", "trusted_key")
+            for n in ("variant", "backend", "run", "registry", "trusted_key")
             if getattr(args, n)
         ]
         if given:

@@ -3,14 +3,16 @@
 top-k, the unknown flag, class-activation heatmaps), the micro-batcher, and the serving-backend
 contract. Nothing here imports torch, albumentations or training code."""
 
-from .backend import ServingBackend, load_backend
+from .backend import CAPABILITIES, PredictOnlyAdapter, ServingBackend, load_backend
 from .batcher import BatcherClosed, MicroBatcher
 from .postprocess import Prediction, predictions, softmax
 from .preprocess import Preprocessor
 
 __all__ = [
+    "CAPABILITIES",
     "BatcherClosed",
     "MicroBatcher",
+    "PredictOnlyAdapter",
     "Prediction",
     "Preprocessor",
     "ServingBackend",

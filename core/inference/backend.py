@@ -9,39 +9,93 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from thali.core.errors import PluginError, ThaliError
+from thali.core.export import CAM, FEATURES, LOGITS, STAGE_FEATURES
 from thali.core.registry import Registries
+
+#: What a backend may give besides ``logits`` (the names of a thali model's outputs).
+CAPABILITIES: frozenset[str] = frozenset({FEATURES, STAGE_FEATURES, CAM})
 
 
 @runtime_checkable
 class ServingBackend(Protocol):
-    """What a serving-backend factory returns.
+    """What the server runs: one call per batch, and what it can give declared up front.
 
-    ``predict(batch)``: logits ``(N, K)`` float32 for a preprocessed float32 batch ``(N, 3, H, W)``.
+    ``capabilities``: the outputs it can give besides ``logits``, a subset of :data:`CAPABILITIES`:
+    ``features`` ``(N, C)`` (the pooled penultimate features every thali export has; the package's
+    unknown score reads them, so without them the unknown flag falls back to the top probability),
+    ``stage_features`` ``(N, S)`` (an unknown score with layers reads them; without them that score is
+    not used either), ``cam`` ``(N, K, h, w)`` class-activation maps (models exported with
+    ``export.explain: true``). The server decides from this set at load time; it never probes.
+
+    ``run(batch, outputs)``: for a preprocessed float32 batch ``(N, 3, H, W)``, a dict with ``logits``
+    ``(N, K)`` float32 and every name of ``outputs`` (always a subset of ``capabilities``).
+
     ``info()``: a JSON-able dict; ``backend``, ``variant``, ``provider`` (the execution provider that
     really ran the model's nodes, not merely the one asked for) and ``explain`` (bool) are shown by the
-    API. Optional ``explain(batch)``: ``(logits, cam)`` with ``cam`` ``(N, K, h, w)`` class-activation
-    maps, for models exported with ``export.explain: true``. Optional ``infer(batch, cam=False)``: a dict
-    of every output one run gives, ``logits`` always, ``features`` ``(N, C)`` (the pooled penultimate
-    features every thali export has; the package's unknown score reads them, so without them the
-    unknown flag falls back to the top probability), ``stage_features`` ``(N, S)`` when the model has
-    that output (an unknown score with layers reads it; without it that score is not used either) and
-    ``cam`` when ``cam`` is true and the model has it; when present, the server calls it instead of
-    ``predict``/``explain``. Must be safe to call from one thread at a time (the micro-batcher's); it is
-    never called concurrently."""
+    API. Both are called from one thread at a time (the micro-batcher's), never concurrently.
 
-    def predict(self, batch: np.ndarray) -> np.ndarray: ...
+    A plugin may instead return a *predict-only* object: ``predict(batch) -> logits`` and ``info()``,
+    optionally ``explain(batch) -> (logits, cam)`` and ``infer(batch, cam=False) -> dict`` and a
+    ``capabilities`` attribute; :func:`load_backend` wraps it in :class:`PredictOnlyAdapter`."""
+
+    capabilities: frozenset[str]
+
+    def run(self, batch: np.ndarray, outputs: frozenset[str]) -> dict[str, np.ndarray]: ...
 
     def info(self) -> dict[str, Any]: ...
 
 
+class PredictOnlyAdapter:
+    """A :class:`ServingBackend` over a backend written to the predict/explain/infer contract.
+
+    Its capabilities are what the wrapped object declares (a ``capabilities`` attribute), else what
+    its methods and ``info()`` say: ``cam`` with a callable ``explain`` and ``info()["explain"]``,
+    ``features`` with a callable ``infer`` unless ``info()["features"]`` is false. ``stage_features``
+    only when declared."""
+
+    def __init__(self, inner: Any, info: dict[str, Any]) -> None:
+        self.inner = inner
+        self._explain = callable(getattr(inner, "explain", None))
+        self._infer = callable(getattr(inner, "infer", None))
+        declared = getattr(inner, "capabilities", None)
+        if declared is not None:
+            self.capabilities = frozenset(declared) & CAPABILITIES
+        else:
+            caps = {CAM} if self._explain and info.get("explain") else set()
+            if self._infer and info.get("features") is not False:
+                caps.add(FEATURES)
+            self.capabilities = frozenset(caps)
+
+    def run(self, batch: np.ndarray, outputs: frozenset[str]) -> dict[str, np.ndarray]:
+        cam = CAM in outputs
+        if self._infer and (outputs - {CAM} or (cam and not self._explain)):
+            return dict(self.inner.infer(batch, cam=cam))
+        if cam:
+            logits, cams = self.inner.explain(batch)
+            return {LOGITS: logits, CAM: cams}
+        return {LOGITS: self.inner.predict(batch)}
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.inner.info())
+
+    def __getattr__(self, name: str) -> Any:  # predict, explain, … of the wrapped backend
+        return getattr(self.inner, name)
+
+
 def load_backend(registries: Registries, name: str, model_path: Path, /, **params: Any) -> ServingBackend:
-    """Build serving backend ``name`` for ``model_path``; a plugin's broken result is one PluginError."""
+    """Build serving backend ``name`` for ``model_path``; a plugin's broken result is one PluginError.
+
+    What comes back always has ``run`` and ``capabilities``: a predict-only backend is wrapped."""
     entry = registries.serving_backends.get(name)
     backend = registries.serving_backends.create(name, model_path, **params)
-    if not callable(getattr(backend, "predict", None)) or not callable(getattr(backend, "info", None)):
+    native = callable(getattr(backend, "run", None)) and getattr(backend, "capabilities", None) is not None
+    if not (native or callable(getattr(backend, "predict", None))) or not callable(
+        getattr(backend, "info", None)
+    ):
         raise PluginError(
             f"serving backend {name!r} (plugin {entry.plugin!r}) returned {type(backend).__name__}, "
-            "which has no predict(batch) and info() (see thali_register_serving_backends)"
+            "which has neither run(batch, outputs) nor predict(batch), or no info() "
+            "(see thali_register_serving_backends)"
         )
     try:
         info = backend.info()
@@ -53,4 +107,12 @@ def load_backend(registries: Registries, name: str, model_path: Path, /, **param
         ) from exc
     if not isinstance(info, dict):
         raise PluginError(f"serving backend {name!r} (plugin {entry.plugin!r}): info() must return a dict")
+    if not native:
+        return PredictOnlyAdapter(backend, info)
+    extra = set(backend.capabilities) - CAPABILITIES
+    if extra:
+        raise PluginError(
+            f"serving backend {name!r} (plugin {entry.plugin!r}) declares capabilities {sorted(extra)}; "
+            f"known: {sorted(CAPABILITIES)}"
+        )
     return backend

@@ -3,34 +3,29 @@ backend and the serving preprocessing, with the metrics a training run is scored
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from thali.core.errors import DataError, PluginError
-from thali.core.images import DEFAULT_LIMITS, ImageLimits, decode_rgb
+from thali.core.export import LOGITS
+from thali.core.images import ImageLimits, decode_rgb
+from thali.core.manifest import Manifest, ModelPackage
 from thali.core.registry import Registries
 
 from .backend import load_backend
 from .preprocess import Preprocessor
 
 
-def image_limits(card: Mapping[str, Any]) -> ImageLimits:
-    """The image caps of the config the package was trained with (the defaults if it names none)."""
-    dataset = (card.get("config") or {}).get("dataset") or {}
-    try:
-        return ImageLimits(
-            max_pixels=int(dataset.get("max_image_pixels") or DEFAULT_LIMITS.max_pixels),
-            max_bytes=int(dataset.get("max_image_bytes") or DEFAULT_LIMITS.max_bytes),
-        )
-    except (TypeError, ValueError):
-        return DEFAULT_LIMITS
+def image_limits(manifest: Manifest) -> ImageLimits:
+    """The image caps of the config the package was trained with."""
+    caps = manifest.image_caps
+    return ImageLimits(max_pixels=caps.max_pixels, max_bytes=caps.max_bytes)
 
 
 def evaluate_package(
-    package: Any,
+    package: ModelPackage,
     data_dir: Path,
     registries: Registries,
     *,
@@ -50,7 +45,7 @@ def evaluate_package(
     data_dir = Path(data_dir)
     classes = package.class_names
     samples = scoring_samples(registries, data_dir, classes, package.domain)
-    limits = image_limits(package.card)
+    limits = image_limits(package.manifest)
     samples, problems = verify_images(samples, progress=progress, limits=limits)
     engine = load_backend(
         registries,
@@ -76,7 +71,7 @@ def evaluate_package(
             except Exception as exc:  # any decoder error means: skip this file
                 problems.append((path, f"{type(exc).__name__}: {exc}"))
         if inputs:
-            logits.append(np.asarray(engine.predict(np.stack(inputs)), dtype=np.float32))
+            logits.append(np.asarray(engine.run(np.stack(inputs), frozenset())[LOGITS], dtype=np.float32))
     if not logits:
         raise DataError(f"{data_dir}: no readable images")
     scores = np.concatenate(logits)

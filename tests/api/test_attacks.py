@@ -5,7 +5,6 @@ Figures (RSS, CPU time per request before and after) come from ``benchmarks/atta
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -332,8 +331,9 @@ def test_public_answers_name_no_paths(server: Server, tmp_path: Path, tiny_expor
     plugins = server.get("/v1/plugins").text
     assert '"path"' not in plugins and "/site-packages/" not in plugins and os.getcwd() not in plugins
     card = server.get("/v1/domains/tiny/card").json()["card"]
-    assert "run" not in card["lineage"] and "export_dir" not in card["lineage"]
+    assert "run" not in card["lineage"] and "export_dir" not in card["lineage"] and "config" not in card
     assert "root" not in card["dataset"] and card["lineage"]["checkpoint_sha256"]
+    assert not [s for s in json.dumps(card).split('"') if s.startswith(("/", "~/"))]  # no folder at all
     for path in ("/readyz", "/v1/domains", "/v1/domains/broken"):
         assert str(server.registry) not in server.get(path).text, path
 
@@ -528,18 +528,10 @@ def test_a_405_says_which_methods_are_allowed(server: Server) -> None:
 
 
 def _with_default_variant(export: Path, out: Path, variant: str) -> Path:
-    """A copy of ``export`` whose pack serves ``variant`` by default (export.json's checksum follows)."""
-    import yaml
+    """A copy of ``export`` whose manifest serves ``variant`` by default (export.json's checksum follows)."""
+    from export_support import edited_export
 
-    shutil.copytree(export, out)
-    config = out / "config.yaml"
-    data = yaml.safe_load(config.read_text())
-    data["serving"]["variant"] = variant
-    config.write_text(yaml.safe_dump(data))
-    report = json.loads((out / "export.json").read_text())
-    report["files"]["config.yaml"] = hashlib.sha256(config.read_bytes()).hexdigest()
-    (out / "export.json").write_text(json.dumps(report))
-    return out
+    return edited_export(export, out, serving={"variant": variant})
 
 
 def test_a_watch_swap_serves_the_new_versions_variant_unless_pinned(

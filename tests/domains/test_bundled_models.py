@@ -28,9 +28,11 @@ def test_bundled_models_verify_and_fit_the_budget(tmp_path: Path) -> None:
     for domain in registry.domains():
         package = registry.resolve(domain, "production")  # every file against its sha256
         assert sum(p.stat().st_size for p in package.files.values()) <= BUDGET, domain
-        assert package.card["dataset"]["licence"] and package.card["dataset"]["fingerprint"]
+        manifest = package.manifest
+        assert manifest.format == 2 and manifest.licence != "not stated" and manifest.dataset.fingerprint
         for variant in package.variants:  # every optimised variant shipped passed its accuracy gate
-            assert variant == "fp32" or package.card["metrics"][variant]["gate"]["passed"], (domain, variant)
+            gate = manifest.variants[variant].gate
+            assert variant == "fp32" or (gate is not None and gate.passed), (domain, variant)
     assert {"south_asian_food", "plant_disease"} <= set(registry.domains())
     assert "int8" in registry.resolve("south_asian_food", "production").variants
     assert (MODELS / "README.md").is_file()

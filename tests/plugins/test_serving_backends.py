@@ -34,7 +34,11 @@ def packages(tiny_run: Path, tiny_export: Path, tmp_path_factory: pytest.TempPat
     registry = ModelRegistry(root / "registry", cache_dir=root / "cache")
     registry.publish(tiny_export)
     registry.publish(explain)
+    RUNS["tiny"] = tiny_run  # the torch backend is a development backend: it is given the run folder
     return {"plain": registry.resolve("tiny", 1), "explain": registry.resolve("tiny", 2)}
+
+
+RUNS: dict[str, Path] = {}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +72,7 @@ def _backend(name: str, package: Any) -> Any:
             variant="fp32",
             package=package,
             registries=REGISTRIES,
+            run_dir=RUNS.get(package.domain),
         )
     except NotAvailableError as exc:
         pytest.skip(f"serving backend {name!r} is not available here: {exc.message}")
@@ -135,27 +140,37 @@ def test_onnxruntime_explain_without_a_cam_output_is_refused(packages: dict[str,
 
 
 def test_torch_backend_serves_only_the_checkpoint_the_package_was_made_from(
-    packages: dict[str, Any], tmp_path: Path
+    packages: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     package = packages["plain"]
-    lineage = package.card["lineage"]
+    lineage = package.manifest.lineage
+    run = RUNS["tiny"]
 
-    def fake(run: Path, sha: str = lineage["checkpoint_sha256"]) -> Any:
-        card = {**package.card, "lineage": {**lineage, "run": str(run), "checkpoint_sha256": sha}}
-        return SimpleNamespace(domain="tiny", version=1, card=card, files=package.files)
+    def fake(sha: str = str(lineage.checkpoint_sha256)) -> Any:
+        manifest = package.manifest.model_copy(
+            update={"lineage": lineage.model_copy(update={"checkpoint_sha256": sha})}
+        )
+        return SimpleNamespace(
+            domain="tiny", version=1, manifest=manifest, files=package.files, calibration={}
+        )
 
     path = package.model_path("fp32")
-    with pytest.raises(NotAvailableError, match=r"not at hand.*onnxruntime backend"):
-        load_backend(REGISTRIES, "torch", path, package=fake(tmp_path / "gone"), registries=REGISTRIES)
-    moved = tmp_path / "run"
-    moved.mkdir()
+    with pytest.raises(NotAvailableError, match=r"not at hand.*pass run_dir.*onnxruntime backend"):
+        load_backend(
+            REGISTRIES, "torch", path, package=fake(), registries=REGISTRIES, run_dir=tmp_path / "gone"
+        )
+    monkeypatch.setenv("THALI_RUNS", str(tmp_path / "runs"))  # the default place: RUNS/DOMAIN/RUN_ID
+    with pytest.raises(NotAvailableError, match=r"runs/tiny/run/best.pt is not at hand"):
+        load_backend(REGISTRIES, "torch", path, package=fake(), registries=REGISTRIES)
+    moved = tmp_path / "runs" / "tiny" / str(lineage.run_id)
+    moved.mkdir(parents=True)
     for name in ("best.pt", "config.yaml", "calibration.json"):
-        shutil.copy(Path(lineage["run"]) / name, moved / name)
+        shutil.copy(run / name, moved / name)
     with pytest.raises(IntegrityError, match=r"sha256 differs.*onnxruntime backend"):
-        load_backend(REGISTRIES, "torch", path, package=fake(moved, "0" * 64), registries=REGISTRIES)
+        load_backend(REGISTRIES, "torch", path, package=fake("0" * 64), registries=REGISTRIES)
     with pytest.raises(NotAvailableError, match="fp32 checkpoint"):
         load_backend(REGISTRIES, "torch", path, package=package, registries=REGISTRIES, variant="int8")
-    backend = load_backend(REGISTRIES, "torch", path, package=fake(moved), registries=REGISTRIES)
+    backend = load_backend(REGISTRIES, "torch", path, package=fake(), registries=REGISTRIES)
     assert backend.info()["checkpoint"] == str(moved / "best.pt")
     assert backend.info()["provider"] in ("cpu", "cuda:0")
 
@@ -196,7 +211,14 @@ def test_torch_backend_refuses_a_spec_naming_a_stage_its_checkpoint_lacks(packag
     calibration = copy.deepcopy(package.calibration)
     calibration["unknown"]["layers"][1]["stage"] = 9
     odd = SimpleNamespace(
-        domain="tiny", version=1, card=package.card, files=package.files, calibration=calibration
+        domain="tiny", version=1, manifest=package.manifest, files=package.files, calibration=calibration
     )
     with pytest.raises(DataError, match=r"stages \[0, 9\]; the checkpoint's backbone has 3"):
-        load_backend(REGISTRIES, "torch", package.model_path("fp32"), package=odd, registries=REGISTRIES)
+        load_backend(
+            REGISTRIES,
+            "torch",
+            package.model_path("fp32"),
+            package=odd,
+            registries=REGISTRIES,
+            run_dir=RUNS["tiny"],
+        )

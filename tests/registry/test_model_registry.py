@@ -34,11 +34,11 @@ def test_publish_resolve_promote_round_trip(store: ModelRegistry, tiny_export: P
     assert package.class_names == ["blue", "green", "red"]
     assert set(package.variants) == {"fp32", "int8"} and package.preprocess["input_size"] == [3, 32, 32]
     assert {"temperature", "unknown_threshold"} <= set(package.calibration)
-    card = package.card
-    assert card["version"] == 2 and card["metrics"]["int8"]["gate"]["passed"]
-    assert len(card["dataset"]["fingerprint"]) == 64 and card["dataset"]["licence"]
-    assert card["config"]["name"] == DOMAIN and card["lineage"]["checkpoint_sha256"]
-    assert {"thali_version", "created_at"} <= set(card)
+    card = package.manifest
+    assert card.version == 2 and card.variants["int8"].gate is not None and card.variants["int8"].gate.passed
+    assert len(card.dataset.fingerprint or "") == 64 and card.licence
+    assert card.domain == DOMAIN and card.lineage.checkpoint_sha256 and card.lineage.run_id == "run"
+    assert card.thali_version and card.published_at
     assert set(package.files) == {
         "model.onnx",
         "model.int8.onnx",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from export_support import edited_export
 from helpers import run_thali
 from registry_fixtures import store_url
 
@@ -80,11 +81,7 @@ def test_remove_with_a_glob_deletes_nothing(
     s3 = request.getfixturevalue("s3_endpoint") if kind == "s3" else None
     url, options = store_url(kind, tmp_path, s3)
     store = ModelRegistry(url, storage_options=options, cache_dir=tmp_path / "cache")
-    other = tmp_path / "other_export"
-    shutil.copytree(tiny_export, other)
-    report = json.loads((other / "export.json").read_text())
-    report["domain"] = "other"
-    (other / "export.json").write_text(json.dumps(report))
+    other = edited_export(tiny_export, tmp_path / "other_export", domain="other")
     store.publish(tiny_export)
     store.publish(other)
     for pattern in ("*", "t*", "?iny", "[ot]*"):

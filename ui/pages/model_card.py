@@ -3,12 +3,12 @@ data and licence, lineage."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import altair as alt
 import pandas as pd
 import streamlit as st
+from pydantic import ValidationError
 
+from thali.core.manifest import Manifest
 from thali.ui.client import ApiProblem
 from thali.ui.shared import client, domain_switcher, load_card
 
@@ -21,7 +21,11 @@ try:
 except ApiProblem as problem:
     st.error(problem.message)
     st.stop()
-card: dict[str, Any] = served["card"]
+try:  # the API answers the package's manifest; read it through the one typed model
+    card = Manifest.model_validate(served["card"])
+except ValidationError as exc:
+    st.error(f"The server's model card is not a thali manifest: {exc.errors()[0]['msg']}")
+    st.stop()
 st.subheader(f"{domain['display_name']} · v{served['version']}")
 st.caption(domain.get("description") or "")
 cols = st.columns(4)
@@ -30,28 +34,26 @@ cols[1].metric("Variant served", served["variant"])
 cols[2].metric("Backend", served["backend"])
 cols[3].metric("Runs on", served["provider"].replace("ExecutionProvider", ""))
 
-metrics = card.get("metrics") or {}
 st.markdown("#### Accuracy per variant (validation split)")
 rows = []
-for name, m in metrics.items():
-    gate = m.get("gate") or {}
+for name, m in card.variants.items():
     rows.append(
         {
             "variant": name,
-            "file": m.get("file"),
-            "top-1 %": round(100 * (m.get("top1") or 0), 2),
-            "top-5 %": round(100 * (m.get("top5") or 0), 2),
-            "ECE": round(m.get("ece") or 0, 4),
-            "size MB": round((m.get("size_bytes") or 0) / 1e6, 2),
-            "gate": "reference" if name == "fp32" else ("passed" if gate.get("passed") else "failed"),
+            "file": m.file,
+            "top-1 %": round(100 * (m.top1 or 0), 2),
+            "top-5 %": round(100 * (m.top5 or 0), 2),
+            "ECE": round(m.ece or 0, 4),
+            "size MB": round((m.size_bytes or 0) / 1e6, 2),
+            "gate": "reference" if name == "fp32" else ("passed" if m.gate and m.gate.passed else "failed"),
         }
     )
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-for name, reasons in (card.get("rejected_variants") or {}).items():
+for name, reasons in card.rejected_variants.items():
     st.caption(f"{name} was not published: {'; '.join(reasons)}")
 
-m = metrics.get(served["variant"]) or {}
-per_class = m.get("per_class") or {}
+served_variant = card.variants.get(served["variant"])
+per_class = served_variant.per_class if served_variant else {}
 left, right = st.columns(2)
 with left:
     st.markdown(f"#### Accuracy per class ({served['variant']})")
@@ -61,8 +63,8 @@ with left:
             [
                 {
                     "class": names.get(k, k),
-                    "accuracy %": round(100 * v.get("recall", 0), 1),
-                    "images": v.get("support"),
+                    "accuracy %": round(100 * (v.recall or 0), 1),
+                    "images": v.support,
                 }
                 for k, v in per_class.items()
             ]
@@ -74,7 +76,7 @@ with left:
         st.info("This card has no per-class figures.")
 with right:
     st.markdown("#### Confusion matrix")
-    matrix = m.get("confusion_matrix")
+    matrix = served_variant.confusion_matrix if served_variant else None
     if matrix:
         labels = [c["display_name"] for c in served["classes"]]
         cells = pd.DataFrame(
@@ -99,21 +101,21 @@ with right:
     else:
         st.info("This card has no confusion matrix (published before thali recorded it).")
 
-dataset, lineage = card.get("dataset") or {}, card.get("lineage") or {}
+dataset, lineage = card.dataset, card.lineage
 st.markdown("#### Data and licence")
 st.write(
-    f"Validation images: {dataset.get('validation_images', '?')} · fingerprint "
-    f"`{str(dataset.get('fingerprint', '?'))[:16]}…`"
+    f"Validation images: {dataset.validation_images or '?'} · fingerprint "
+    f"`{str(dataset.fingerprint or '?')[:16]}…`"
 )
-st.info(f"Licence: {dataset.get('licence', 'not stated')}")
+st.info(f"Licence: {card.licence}")
 st.markdown("#### Lineage")
 st.json(
     {
-        "created": card.get("created_at"),
-        "thali": card.get("thali_version"),
-        "run": lineage.get("run"),
-        "checkpoint sha256": lineage.get("checkpoint_sha256"),
-        "exported": lineage.get("exported_at"),
+        "published": card.published_at,
+        "thali": card.thali_version,
+        "run": lineage.run_id,
+        "checkpoint sha256": lineage.checkpoint_sha256,
+        "exported": lineage.exported_at,
         "signed by": domain.get("signed_by") or "unsigned",
     },
     expanded=False,

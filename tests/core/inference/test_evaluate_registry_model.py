@@ -46,7 +46,19 @@ def test_a_registry_model_scores_like_its_training_run(
     assert ours["model"] == "tiny@1" and ours["variant"] == "fp32" and ours["backend"] == "onnxruntime"
     assert ours["provider"] == "CPUExecutionProvider" and ours["temperature"] == run["temperature"]
 
-    torch = _json(_evaluate(registry, "tiny@1", "--data", str(tiny_data), "--json", "--backend", "torch"))
+    torch = _json(
+        _evaluate(
+            registry,
+            "tiny@1",
+            "--data",
+            str(tiny_data),
+            "--json",
+            "--backend",
+            "torch",
+            "--run",
+            str(tiny_run),
+        )
+    )
     assert torch["backend"] == "torch" and torch["top1"] == run["top1"]
     assert torch["confusion_matrix"] == run["confusion_matrix"]
 
