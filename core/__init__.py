@@ -14,6 +14,7 @@ from __future__ import annotations
 from importlib import metadata
 
 from .config import DomainConfig, check_components, load_config
+from .contracts import AttentionModule, Backbone, LabelledSamples, Loss, PredictOnlyBackend
 from .domains import DomainPack, register_domain_dir, resolve_domain
 from .errors import (
     ConfigError,
@@ -24,18 +25,25 @@ from .errors import (
     RegistryError,
     ThaliError,
     UnknownComponentError,
+    one_line,
 )
+from .export import CAM, FEATURES, LOGITS, STAGE_FEATURES, ExportContext, Exporter, variant_file
 from .hookspecs import hookimpl, hookspec
+from .manifest import Manifest, ModelPackage
 from .plugins import DEFAULT_PLUGINS, PluginInfo, ThaliPluginManager, build_plugin_manager
 from .registry import COMPONENT_KINDS, Entry, Registries, Registry
+
+#: Imported on first use: torch (FeatureBackbone) and numpy (the serving contract) stay unloaded by
+#: ``import thali.core``.
+_LAZY = {"FeatureBackbone": ".training.backbone", "ServingBackend": ".inference.backend"}
 
 
 def __getattr__(name: str) -> object:
     """``thali.core.FeatureBackbone`` without importing torch when thali.core is imported."""
-    if name == "FeatureBackbone":
-        from .training.backbone import FeatureBackbone
+    if name in _LAZY:
+        import importlib
 
-        return FeatureBackbone
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'thali.core' has no attribute {name!r}")
 
 
@@ -44,31 +52,54 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+source"
 
+#: The plugin API: what a plugin written from docs/writing-a-domain-plugin.md imports (the guide lists
+#: the same names; a test holds them equal). Everything else here is thali's own machinery: importable,
+#: but not a promise.
 __all__ = [
-    "COMPONENT_KINDS",
-    "DEFAULT_PLUGINS",
+    "CAM",
+    "FEATURES",
+    "LOGITS",
+    "STAGE_FEATURES",
+    "AttentionModule",
+    "Backbone",
     "ConfigError",
     "DataError",
-    "DomainConfig",
     "DomainPack",
-    "DuplicateComponentError",
     "Entry",
+    "ExportContext",
+    "Exporter",
     "FeatureBackbone",
+    "LabelledSamples",
+    "Loss",
+    "Manifest",
+    "ModelPackage",
     "NotAvailableError",
     "PluginError",
-    "PluginInfo",
+    "PredictOnlyBackend",
     "Registries",
     "Registry",
-    "RegistryError",
+    "ServingBackend",
     "ThaliError",
-    "ThaliPluginManager",
-    "UnknownComponentError",
     "__version__",
     "build_plugin_manager",
-    "check_components",
     "hookimpl",
-    "hookspec",
     "load_config",
+    "one_line",
     "register_domain_dir",
-    "resolve_domain",
+    "variant_file",
 ]
+
+#: thali's own machinery, re-exported for its modules and tests (not part of the plugin API)
+_INTERNAL = (
+    COMPONENT_KINDS,
+    DEFAULT_PLUGINS,
+    DomainConfig,
+    DuplicateComponentError,
+    PluginInfo,
+    RegistryError,
+    ThaliPluginManager,
+    UnknownComponentError,
+    check_components,
+    hookspec,
+    resolve_domain,
+)

@@ -20,11 +20,14 @@ hook would otherwise be silently ignored).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
+    from .contracts import AnyServingBackend, AttentionModule, Backbone, LabelledSamples, Loss
+    from .domains import DomainPack
+    from .export import Exporter
     from .registry import Registry
 
 PROJECT_NAME = "thali"
@@ -35,7 +38,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def thali_register_datasets(registry: Registry[Any]) -> None:
+def thali_register_datasets(registry: Registry[LabelledSamples]) -> None:
     """Register dataset readers.
 
     Called once when the plugin manager is built. Add one entry per reader. The factory is called as
@@ -47,7 +50,7 @@ def thali_register_datasets(registry: Registry[Any]) -> None:
 
 
 @hookspec
-def thali_register_backbones(registry: Registry[Any]) -> None:
+def thali_register_backbones(registry: Registry[Backbone]) -> None:
     """Register image backbones.
 
     Called once when the plugin manager is built. The factory is called as
@@ -78,7 +81,7 @@ def thali_register_backbones(registry: Registry[Any]) -> None:
 
 
 @hookspec
-def thali_register_attention(registry: Registry[Any]) -> None:
+def thali_register_attention(registry: Registry[AttentionModule]) -> None:
     """Register attention modules.
 
     Called once when the plugin manager is built. The factory is called as
@@ -89,7 +92,7 @@ def thali_register_attention(registry: Registry[Any]) -> None:
 
 
 @hookspec
-def thali_register_losses(registry: Registry[Any]) -> None:
+def thali_register_losses(registry: Registry[Loss]) -> None:
     """Register training losses.
 
     Called once when the plugin manager is built. The factory is called as
@@ -104,7 +107,7 @@ def thali_register_losses(registry: Registry[Any]) -> None:
 
 
 @hookspec
-def thali_register_exporters(registry: Registry[Any]) -> None:
+def thali_register_exporters(registry: Registry[Exporter]) -> None:
     """Register model exporters and optimisers (ONNX export, graph optimisation, quantisation, fp16).
 
     Called once when the plugin manager is built. The factory is called as ``factory(**params)`` and
@@ -115,24 +118,27 @@ def thali_register_exporters(registry: Registry[Any]) -> None:
 
 
 @hookspec
-def thali_register_serving_backends(registry: Registry[Any]) -> None:
+def thali_register_serving_backends(registry: Registry[AnyServingBackend]) -> None:
     """Register serving backends (ONNX Runtime, torch, ...).
 
     Called once when the plugin manager is built. The factory is called as
-    ``factory(model_path, **params)`` and returns an object with ``predict(batch) -> logits`` for a
-    preprocessed ``float32`` batch ``(N, 3, H, W)`` and ``info() -> dict`` (provider actually used).
-    ``params`` always include ``variant`` (the package variant being served), ``package`` (the verified
-    :class:`thali.registry.ModelPackage`, with its card and lineage) and ``registries``; a backend takes
-    what it needs and ignores the rest (``**params``). Optionally ``explain(batch) -> (logits, cam)``
-    with class-activation maps ``(N, K, h, w)``, and ``infer(batch, cam=False) -> dict`` with
-    ``logits``, ``features`` (N, C) and ``stage_features`` (N, S, when the model has that output) for
-    the package's unknown score, and ``cam`` if asked. The full
-    contract is :class:`thali.core.inference.ServingBackend`. An ONNX backend must not import training code.
+    ``factory(model_path, **params)``; ``params`` always include ``variant`` (the package variant being
+    served), ``package`` (the verified :class:`thali.core.manifest.ModelPackage`: its typed ``manifest``,
+    ``labels``, ``preprocess``, ``calibration`` and verified ``files``) and ``registries``; a backend
+    takes what it needs and ignores the rest (``**params``).
+
+    It returns a :class:`thali.core.inference.ServingBackend`: ``capabilities`` (which of ``features``,
+    ``stage_features``, ``cam`` it gives besides ``logits``: the server decides from them at load time,
+    it never probes), ``run(batch, outputs) -> dict`` for a preprocessed ``float32`` batch
+    ``(N, 3, H, W)``, and ``info() -> dict`` (the provider actually used). A backend written to the
+    first contract, ``predict(batch) -> logits`` and ``info()`` (optionally ``explain(batch) -> (logits,
+    cam)``, ``infer(batch, cam=False) -> dict``), still works: the server wraps it
+    (:class:`thali.core.inference.PredictOnlyAdapter`). An ONNX backend must not import training code.
     """
 
 
 @hookspec
-def thali_register_domains(registry: Registry[Any]) -> None:
+def thali_register_domains(registry: Registry[DomainPack]) -> None:
     """Register domain packs.
 
     Called once when the plugin manager is built. The factory takes no arguments and returns a

@@ -10,6 +10,7 @@ Registering is cheap by contract: ``add`` stores a callable and a dict; nothing 
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import fnmatch
 import functools
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .errors import (
     DuplicateComponentError,
@@ -28,6 +29,11 @@ from .errors import (
     UnknownComponentError,
     one_line,
 )
+
+if TYPE_CHECKING:
+    from .contracts import AnyServingBackend, AttentionModule, Backbone, LabelledSamples, Loss
+    from .domains import DomainPack
+    from .export import Exporter
 
 T = TypeVar("T")
 
@@ -212,7 +218,7 @@ class Registry(Generic[T]):
         """The entries whose name matches the glob ``pattern``, sorted by name."""
         return [e for n, e in sorted(self._entries.items()) if fnmatch.fnmatchcase(n, pattern)]
 
-    def names(self) -> list[str]:
+    def names(self) -> builtins.list[str]:
         """All registered names, sorted."""
         return sorted(self._entries)
 
@@ -231,15 +237,18 @@ class Registry(Generic[T]):
 
 @dataclass
 class Registries:
-    """One registry per component kind, filled by the plugins' registration hooks."""
+    """One registry per component kind, filled by the plugins' registration hooks; each is typed with
+    the Protocol of what its factories return (:mod:`thali.core.contracts`)."""
 
-    datasets: Registry[Any] = field(default_factory=lambda: Registry("datasets"))
-    backbones: Registry[Any] = field(default_factory=lambda: Registry("backbones"))
-    attention: Registry[Any] = field(default_factory=lambda: Registry("attention"))
-    losses: Registry[Any] = field(default_factory=lambda: Registry("losses"))
-    exporters: Registry[Any] = field(default_factory=lambda: Registry("exporters"))
-    serving_backends: Registry[Any] = field(default_factory=lambda: Registry("serving_backends"))
-    domains: Registry[Any] = field(default_factory=lambda: Registry("domains"))
+    datasets: Registry[LabelledSamples] = field(default_factory=lambda: Registry("datasets"))
+    backbones: Registry[Backbone] = field(default_factory=lambda: Registry("backbones"))
+    attention: Registry[AttentionModule] = field(default_factory=lambda: Registry("attention"))
+    losses: Registry[Loss] = field(default_factory=lambda: Registry("losses"))
+    exporters: Registry[Exporter] = field(default_factory=lambda: Registry("exporters"))
+    serving_backends: Registry[AnyServingBackend] = field(
+        default_factory=lambda: Registry("serving_backends")
+    )
+    domains: Registry[DomainPack] = field(default_factory=lambda: Registry("domains"))
 
     def of(self, kind: str) -> Registry[Any]:
         """The registry of ``kind`` (one of :data:`COMPONENT_KINDS`)."""
