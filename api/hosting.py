@@ -128,9 +128,9 @@ class ServingPlan:
 
 def split_ref(text: str) -> tuple[str, str | None]:
     """``NAME[@REF]`` -> (name, ref or None), both through the name rule."""
-    name, _, ref = text.partition("@")
+    name, _, asked = text.partition("@")
     check_name(name.strip(), "domain")
-    ref = ref.strip() or None
+    ref = asked.strip() or None
     if ref is not None and not (ref.lower() == "latest" or version_number(ref.lower()) is not None):
         check_name(ref, "version or alias")
     return name.strip(), ref

@@ -76,7 +76,9 @@ class PredictionSchema(Schema):
     version = fields.Integer(required=True)
     variant = fields.String(required=True)
     predictions = fields.List(fields.Nested(LabelSchema), required=True)
-    unknown = fields.Boolean(
+    # marshmallow moves declared fields off the class, so this does not shadow Schema.unknown (the Meta
+    # option); mypy reads the class body only
+    unknown = fields.Boolean(  # type: ignore[assignment]
         required=True,
         metadata={"description": "not one of the domain's classes: unknown_score under unknown_threshold"},
     )

@@ -31,7 +31,7 @@ from .export import EXPORT_MANIFEST, variant_file
 from .images import DEFAULT_CROP_PCT, DEFAULT_LIMITS
 from .names import is_valid_name
 
-FORMAT = 2
+FORMAT: Literal[2] = 2
 #: File names inside a package (and an export folder).
 CARD = EXPORT_MANIFEST
 LABELS = "labels.json"

@@ -32,7 +32,7 @@ import re
 import socket
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ class ModelRegistry:
         url: str | Path | None = None,
         storage_options: dict[str, Any] | None = None,
         cache_dir: str | Path | None = None,
-        trusted_keys: list[str | Path] | None = None,
+        trusted_keys: Sequence[str | Path] | None = None,
     ) -> None:
         import fsspec
 
@@ -110,7 +110,7 @@ class ModelRegistry:
         # keyed by URL and options: two endpoints (or credentials) behind one URL never share a cache
         identity = json.dumps({"url": self.url, "options": options}, sort_keys=True, default=repr)
         key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        base = Path(cache_dir or os.environ.get("THALI_CACHE", Path.home() / ".cache" / "thali"))
+        base = Path(cache_dir or os.environ.get("THALI_CACHE") or Path.home() / ".cache" / "thali")
         self.cache = base / "registry" / key
 
     # -- paths and low-level writes ------------------------------------------------------------

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from thali.core.images import DEFAULT_CROP_PCT
 from thali.core.manifest import CALIBRATION, CARD, LABELS, PREPROCESS, Manifest, Preprocess
 from thali.core.quiet import no_update_checks
 from thali.core.registry import Registries
+
+if TYPE_CHECKING:
+    from thali.core.training.data import Split
 
 from .data import calibration_batches, fingerprint, load_validation, run_split
 from .gate import gate, run_onnx
@@ -100,7 +103,7 @@ class _Setup:
     config: DomainConfig
     model: Any
     temperature: float
-    split: dict[str, Any]
+    split: Split
     root: Path
     transform: Any
     limits: Any

@@ -4,7 +4,7 @@ backend for a model package, checking what a plugin returned."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -109,6 +109,7 @@ def load_backend(registries: Registries, name: str, model_path: Path, /, **param
         raise PluginError(f"serving backend {name!r} (plugin {entry.plugin!r}): info() must return a dict")
     if not native:
         return PredictOnlyAdapter(backend, info)
+    backend = cast(ServingBackend, backend)
     extra = set(backend.capabilities) - CAPABILITIES
     if extra:
         raise PluginError(
