@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
+import traceback
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,11 +39,174 @@ def thali_command() -> list[str]:
 
 
 def run_thali(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real ``thali`` console script in a subprocess."""
+    """Run the real ``thali`` console script in a subprocess.
+
+    For tests where the process boundary is the point (the installed console script, signals, a fresh
+    interpreter's imports or entry points); everything else uses :func:`thali_in_process`."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [*thali_command(), *args], capture_output=True, text=True, env=full_env, timeout=120
     )
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one ``thali`` command gave: the fields of ``subprocess.CompletedProcess`` the tests read."""
+
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class InProcessTimeout(BaseException):
+    """A command ran past its limit (a BaseException, so no ``except Exception`` in thali swallows it)."""
+
+
+# The warning filters of a plain `python` (no -W, no -X dev): what a fresh `thali` process shows.
+_INTERPRETER_WARNING_FILTERS: tuple[tuple[Any, type[Warning], str], ...] = (
+    ("default", DeprecationWarning, "__main__"),
+    ("ignore", DeprecationWarning, ""),
+    ("ignore", PendingDeprecationWarning, ""),
+    ("ignore", ImportWarning, ""),
+    ("ignore", ResourceWarning, ""),
+)
+
+
+def _show_warning(
+    message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _flush_c_stdio() -> None:
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+
+
+@contextlib.contextmanager
+def _fds_captured() -> Iterator[tuple[Any, Any]]:
+    """File descriptors 1 and 2, and ``sys.stdout`` / ``sys.stderr`` over them, into two temporary
+    files: what a subprocess's pipes would get, C-level writes (ONNX Runtime's log) included."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        streams = sys.stdout, sys.stderr
+        for stream in streams:
+            with contextlib.suppress(Exception):
+                stream.flush()
+        _flush_c_stdio()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout = open(1, "w", encoding="utf-8", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)  # noqa: SIM115
+        try:
+            yield out, err
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            _flush_c_stdio()
+            sys.stdout, sys.stderr = streams
+            for fd, copy in zip((1, 2), saved, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`InProcessTimeout` after ``seconds`` (main thread only; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise InProcessTimeout(f"thali ran past {seconds:.0f} s in process")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def _state_restored() -> Iterator[None]:
+    """Put back what a command may change in this process: the environment, the working folder,
+    sys.path, the root logger (``logging.basicConfig`` in train/export/serve) and every logger's level.
+    Modules imported from a temporary folder (a test's plugin distribution) are forgotten, so the next
+    command imports them afresh, as a new process would."""
+    environ, cwd, path, modules = dict(os.environ), os.getcwd(), list(sys.path), set(sys.modules)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {
+        name: logger.level
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    # no pytest handler on the root logger while the command runs: its records reach stderr (its own
+    # basicConfig, or logging's last resort) as they would in a process of its own
+    for handler in handlers:
+        root.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+            if handler not in handlers:
+                handler.close()
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        for name, logger in logging.Logger.manager.loggerDict.items():
+            if isinstance(logger, logging.Logger):
+                logger.setLevel(levels.get(name, logging.NOTSET))
+        os.chdir(cwd)
+        sys.path[:] = path
+        if os.environ != environ:
+            os.environ.clear()
+            os.environ.update(environ)
+        temp = os.path.realpath(tempfile.gettempdir()) + os.sep
+        for name in set(sys.modules) - modules:
+            file = getattr(sys.modules.get(name), "__file__", None)
+            if file and os.path.realpath(file).startswith(temp):
+                del sys.modules[name]
+
+
+def thali_in_process(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Result:
+    """Run ``thali ARGS`` by calling its entry point in this process: the result of :func:`run_thali`
+    (exit code, and stdout / stderr as a subprocess's pipes would hold them) without starting an
+    interpreter and importing torch again. ``env`` is set for the call only."""
+    from thali.core.cli.main import main
+
+    argv = [str(a) for a in args]
+    with _state_restored(), _fds_captured() as (out, err), warnings.catch_warnings():
+        warnings.resetwarnings()
+        for action, category, module in reversed(_INTERPRETER_WARNING_FILTERS):
+            warnings.filterwarnings(action, category=category, module=module)
+        warnings.showwarning = _show_warning
+        os.environ.update(env or {})
+        try:
+            with _time_limit(timeout):
+                code: Any = main(argv)
+        except SystemExit as exc:  # argparse (usage errors, --help, --version) exits
+            code = exc.code
+        except Exception:  # what the interpreter does with an uncaught error: a traceback, status 1
+            traceback.print_exc()
+            code = 1
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode("utf-8")
+        stderr = err.read().decode("utf-8", "backslashreplace")
+    return Result(["thali", *argv], code or 0, stdout, stderr)
 
 
 DEMO_PLUGIN = '''
