@@ -26,6 +26,9 @@ ENTRY_POINT_GROUP = "thali"
 AUTOLOAD_ENV = "THALI_DISABLE_PLUGIN_AUTOLOAD"
 BLOCK_ENV = "THALI_BLOCK_PLUGINS"
 
+#: Where a registered plugin came from: (module or entry-point value, source, distribution, version).
+Origin = tuple[str, str, str | None, str | None]
+
 #: The built-in plugins, registered in this order before any third-party plugin.
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "thali.plugins.domain_packs",
@@ -74,7 +77,7 @@ class ThaliPluginManager:
 
     pm: pluggy.PluginManager
     registries: Registries
-    _origins: dict[str, tuple[str, str, str | None, str | None]]
+    _origins: dict[str, Origin]
     blocked: list[str] = field(default_factory=list)
 
     @property
@@ -181,9 +184,21 @@ def build_plugin_manager(
     blocked = _blocked_names(block)
     for name in blocked:
         pm.set_blocked(name)
-    origins: dict[str, tuple[str, str, str | None, str | None]] = {}
-    version = _thali_version()
+    origins: dict[str, Origin] = {}
+    _register_builtins(pm, builtins, origins)
+    if autoload is None:
+        autoload = not os.environ.get(AUTOLOAD_ENV)
+    if autoload:
+        _register_entry_points(pm, origins)
+    _register_direct(pm, plugins, origins)
+    _check_pending(pm)
+    registries = _fill_registries(pm, origins)
+    return ThaliPluginManager(pm=pm, registries=registries, _origins=origins, blocked=blocked)
 
+
+def _register_builtins(pm: pluggy.PluginManager, builtins: Sequence[str], origins: dict[str, Origin]) -> None:
+    """The built-in plugin modules, in order (a blocked one skipped)."""
+    version = _thali_version()
     for module_name in builtins:
         if pm.is_blocked(module_name):
             continue
@@ -191,38 +206,44 @@ def build_plugin_manager(
         _register(pm, module, module_name, "built-in")
         origins[module_name] = (module_name, "builtin", "thali", version)
 
-    if autoload is None:
-        autoload = not os.environ.get(AUTOLOAD_ENV)
-    if autoload:
-        for ep in _entry_points():
-            dist_name = ep.dist.name if ep.dist else None
-            dist_version = ep.dist.version if ep.dist else None
-            origin = f"entry point {ep.name} = {ep.value} in {dist_name or '?'} {dist_version or ''}"
-            if pm.is_blocked(ep.name):
-                continue
-            if ep.name in origins:
-                first = origins[ep.name]
-                raise PluginError(
-                    f"two plugins are named {ep.name!r}: {first[0]} ({first[2]}) and {ep.value} "
-                    f"({dist_name}); uninstall or block one (THALI_BLOCK_PLUGINS={ep.name})"
-                )
-            try:
-                plugin = ep.load()
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {ep.name!r} failed to import ({origin.strip()}): {type(exc).__name__}: {exc}"
-                ) from exc
-            _register(pm, plugin, ep.name, origin)
-            origins[ep.name] = (ep.value, "entry-point", dist_name, dist_version)
 
+def _register_entry_points(pm: pluggy.PluginManager, origins: dict[str, Origin]) -> None:
+    """Third-party plugins of the ``thali`` entry-point group, by name; a name taken twice is an error."""
+    for ep in _entry_points():
+        dist_name = ep.dist.name if ep.dist else None
+        dist_version = ep.dist.version if ep.dist else None
+        origin = f"entry point {ep.name} = {ep.value} in {dist_name or '?'} {dist_version or ''}"
+        if pm.is_blocked(ep.name):
+            continue
+        if ep.name in origins:
+            first = origins[ep.name]
+            raise PluginError(
+                f"two plugins are named {ep.name!r}: {first[0]} ({first[2]}) and {ep.value} "
+                f"({dist_name}); uninstall or block one (THALI_BLOCK_PLUGINS={ep.name})"
+            )
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {ep.name!r} failed to import ({origin.strip()}): {type(exc).__name__}: {exc}"
+            ) from exc
+        _register(pm, plugin, ep.name, origin)
+        origins[ep.name] = (ep.value, "entry-point", dist_name, dist_version)
+
+
+def _register_direct(
+    pm: pluggy.PluginManager, plugins: Sequence[tuple[str, object]], origins: dict[str, Origin]
+) -> None:
+    """The ``(name, plugin_object)`` pairs passed to :func:`build_plugin_manager`."""
     for name, plugin in plugins:
         if pm.is_blocked(name):
             continue
         _register(pm, plugin, name, "passed directly")
         origins[name] = (getattr(plugin, "__name__", type(plugin).__name__), "direct", None, None)
 
-    _check_pending(pm)
 
+def _fill_registries(pm: pluggy.PluginManager, origins: dict[str, Origin]) -> Registries:
+    """One registry per component kind, filled by every plugin's ``thali_register_<kind>`` hook."""
     registries = Registries()
     for kind in COMPONENT_KINDS:
         registry = registries.of(kind)
@@ -238,4 +259,4 @@ def build_plugin_manager(
                 except Exception as exc:
                     where = f"plugin {impl.plugin_name!r}" + (f" ({origin})" if origin else "")
                     raise PluginError(f"{where} failed in thali_register_{kind}: {one_line(exc)}") from exc
-    return ThaliPluginManager(pm=pm, registries=registries, _origins=origins, blocked=blocked)
+    return registries
