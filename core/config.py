@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from .errors import ConfigError, UnknownComponentError
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
@@ -527,7 +528,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[tuple[Any
     return touched
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: ErrorDetails) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         return "unknown field (not part of the schema; check the spelling)"

@@ -63,6 +63,8 @@ def _ours(record: logging.LogRecord) -> bool:
 def _flush_all() -> None:
     """Flush Python's and C's buffered output, so it lands on the side of the switch it was written on."""
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is None:  # sys.__stdout__ and sys.__stderr__ are None without a console (pythonw)
+            continue
         with contextlib.suppress(Exception):
             stream.flush()
     with contextlib.suppress(Exception):

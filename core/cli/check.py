@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from thali.core.errors import ConfigError
-from thali.core.plugins import ThaliPluginManager
+from thali.core.plugins import PluginInfo, ThaliPluginManager
 from thali.core.registry import COMPONENT_KINDS, closest_names
 
 from .context import Context, print_json
@@ -68,26 +68,32 @@ def resolve(pm: ThaliPluginManager, targets: list[str], kind: str | None) -> lis
     infos = pm.plugins()
     owned = [(info, k, n) for info in infos for k in COMPONENT_KINDS for n in info.components.get(k, [])]
     chosen: list[tuple[str, str]] = []
-    for target in targets or [None]:
-        if target is None:
-            plugins = {i.name for i in infos}
-        else:  # a plugin name first, then a distribution name
-            plugins = {i.name for i in infos if i.name == target} or {
-                i.name for i in infos if i.distribution and _normalise(i.distribution) == _normalise(target)
-            }
-        if plugins:
-            found = [(k, n) for info, k, n in owned if info.name in plugins]
-        elif ":" in target:
-            prefix, _, name = target.partition(":")
-            k = _kind(prefix)
-            pm.registries.of(k).get(name)  # an unknown name: the registry's error, with suggestions
-            found = [(k, name)]
-        else:
-            found = [(k, target) for k in COMPONENT_KINDS if target in pm.registries.of(k)]
-            if not found:
-                raise _unknown(pm, target)
+    wanted: list[str | None] = list(targets) if targets else [None]  # no target: every plugin
+    for target in wanted:
+        found = [(k, n) for _, k, n in owned] if target is None else _named(pm, infos, owned, target)
         chosen += [(k, n) for k, n in found if kind in (None, k)]
     return list(dict.fromkeys(chosen))
+
+
+def _named(
+    pm: ThaliPluginManager, infos: list[PluginInfo], owned: list[tuple[PluginInfo, str, str]], target: str
+) -> list[tuple[str, str]]:
+    """The ``(kind, name)`` components one target names: a plugin name first, then a distribution name,
+    then ``kind:name``, then a component name of any kind."""
+    plugins = {i.name for i in infos if i.name == target} or {
+        i.name for i in infos if i.distribution and _normalise(i.distribution) == _normalise(target)
+    }
+    if plugins:
+        return [(k, n) for info, k, n in owned if info.name in plugins]
+    if ":" in target:
+        prefix, _, name = target.partition(":")
+        k = _kind(prefix)
+        pm.registries.of(k).get(name)  # an unknown name: the registry's error, with suggestions
+        return [(k, name)]
+    found = [(k, target) for k in COMPONENT_KINDS if target in pm.registries.of(k)]
+    if not found:
+        raise _unknown(pm, target)
+    return found
 
 
 def _unknown(pm: ThaliPluginManager, target: str) -> ConfigError:

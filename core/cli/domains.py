@@ -32,7 +32,7 @@ def run(ctx: Context) -> int:
     if not rows:
         print("no domain packs found; install a plugin that registers one")
         return 0
-    width = max(len(r["name"]) for r in rows)
+    width = max(len(e.name) for e in entries)
     for r in rows:
         print(f"{r['name']:<{width}}  {r['classes']:>3} classes  {r['description']}")
         print(f"{'':<{width}}  from {r['plugin']}: {r['path']}")
