@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -44,6 +44,7 @@ class MicroBatcher:
     of arrays when ``run`` returns several outputs) and this job's :class:`BatchStats` (its own queue
     wait). ``on_batch`` is called with the batch's stats (the first job's wait) after each batch."""
 
+    @overload
     def __init__(
         self,
         run: Callable[[np.ndarray], Any],
@@ -53,12 +54,39 @@ class MicroBatcher:
         name: str = "model",
         on_batch: Callable[[BatchStats], None] | None = None,
         max_queue: int = 4096,
+        takes_flag: Literal[False] = False,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        run: Callable[[np.ndarray, bool], Any],
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        name: str = "model",
+        on_batch: Callable[[BatchStats], None] | None = None,
+        max_queue: int = 4096,
+        takes_flag: Literal[True],
+    ) -> None: ...
+
+    def __init__(
+        self,
+        run: Callable[..., Any],
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        name: str = "model",
+        on_batch: Callable[[BatchStats], None] | None = None,
+        max_queue: int = 4096,
         takes_flag: bool = False,
     ) -> None:
+        # run(batch), or run(batch, flag) with takes_flag: the overloads tie the one to the other
         self.run, self.max_batch_size, self.max_wait = run, max(1, max_batch_size), max_wait_ms / 1000
         self.on_batch = on_batch
         self.takes_flag = takes_flag
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._carry: _Job | None = None  # a job that did not fit in the batch gathered: the next one's first
         self._closed = False
         self._closing = threading.Lock()  # no job can be queued behind close()'s end-of-queue marker
         self._incoming = 0  # requests announced (decoding) but not yet submitted
@@ -128,7 +156,7 @@ class MicroBatcher:
         return jobs, stop
 
     def _loop(self) -> None:
-        self._carry: _Job | None = None
+        self._carry = None
         while True:
             job = self._carry or self._queue.get()
             self._carry = None

@@ -59,6 +59,7 @@ def predictions(
     under ``calibration["unknown_threshold"]``."""
     temperature = float(calibration.get("temperature") or 1.0)
     probs = softmax(np.atleast_2d(logits), temperature)
+    threshold: float | None
     if unknown_score is not None and features is not None:
         method, threshold = METHOD, unknown_score.threshold
         values = unknown_score.scores(features, stage_features)
@@ -100,7 +101,7 @@ def heatmap_png(cam: np.ndarray, crop: np.ndarray, alpha: float = 0.45) -> str:
     cam = cam / cam.max() if cam.max() > 0 else cam
     h, w = crop.shape[:2]
     heat = cv2.resize(cam, (w, h), interpolation=cv2.INTER_CUBIC)
-    colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)[:, :, ::-1]
+    colour = cv2.applyColorMap((np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
     overlay = (alpha * colour + (1 - alpha) * crop).astype(np.uint8)
     ok, png = cv2.imencode(".png", overlay[:, :, ::-1])
     if not ok:  # pragma: no cover - OpenCV always encodes a uint8 image
