@@ -99,16 +99,18 @@ def as_feature_backbone(module: Any, name: str, who: str, metadata: Mapping[str,
         )
     try:
         c, h, w = (int(v) for v in metadata["input_size"])
-        preprocess = {
+        mean = tuple(float(v) for v in metadata["mean"])
+        std = tuple(float(v) for v in metadata["std"])
+        preprocess: dict[str, Any] = {
             "input_size": (c, h, w),
-            "mean": tuple(float(v) for v in metadata["mean"]),
-            "std": tuple(float(v) for v in metadata["std"]),
+            "mean": mean,
+            "std": std,
             "interpolation": str(metadata.get("interpolation", "bilinear")),
             "crop_pct": float(metadata.get("crop_pct", DEFAULT_CROP_PCT)),
         }
     except (TypeError, ValueError) as exc:
         raise PluginError(f"backbone {name!r} ({who}): unusable preprocessing metadata ({exc})") from None
-    if c != 3 or len(preprocess["mean"]) != 3 or len(preprocess["std"]) != 3:
+    if c != 3 or len(mean) != 3 or len(std) != 3:
         raise PluginError(f"backbone {name!r} ({who}): input_size, mean and std must be for 3 channels (RGB)")
     try:
         interpolation_flag(preprocess["interpolation"])

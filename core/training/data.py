@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from thali.core.errors import ConfigError, DataError
 from thali.core.files import read_bounded, write_atomic
 from thali.core.images import DEFAULT_LIMITS, ImageLimits, check_header, decode_rgb
 from thali.core.registry import Registries
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("thali.data")
 Sample = tuple[Path, int]
@@ -411,7 +414,11 @@ def read_split(path: Path, root: Path | None = None) -> Split:
     """A ``split.json``; files from before cross-collection splits read with empty ``val_cross``."""
     data = json.loads(path.read_text())
     base = Path(root or data["root"])
-    split = Split(*([(base / p, int(label)) for p, label in data[name]] for name in ("train", "val", "test")))
+
+    def part(name: str) -> list[Sample]:
+        return [(base / p, int(label)) for p, label in data[name]]
+
+    split = Split(part("train"), part("val"), part("test"))
     cross, groups = data.get("val_cross") or [], data.get("groups") or {}
     classes = list(data.get("classes") or [])
     if not (isinstance(cross, list) and all(type(i) is int and 0 <= i < len(split.val) for i in cross)):
@@ -475,8 +482,15 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
     random.seed(seed)
     transform = getattr(info.dataset, "transform", None) if info else None
-    if hasattr(transform, "set_random_seed"):
+    if transform is not None and hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
+
+
+def as_torch_dataset(dataset: ImageDataset) -> torch.utils.data.Dataset[Any]:
+    """``dataset`` as torch's annotations want it: torch types a loader's or sampler's dataset as its
+    ``Dataset`` class, but reads only ``len()`` and ``[i]``, which a map-style :class:`ImageDataset` has
+    (it does not subclass ``Dataset``, so importing this module needs no torch)."""
+    return cast("torch.utils.data.Dataset[Any]", dataset)
 
 
 def make_loader(
@@ -496,7 +510,7 @@ def make_loader(
     if num_workers == 0 and hasattr(dataset.transform, "set_random_seed"):
         dataset.transform.set_random_seed(seed)
     return torch.utils.data.DataLoader(
-        dataset,
+        as_torch_dataset(dataset),
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,

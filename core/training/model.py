@@ -8,6 +8,7 @@ and cached, see :mod:`thali.core.training.features`.
 from __future__ import annotations
 
 import logging
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -100,6 +101,13 @@ class Classifier(nn.Module):
         return self.classify(self.backbone(x))
 
 
+def _attention(registries: Registries, name: str, channels: int, params: dict[str, Any]) -> nn.Module:
+    """The attention module ``name`` for ``channels``. Its contract is a ``torch.nn.Module``
+    (:class:`thali.core.AttentionModule` only says what thali calls, to keep torch out of the plugin
+    API); ``nn.Sequential`` refuses anything else when the model is put together."""
+    return cast(nn.Module, registries.attention.create(name, channels, **params))
+
+
 def build_classifier(
     config: DomainConfig, registries: Registries, num_classes: int | None = None
 ) -> Classifier:
@@ -123,7 +131,7 @@ def build_classifier(
     for i, placement in enumerate(m.attention):
         if placement.where == "head":
             head_attention.append(
-                registries.attention.create(placement.name, backbone.num_features, **placement.params)
+                _attention(registries, placement.name, backbone.num_features, placement.params)
             )
             continue
         for s in placement.stages:
@@ -132,9 +140,7 @@ def build_classifier(
                     f"model.attention[{i}].stages: stage {s} does not exist; "
                     f"{m.backbone} has stages 0..{n_stages - 1}"
                 )
-            module = registries.attention.create(
-                placement.name, backbone.stage_channels[s], **placement.params
-            )
+            module = _attention(registries, placement.name, backbone.stage_channels[s], placement.params)
             backbone.stages[s] = nn.Sequential(backbone.stages[s], module)
             first_attention_stage = min(first_attention_stage, s)
 

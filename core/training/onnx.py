@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from thali.core.quiet import quiet
+
+if TYPE_CHECKING:  # annotations only
+    from .model import Classifier
 
 
 class WithCam(nn.Module):
@@ -24,7 +28,7 @@ class WithCam(nn.Module):
     under their own names, so the export's module paths (``backbone.stem``, for
     ``export.exclude_nodes``) are those of the classifier."""
 
-    def __init__(self, classifier: nn.Module) -> None:
+    def __init__(self, classifier: Classifier) -> None:
         super().__init__()
         self.backbone, self.attention = classifier.backbone, classifier.attention
         self.dropout, self.fc = classifier.dropout, classifier.fc
@@ -44,7 +48,7 @@ class ServingOutputs(nn.Module):
     average-pooled, concatenated in that order (what the unknown score's layers read). Module paths
     are the classifier's."""
 
-    def __init__(self, classifier: nn.Module, cam: bool = False, stages: Sequence[int] = ()) -> None:
+    def __init__(self, classifier: Classifier, cam: bool = False, stages: Sequence[int] = ()) -> None:
         super().__init__()
         self.backbone, self.attention = classifier.backbone, classifier.attention
         self.dropout, self.fc = classifier.dropout, classifier.fc
@@ -102,5 +106,6 @@ def export_onnx(
             dynamic_shapes=({0: batch},),
             verbose=False,
         )
+        assert program is not None  # only the legacy exporter (dynamo=False) returns None
         program.save(str(path))
     return Path(path)
