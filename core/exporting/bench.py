@@ -14,14 +14,17 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from thali.core.errors import DataError
+from thali.core.export import LOGITS
 from thali.core.inference.providers import PREFERRED_PROVIDERS, SHORT
+
+NO_EXTRAS: frozenset[str] = frozenset()  # outputs asked for besides logits
 
 
 @dataclass
@@ -65,7 +68,11 @@ def _onnx_row(registries: Any, path: Path, variant: str, provider: str) -> Row:
     )  # the engine at full speed, as the raw-engine rows of every benchmark measure it
     placement = dict(backend.info().get("nodes_by_provider") or {})
     label = f"onnxruntime {variant} ({SHORT.get(provider, provider)})"
-    return Row(label, "onnxruntime", variant, provider, backend.predict, path.stat().st_size, placement)
+
+    def run(x: np.ndarray) -> np.ndarray:  # logits only, through the call the server makes
+        return backend.run(x, NO_EXTRAS)[LOGITS]
+
+    return Row(label, "onnxruntime", variant, provider, run, path.stat().st_size, placement)
 
 
 def _has_torch() -> bool:
@@ -94,35 +101,104 @@ def _verified_json(folder: Path, name: str, expected: str) -> dict[str, Any]:
     return value
 
 
-def bench_model(
-    model_dir: Path,
-    registries: Any,
-    *,
-    data: str | Path | None = None,
-    batch: int = 32,
-    latency_runs: int = 50,
-    throughput_runs: int = 5,
-    providers: Sequence[str] | None = None,
-    torch_eager: bool = True,
-    limit: int | None = None,
-    synthetic: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Benchmark the export in ``model_dir``; returns the JSON-ready result (see :func:`markdown`)."""
-    import onnxruntime as ort
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class BenchRow:
+    """One row of the result: what ``bench.json`` lists under ``rows`` and :func:`markdown` prints."""
 
-    from thali.core.export import read_export_report, variant_file
+    name: str
+    engine: str
+    variant: str
+    provider_requested: str
+    nodes_by_provider: dict[str, int]
+    file_mb: float | None
+    latency_ms_p50: float
+    latency_ms_p95: float
+    throughput_img_s: float
+    top1: float | None
+    x_torch_eager: float | None  # throughput against plain torch eager on the CPU
+    x_ort_fp32: float | None  # throughput against ONNX Runtime fp32 on the same provider
+    # only for rows whose node placement was read (ONNX Runtime)
+    provider_used: str | None = None
+    fell_back_to_cpu: bool | None = None
+    # only when this row and its ONNX Runtime fp32 reference both have a top-1
+    top1_drop_vs_fp32: float | None = None
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("provider_used", "fell_back_to_cpu", "top1_drop_vs_fp32")
+
+    @classmethod
+    def of(cls, row: Row, batch: int, torch_cpu: Row | None, ref: Row | None) -> BenchRow:
+        """The measured ``row``, with its ratios against ``torch_cpu`` and ``ref`` (ORT fp32)."""
+        placed = row.nodes_by_provider
+        used = max(placed, key=lambda p: placed[p]) if placed else None
+        return cls(
+            name=row.name,
+            engine=row.engine,
+            variant=row.variant,
+            provider_requested=row.provider,
+            nodes_by_provider=placed,
+            file_mb=round(row.file_bytes / 1e6, 2) if row.file_bytes else None,
+            latency_ms_p50=round(1000 * _percentile(row.latency, 50), 2),
+            latency_ms_p95=round(1000 * _percentile(row.latency, 95), 2),
+            throughput_img_s=round(_throughput(row, batch), 1),
+            top1=round(row.top1, 4) if row.top1 is not None else None,
+            x_torch_eager=_ratio(row, torch_cpu, batch),
+            x_ort_fp32=_ratio(row, ref, batch),
+            provider_used=used,
+            fell_back_to_cpu=(
+                row.provider != "CPUExecutionProvider" and bool(placed.get("CPUExecutionProvider"))
+                if placed
+                else None
+            ),
+            top1_drop_vs_fp32=_top1_drop(row, ref),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON row: the optional keys only where they apply."""
+        entry = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in self.OPTIONAL:
+            if entry[key] is None:
+                del entry[key]
+        return entry
+
+
+def _throughput(row: Row, batch: int) -> float:
+    return batch / float(np.median(row.batch_times))
+
+
+def _top1_drop(row: Row, ref: Row | None) -> float | None:
+    """Top-1 points lost against ONNX Runtime fp32 on the same provider (``None`` if either has none)."""
+    if ref is None or ref.top1 is None or row.top1 is None:
+        return None
+    return round(100 * (ref.top1 - row.top1), 2)
+
+
+def _ratio(row: Row, reference: Row | None, batch: int) -> float | None:
+    return round(_throughput(row, batch) / _throughput(reference, batch), 2) if reference else None
+
+
+@dataclass(frozen=True)
+class _Input:
+    """What every row runs on: the images (validation, or random with ``synthetic``), their labels
+    (``None``: synthetic, no top-1), one batch of ``batch`` and a single image."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    batch: np.ndarray
+    single: np.ndarray
+
+
+def _bench_input(
+    run_dir: Path,
+    preprocess: dict[str, Any],
+    data: str | Path | None,
+    batch: int,
+    limit: int | None,
+    synthetic: bool,
+) -> _Input:
     from thali.core.inference.preprocess import Preprocessor
-    from thali.core.training.metrics import topk_accuracy
 
     from .data import load_validation, run_split
-    from .pipeline import sha256
 
-    model_dir = Path(model_dir)
-    meta = read_export_report(model_dir)  # the shape checked: names, file names, recorded sha256s
-    run_dir = Path(str(meta.get("lineage", {}).get("run", "")))
-    preprocess = _verified_json(model_dir, "preprocess.json", meta["files"]["preprocess.json"])
     labels: np.ndarray | None = None
     if synthetic:
         rng = np.random.default_rng(0)
@@ -141,7 +217,13 @@ def bench_model(
         batch_input = np.concatenate([images] * reps)[:batch]
     else:
         batch_input = images[:batch]
-    single = images[:1]
+    return _Input(images, labels, batch_input, images[:1])
+
+
+def _providers(requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """``(providers to run, notes)``: the requested (default: preferred) providers this onnxruntime
+    build has, and a note for each it lacks."""
+    import onnxruntime as ort
 
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" in available and hasattr(ort, "preload_dlls"):
@@ -149,75 +231,158 @@ def bench_model(
             ort.preload_dlls()
         except Exception as exc:  # the session will say what is missing; keep the reason
             print(f"note: onnxruntime.preload_dlls failed: {exc}")
-    wanted = [p for p in (providers or PREFERRED_PROVIDERS) if p in available]
-    missing = [p for p in (providers or PREFERRED_PROVIDERS) if p not in available]
-    variants = [v for v in meta["variants"] if (model_dir / variant_file(v)).is_file()]
+    wanted = [p for p in (requested or PREFERRED_PROVIDERS) if p in available]
+    missing = [p for p in (requested or PREFERRED_PROVIDERS) if p not in available]
+    return wanted, [f"{p} is not available in this onnxruntime build" for p in missing]
+
+
+def _torch_rows(run_dir: Path, meta: dict[str, Any], registries: Any, notes: list[str]) -> list[Row]:
+    """Torch eager rows from the run's checkpoint (plain and channels_last on the CPU, CUDA when
+    there is one); none, with a note, without torch or without that very checkpoint."""
+    from .pipeline import sha256
+
+    if not _has_torch():
+        notes.append("torch eager skipped: torch is not installed (pip install 'thali[train]')")
+        return []
+    checkpoint = run_dir / "best.pt"
+    if not checkpoint.is_file():
+        notes.append(f"torch eager skipped: {run_dir}/best.pt is gone")
+        return []
+    if sha256(checkpoint) != meta["lineage"].get("checkpoint_sha256"):
+        notes.append(f"torch eager skipped: {checkpoint} is not the checkpoint this export was made from")
+        return []
+    import copy
+
+    import torch
+
+    from thali.core.training.evaluate import load_run
+
+    model = load_run(run_dir, registries).model
+    rows = [_torch_row(model, "cpu"), _torch_row(copy.deepcopy(model), "cpu", channels_last=True)]
+    if torch.cuda.is_available():
+        rows.append(_torch_row(copy.deepcopy(model), "cuda"))
+    return rows
+
+
+def _build_rows(
+    model_dir: Path,
+    run_dir: Path,
+    meta: dict[str, Any],
+    registries: Any,
+    *,
+    variants: Sequence[str],
+    providers: Sequence[str],
+    torch_eager: bool,
+    notes: list[str],
+    progress: bool,
+) -> list[Row]:
+    """The torch eager rows, then one per variant and provider (a session that fails is a note)."""
+    from tqdm import tqdm
+
+    from thali.core.export import variant_file
 
     rows: list[Row] = []
-    notes: list[str] = [f"{p} is not available in this onnxruntime build" for p in missing]
-    if synthetic:
-        notes.append("synthetic input: timings only, no top-1")
-    setup = tqdm(desc="bench: loading", total=len(variants) * len(wanted) + 1, disable=not progress)
-    if torch_eager and not _has_torch():
-        notes.append("torch eager skipped: torch is not installed (pip install 'thali[train]')")
-    elif torch_eager:
-        checkpoint = run_dir / "best.pt"
-        if checkpoint.is_file() and sha256(checkpoint) != meta["lineage"].get("checkpoint_sha256"):
-            notes.append(f"torch eager skipped: {checkpoint} is not the checkpoint this export was made from")
-        elif checkpoint.is_file():
-            import copy
-
-            import torch
-
-            from thali.core.training.evaluate import load_run
-
-            model = load_run(run_dir, registries).model
-            rows.append(_torch_row(model, "cpu"))
-            rows.append(_torch_row(copy.deepcopy(model), "cpu", channels_last=True))
-            if torch.cuda.is_available():
-                rows.append(_torch_row(copy.deepcopy(model), "cuda"))
-        else:
-            notes.append(f"torch eager skipped: {run_dir}/best.pt is gone")
+    setup = tqdm(desc="bench: loading", total=len(variants) * len(providers) + 1, disable=not progress)
+    if torch_eager:
+        rows += _torch_rows(run_dir, meta, registries, notes)
     setup.update()
     for variant in variants:
-        for provider in wanted:
+        for provider in providers:
             try:
                 rows.append(_onnx_row(registries, model_dir / variant_file(variant), variant, provider))
             except Exception as exc:  # a provider that cannot build this model: say so, keep going
                 notes.append(f"{variant} on {provider}: session failed: {str(exc).splitlines()[0][:200]}")
             setup.update()
     setup.close()
+    return rows
 
-    total = len(rows) * (3 + latency_runs + throughput_runs + 1)
-    bar = tqdm(desc="bench: timing", total=total, disable=not progress)
+
+def _time_rows(
+    rows: Sequence[Row], sample: _Input, latency_runs: int, throughput_runs: int, tick: Callable[[], object]
+) -> None:
+    """Warm every row up, then time batch-1 latency and batch throughput, interleaved across rows."""
     for row in rows:  # warm-up: first runs allocate, pack weights, pick kernels
-        for x in (single, batch_input, single):
+        for x in (sample.single, sample.batch, sample.single):
             row.run(x)
-            bar.update()
+            tick()
     # Interleaved in blocks: every row is timed in every round, so drift on a noisy machine hits all
     # rows alike; the pause before each block lets the previous row's spinning threads go idle.
     rounds = max(1, min(5, throughput_runs))
     for r in range(rounds):
         for row in rows:
             time.sleep(0.05)
-            row.run(single)
+            row.run(sample.single)
             for _ in range(latency_runs // rounds + (r < latency_runs % rounds)):
                 start = time.perf_counter()
-                row.run(single)
+                row.run(sample.single)
                 row.latency.append(time.perf_counter() - start)
-                bar.update()
+                tick()
             for _ in range(throughput_runs // rounds + (r < throughput_runs % rounds)):
                 start = time.perf_counter()
-                row.run(batch_input)
+                row.run(sample.batch)
                 row.batch_times.append(time.perf_counter() - start)
-                bar.update()
+                tick()
+
+
+def _score_rows(rows: Sequence[Row], sample: _Input, batch: int, tick: Callable[[], object]) -> None:
+    """Top-1 of every row on the validation images (none on synthetic input)."""
+    from thali.core.training.metrics import topk_accuracy
+
+    images, labels = sample.images, sample.labels
     for row in rows:
         if labels is not None:
             logits = np.concatenate([row.run(images[i : i + batch]) for i in range(0, len(images), batch)])
             row.top1 = topk_accuracy(logits, labels, 1)
-        bar.update()
-    bar.close()
-    scored = 0 if labels is None else len(labels)
+        tick()
+
+
+def bench_model(
+    model_dir: Path,
+    registries: Any,
+    *,
+    data: str | Path | None = None,
+    batch: int = 32,
+    latency_runs: int = 50,
+    throughput_runs: int = 5,
+    providers: Sequence[str] | None = None,
+    torch_eager: bool = True,
+    limit: int | None = None,
+    synthetic: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Benchmark the export in ``model_dir``; returns the JSON-ready result (see :func:`markdown`).
+
+    Phases: the export's report and preprocess spec; the input; the rows (torch eager, then every
+    variant on every provider); warm-up and interleaved timing; top-1; the result."""
+    from tqdm import tqdm
+
+    from thali.core.export import read_export_report, variant_file
+
+    model_dir = Path(model_dir)
+    meta = read_export_report(model_dir)  # the shape checked: names, file names, recorded sha256s
+    run_dir = Path(str(meta.get("lineage", {}).get("run", "")))
+    preprocess = _verified_json(model_dir, "preprocess.json", meta["files"]["preprocess.json"])
+    sample = _bench_input(run_dir, preprocess, data, batch, limit, synthetic)
+    wanted, notes = _providers(providers)
+    if synthetic:
+        notes.append("synthetic input: timings only, no top-1")
+    variants = [v for v in meta["variants"] if (model_dir / variant_file(v)).is_file()]
+    rows = _build_rows(
+        model_dir,
+        run_dir,
+        meta,
+        registries,
+        variants=variants,
+        providers=wanted,
+        torch_eager=torch_eager,
+        notes=notes,
+        progress=progress,
+    )
+    total = len(rows) * (3 + latency_runs + throughput_runs + 1)
+    with tqdm(desc="bench: timing", total=total, disable=not progress) as bar:
+        _time_rows(rows, sample, latency_runs, throughput_runs, bar.update)
+        _score_rows(rows, sample, batch, bar.update)
+    scored = 0 if sample.labels is None else len(sample.labels)
     return _result(model_dir, meta, rows, notes, batch, scored, latency_runs, throughput_runs)
 
 
@@ -235,36 +400,14 @@ def _result(
 
     import onnxruntime as ort
 
-    def throughput(row: Row) -> float:
-        return batch / float(np.median(row.batch_times))
-
     torch_cpu = next((r for r in rows if r.engine == "torch" and r.name == "torch eager fp32 (cpu)"), None)
     fp32_by_provider = {r.provider: r for r in rows if r.engine == "onnxruntime" and r.variant == "fp32"}
-    out_rows = []
-    for row in rows:
-        ref = fp32_by_provider.get(row.provider) if row.engine == "onnxruntime" else None
-        entry: dict[str, Any] = {
-            "name": row.name,
-            "engine": row.engine,
-            "variant": row.variant,
-            "provider_requested": row.provider,
-            "nodes_by_provider": row.nodes_by_provider,
-            "file_mb": round(row.file_bytes / 1e6, 2) if row.file_bytes else None,
-            "latency_ms_p50": round(1000 * _percentile(row.latency, 50), 2),
-            "latency_ms_p95": round(1000 * _percentile(row.latency, 95), 2),
-            "throughput_img_s": round(throughput(row), 1),
-            "top1": round(row.top1, 4) if row.top1 is not None else None,
-            "x_torch_eager": round(throughput(row) / throughput(torch_cpu), 2) if torch_cpu else None,
-            "x_ort_fp32": round(throughput(row) / throughput(ref), 2) if ref else None,
-        }
-        if row.nodes_by_provider:
-            entry["provider_used"] = max(row.nodes_by_provider, key=row.nodes_by_provider.get)
-            entry["fell_back_to_cpu"] = row.provider != "CPUExecutionProvider" and bool(
-                row.nodes_by_provider.get("CPUExecutionProvider")
-            )
-        if ref is not None and ref.top1 is not None and row.top1 is not None:
-            entry["top1_drop_vs_fp32"] = round(100 * (ref.top1 - row.top1), 2)
-        out_rows.append(entry)
+    out_rows = [
+        BenchRow.of(
+            row, batch, torch_cpu, fp32_by_provider.get(row.provider) if row.engine == "onnxruntime" else None
+        ).to_dict()
+        for row in rows
+    ]
     return {
         "model": str(model_dir),
         "domain": meta.get("domain"),
