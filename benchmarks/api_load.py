@@ -603,7 +603,8 @@ def targets(rows: dict[str, dict[str, Any]], raw: dict[str, Any]) -> list[dict[s
     return found
 
 
-def main() -> int:
+def arguments() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line, with the defaults that depend on --quick filled in."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_data = Path(os.environ.get("THALI_DATA", REPO.parent / "shared" / "datasets"))
     parser.add_argument("--registry", help="a registry URL holding --domain (default: the speed package)")
@@ -627,17 +628,23 @@ def main() -> int:
     args.requests_per_row = args.requests_per_row or (150 if args.quick else 1500)
     args.row_time_cap = args.row_time_cap or (120 if args.quick else 600)
     args.engine_batches = args.engine_batches or (5 if args.quick else 20)
-    specs = [
-        s for s in ROWS if not args.rows or s.name.replace(" ", "_") in args.rows.replace(" ", "_").split(",")
-    ]
+    return parser, args
 
-    from thali.core import build_plugin_manager
-    from thali.core.domains import resolve_domain
+
+@dataclass(frozen=True)
+class Model:
+    """The package under load: from --registry/--domain, or the speed-only package."""
+
+    registry: str
+    domain: str  # NAME[@REF], what the server is told to serve
+    name: str
+    package: Any
+    speed_only: bool
+
+
+def resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace, registries: Any) -> Model:
     from thali.registry import ModelRegistry
 
-    registries = build_plugin_manager().registries
-    out = args.out / f"api-load-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True)
     if args.registry:
         registry, domain = args.registry, args.domain
         name, _, ref = domain.partition("@")
@@ -653,22 +660,18 @@ def main() -> int:
         parser.error(
             f"{name} v{package.version} has no {args.variant} variant ({', '.join(package.variants)})"
         )
-    classes = [c["name"] for c in package.labels.get("classes", [])]
-    if speed_only or not classes:
-        classes = resolve_domain(registries, DOMAIN).load_config([]).class_names
-    pool_file = out / "pool.txt"
-    pool = image_pool(args.data, classes, POOL_SIZE, pool_file)
-    say(f"load: {len(pool)} distinct photos ({pool[0].parent.parent})")
+    return Model(registry, domain, name, package, speed_only)
 
-    say(f"raw engine: {args.variant} at batch 32, {args.engine_batches} timed batches after 3 warm-up ...")
-    raw = raw_engine(package, args.variant, pool, args.engine_batches, args.ort_threads)
-    say(f"raw engine: {raw['b32_img_s']:.1f} img/s at batch 32; batch 1 p50 {raw['b1_p50_ms']:.2f} ms")
 
+def run_rows(
+    args: argparse.Namespace, specs: list[RowSpec], model: Model, pool_file: Path, out: Path
+) -> dict[str, dict[str, Any]]:
+    """Every row in turn, each on its own server, with a line before and after it."""
     rows: dict[str, dict[str, Any]] = {}
     for i, spec in enumerate(specs, 1):
         say(f"[{i}/{len(specs)}] {spec.name}: {args.requests_per_row} requests, {spec.users} users ...")
         started = time.perf_counter()
-        row = run_row(args, registry, domain, spec, pool_file, out)
+        row = run_row(args, model.registry, model.domain, spec, pool_file, out)
         rows[spec.name] = row
         say(
             f"[{i}/{len(specs)}] {spec.name}: {row['requests']} requests, {row['errors']} errors, "
@@ -676,34 +679,47 @@ def main() -> int:
             f"server p50 {fmt(row['server_p50_ms'], 2)} ms ({time.perf_counter() - started:.0f} s)"
             + ("  [time cap reached]" if row["time_capped"] else "")
         )
+    return rows
 
-    if speed_only:
-        model_line = (
-            f"Model: {DOMAIN} v{package.version} ({args.variant}) from {registry}: a SPEED-ONLY package, the "
+
+def model_line(args: argparse.Namespace, model: Model) -> str:
+    version = model.package.version
+    if model.speed_only:
+        return (
+            f"Model: {DOMAIN} v{version} ({args.variant}) from {model.registry}: a SPEED-ONLY package, the "
             "pack's architecture and input size (tf_efficientnet_lite0 + SE head + coord attention, 224 px) "
             "with offline ImageNet backbone weights and a random head: its answers are meaningless."
         )
-    else:
-        model_line = f"Model: {name} v{package.version} ({args.variant}) from {registry}."
+    return f"Model: {model.name} v{version} ({args.variant}) from {model.registry}."
+
+
+def setup_line(args: argparse.Namespace) -> str:
     quick = "quick smoke run; " if args.quick else ""
-    setup = (
+    return (
         f"Setup: {os.cpu_count()} CPU cores shared by the server and locust; thali serve, 1 gunicorn worker, "
         f"{args.threads} threads, ONNX Runtime threads {args.ort_threads or 'default'}; locust FastHttpUser, "
         f"wait 0, {args.requests_per_row:,} measured requests a row after a warm-up; {quick}"
         "req/s = measured requests / wall time of the measured phase; p50/p99 from locust's CSV stats; "
         "server p50 from Server-Timing."
     )
-    table = report(rows, raw, model_line, setup, args.max_wait_ms)
-    say("")
-    say(table)
+
+
+def write_results(
+    out: Path,
+    args: argparse.Namespace,
+    model: Model,
+    raw: dict[str, Any],
+    rows: dict[str, dict[str, Any]],
+    table: str,
+) -> None:
     results = {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": {
-            "domain": name,
-            "version": package.version,
+            "domain": model.name,
+            "version": model.package.version,
             "variant": args.variant,
-            "registry": registry,
-            "speed_only": speed_only,
+            "registry": model.registry,
+            "speed_only": model.speed_only,
         },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "cpu_cores": os.cpu_count(),
@@ -714,6 +730,37 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(table + "\n")
     say(f"\nwritten: {out / 'results.json'}, {out / 'table.md'}")
+
+
+def main() -> int:
+    parser, args = arguments()
+    specs = [
+        s for s in ROWS if not args.rows or s.name.replace(" ", "_") in args.rows.replace(" ", "_").split(",")
+    ]
+
+    from thali.core import build_plugin_manager
+    from thali.core.domains import resolve_domain
+
+    registries = build_plugin_manager().registries
+    out = args.out / f"api-load-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True)
+    model = resolve_model(parser, args, registries)
+    classes = [c["name"] for c in model.package.labels.get("classes", [])]
+    if model.speed_only or not classes:
+        classes = resolve_domain(registries, DOMAIN).load_config([]).class_names
+    pool_file = out / "pool.txt"
+    pool = image_pool(args.data, classes, POOL_SIZE, pool_file)
+    say(f"load: {len(pool)} distinct photos ({pool[0].parent.parent})")
+
+    say(f"raw engine: {args.variant} at batch 32, {args.engine_batches} timed batches after 3 warm-up ...")
+    raw = raw_engine(model.package, args.variant, pool, args.engine_batches, args.ort_threads)
+    say(f"raw engine: {raw['b32_img_s']:.1f} img/s at batch 32; batch 1 p50 {raw['b1_p50_ms']:.2f} ms")
+
+    rows = run_rows(args, specs, model, pool_file, out)
+    table = report(rows, raw, model_line(args, model), setup_line(args), args.max_wait_ms)
+    say("")
+    say(table)
+    write_results(out, args, model, raw, rows, table)
     return 0
 
 
