@@ -27,6 +27,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -35,7 +36,7 @@ BUNDLED = ("south_asian_food", "plant_disease")  # plant_disease: the plugin pac
 MAX_BYTES = 20 * 1024 * 1024  # per domain, everything it ships
 
 
-def main() -> int:
+def arguments() -> argparse.Namespace:
     default_data = Path(os.environ.get("THALI_DATA") or REPO.parent / "shared" / "datasets")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -63,12 +64,78 @@ def main() -> int:
         parser.error("--preset chooses how to train: --reexport trains nothing (say how with --trained)")
     if args.preset and len(args.domain or []) != 1:
         parser.error("--preset belongs to one domain pack: name it with one --domain")
+    return args
 
-    from thali.core import build_plugin_manager
+
+def train_run(args: argparse.Namespace, name: str, data: Path, run_dir: Path, registries: Any) -> int:
+    """Train ``name`` into ``run_dir`` (or, with --reexport, check the run is there); 0, else the exit
+    status after the error printed."""
     from thali.core.domains import resolve_domain
     from thali.core.errors import ConfigError
-    from thali.core.exporting.pipeline import export_run
     from thali.core.training.trainer import TrainOptions, train
+
+    if args.reexport:
+        if not (run_dir / "best.pt").is_file():
+            print(f"error: {run_dir}: no training run to export again; run without --reexport")
+            return 2
+        print(f"{name}: exporting {run_dir} again (no training) …", flush=True)
+        return 0
+    try:  # before the old run is removed: a misspelt preset loses nothing
+        config = resolve_domain(registries, name).load_config(presets=args.preset)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    recipe = ", ".join(f"--preset {p}" for p in args.preset) or "the pack's default recipe"
+    print(f"{name}: training {recipe} on {data} …", flush=True)
+    result = train(config, registries, TrainOptions(run_dir=run_dir, data=str(data), progress=True))
+    val = result["metrics"]["val"]
+    scores = f"top-1 {val['top1']:.3f} top-5 {val['top5']:.3f} ECE {val['ece']:.3f}"
+    print(f"{name}: val {scores}", flush=True)
+    return 0
+
+
+def export_and_publish(
+    args: argparse.Namespace, name: str, run_dir: Path, registries: Any, registry: Any, started: float
+) -> None:
+    """Export the run with the pack's settings, publish it as production, keep only that version, and
+    write its section of models/README.md."""
+    from thali.core.exporting.pipeline import export_run
+
+    previous = registry.versions(name) if name in registry.domains() else []
+    export_dir = args.work / name / "export"
+    variants = [v for v in args.variants.split(",") if v]
+    export_run(run_dir, registries, out_dir=export_dir, overrides=[f"export.variants={json.dumps(variants)}"])
+    published = registry.publish(export_dir, aliases=["production"])
+    version = published["version"]
+    for old in previous:  # the bundled registry keeps one version per domain: git holds the history
+        shutil.rmtree(args.out / name / "versions" / str(old))
+        (args.out / name / "claims" / str(old)).unlink(missing_ok=True)
+    size = sum(published["files"].values())
+    if size > MAX_BYTES:
+        print(
+            f"warning: {name} v{version} ships {size / 1e6:.1f} MB, over the 20 MB budget",
+            file=sys.stderr,
+        )
+    minutes = (time.time() - started) / 60
+    print(f"{name}: published v{version} (production) to {args.out}: {size / 1e6:.1f} MB, {minutes:.0f} min")
+    write_readme(
+        args.out,
+        name,
+        version,
+        registry.show(name, version),
+        minutes,
+        args.reexport,
+        args.trained,
+        args.preset,
+    )
+
+
+def main() -> int:
+    args = arguments()
+
+    from thali.core import build_plugin_manager
     from thali.registry import ModelRegistry
 
     registries = build_plugin_manager().registries  # entry points too: plant_disease is a plugin package
@@ -83,56 +150,9 @@ def main() -> int:
         if name not in registries.domains.names():
             print(f"error: no domain pack {name!r}; for plant_disease: pip install -e domains/plant_disease")
             return 2
-        if args.reexport:
-            if not (run_dir / "best.pt").is_file():
-                print(f"error: {run_dir}: no training run to export again; run without --reexport")
-                return 2
-            print(f"{name}: exporting {run_dir} again (no training) …", flush=True)
-        else:
-            try:  # before the old run is removed: a misspelt preset loses nothing
-                config = resolve_domain(registries, name).load_config(presets=args.preset)
-            except ConfigError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            recipe = ", ".join(f"--preset {p}" for p in args.preset) or "the pack's default recipe"
-            print(f"{name}: training {recipe} on {data} …", flush=True)
-            result = train(config, registries, TrainOptions(run_dir=run_dir, data=str(data), progress=True))
-            val = result["metrics"]["val"]
-            scores = f"top-1 {val['top1']:.3f} top-5 {val['top5']:.3f} ECE {val['ece']:.3f}"
-            print(f"{name}: val {scores}", flush=True)
-        previous = registry.versions(name) if name in registry.domains() else []
-        export_dir = args.work / name / "export"
-        variants = [v for v in args.variants.split(",") if v]
-        export_run(
-            run_dir, registries, out_dir=export_dir, overrides=[f"export.variants={json.dumps(variants)}"]
-        )
-        published = registry.publish(export_dir, aliases=["production"])
-        version = published["version"]
-        for old in previous:  # the bundled registry keeps one version per domain: git holds the history
-            shutil.rmtree(args.out / name / "versions" / str(old))
-            (args.out / name / "claims" / str(old)).unlink(missing_ok=True)
-        size = sum(published["files"].values())
-        if size > MAX_BYTES:
-            print(
-                f"warning: {name} v{version} ships {size / 1e6:.1f} MB, over the 20 MB budget",
-                file=sys.stderr,
-            )
-        minutes = (time.time() - started) / 60
-        print(
-            f"{name}: published v{version} (production) to {args.out}: {size / 1e6:.1f} MB, {minutes:.0f} min"
-        )
-        write_readme(
-            args.out,
-            name,
-            version,
-            registry.show(name, version),
-            minutes,
-            args.reexport,
-            args.trained,
-            args.preset,
-        )
+        if status := train_run(args, name, data, run_dir, registries):
+            return status
+        export_and_publish(args, name, run_dir, registries, registry, started)
     return 0
 
 
