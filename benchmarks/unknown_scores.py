@@ -163,7 +163,21 @@ def main() -> int:
         if paths:
             outside[name] = scores(features_and_logits(export, paths)[0], fit, temperature, shipped)
 
-    result: dict[str, Any] = {"run": str(args.run), "accept_in_domain": ACCEPT, "scores": {}}
+    result: dict[str, Any] = {"run": str(args.run), "accept_in_domain": ACCEPT}
+    result["scores"] = flag_table(in_domain, outside, reference, shipped)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "unknown.json").write_text(json.dumps(result, indent=2))
+    _roc_picture(reference, outside, args.out / "roc.png")
+    print(f"\nwritten: {args.out / 'unknown.json'}, {args.out / 'roc.png'}")
+    return 0
+
+
+def flag_table(
+    in_domain: dict[str, Any], outside: dict[str, Any], reference: dict[str, Any], shipped: Any
+) -> dict[str, Any]:
+    """Print, per score, the share of each set it flags and its AUC on other cuisines; returns the
+    same per score (unknown.json's ``scores``)."""
+    table: dict[str, Any] = {}
     header = [
         "score",
         *[f"flags {n}" for n in in_domain],
@@ -184,13 +198,9 @@ def main() -> int:
         if "other cuisines" in outside:
             row["auc_other_cuisines"] = auc(reference[score], outside["other cuisines"][score])
             cells.append(f"{row['auc_other_cuisines']:.3f}")
-        result["scores"][score] = row
+        table[score] = row
         print("| " + " | ".join(cells) + " |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "unknown.json").write_text(json.dumps(result, indent=2))
-    _roc_picture(reference, outside, args.out / "roc.png")
-    print(f"\nwritten: {args.out / 'unknown.json'}, {args.out / 'roc.png'}")
-    return 0
+    return table
 
 
 def _roc_picture(reference: dict[str, Any], outside: dict[str, Any], path: Path) -> None:
