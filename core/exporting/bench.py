@@ -85,6 +85,34 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
+def _run_folder(model_dir: Path, meta: dict[str, Any]) -> Path:
+    """The export's training run (its validation split; its checkpoint for the torch eager rows).
+
+    ``export.json`` names the run by folder name and checkpoint hash only (``lineage.run_id``,
+    ``lineage.checkpoint_sha256``), so it is looked for where ``thali train`` and ``thali export`` put
+    them: the export's own parent (``RUN_DIR/export``), beside the export, then
+    ``$THALI_RUNS/DOMAIN/RUN_ID`` or ``runs/DOMAIN/RUN_ID``; the first whose ``best.pt`` has the recorded
+    hash, else the first that holds a ``split.json``. An export made before names its folder
+    (``lineage.run``)."""
+    from .pipeline import sha256
+
+    lineage = meta.get("lineage") or {}
+    if lineage.get("run"):
+        return Path(str(lineage["run"]))
+    runs = Path(os.environ.get("THALI_RUNS") or "runs") / str(meta.get("domain"))
+    run_id = str(lineage.get("run_id") or "")
+    if not run_id or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
+        return runs / "(no run id in export.json)"  # not there: bench says the run is gone
+    parent = model_dir.resolve().parent
+    candidates = [*([parent] if parent.name == run_id else []), parent / run_id, runs / run_id]
+    with_split = [c for c in candidates if (c / "split.json").is_file()]
+    expected = lineage.get("checkpoint_sha256")
+    for candidate in with_split:
+        if (candidate / "best.pt").is_file() and sha256(candidate / "best.pt") == expected:
+            return candidate
+    return with_split[0] if with_split else candidates[-1]
+
+
 def _verified_json(folder: Path, name: str, expected: str) -> dict[str, Any]:
     """A metadata file of an export, checked against the sha256 ``export.json`` recorded for it."""
     from thali.core.files import read_bounded
@@ -360,7 +388,7 @@ def bench_model(
 
     model_dir = Path(model_dir)
     meta = read_export_report(model_dir)  # the shape checked: names, file names, recorded sha256s
-    run_dir = Path(str(meta.get("lineage", {}).get("run", "")))
+    run_dir = _run_folder(model_dir, meta)
     preprocess = _verified_json(model_dir, "preprocess.json", meta["files"]["preprocess.json"])
     sample = _bench_input(run_dir, preprocess, data, batch, limit, synthetic)
     wanted, notes = _providers(providers)
