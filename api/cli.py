@@ -118,7 +118,7 @@ def serve_gunicorn(settings: Any, args: argparse.Namespace) -> int:
 
     metrics = _metrics_server(args.host, settings.metrics_port) if settings.metrics_port else None
 
-    class Application(BaseApplication):  # type: ignore[misc]
+    class Application(BaseApplication):
         def load_config(self) -> None:
             options = {
                 "bind": f"{args.host}:{args.port}",

@@ -63,7 +63,7 @@ class _DeadlineSocket:
         return getattr(self.sock, name)
 
 
-class ThaliThreadWorker(ThreadWorker):  # type: ignore[misc]
+class ThaliThreadWorker(ThreadWorker):
     """``gthread`` with request headers gathered in the event loop and deadlines on the rest."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

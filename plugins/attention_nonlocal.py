@@ -24,8 +24,9 @@ def non_local(channels: int, reduction: int = 2) -> Any:
             self.theta = nn.Conv2d(channels, inner, 1)
             self.phi = nn.Conv2d(channels, inner, 1)
             self.g = nn.Conv2d(channels, inner, 1)
-            self.out = nn.Sequential(nn.Conv2d(inner, channels, 1, bias=False), nn.BatchNorm2d(channels))
-            nn.init.zeros_(self.out[1].weight)
+            norm = nn.BatchNorm2d(channels)
+            nn.init.zeros_(norm.weight)
+            self.out = nn.Sequential(nn.Conv2d(inner, channels, 1, bias=False), norm)
             self.scale = inner**-0.5
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from thali.core import hookimpl
 from thali.core.errors import ConfigError, NotAvailableError
 from thali.core.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,6 +38,18 @@ _MODELS: dict[str, tuple[int, float, tuple[float, ...], tuple[float, ...], tuple
     "tf_efficientnet_lite1": (240, 0.882, HALF, HALF, ("offline", "hub")),
     "tf_efficientnet_lite2": (260, 0.890, HALF, HALF, ("offline", "hub")),
 }
+
+
+@runtime_checkable
+class TimmModel(Protocol):
+    """What thali uses of a timm model besides ``nn.Module``'s own API: every timm architecture has it,
+    but timm types ``create_model``'s result as a plain ``nn.Module``."""
+
+    num_features: int
+
+    def reset_classifier(self, num_classes: int, global_pool: str = ...) -> None: ...
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def _preprocess_of(model: Any) -> dict[str, Any]:
@@ -89,14 +104,19 @@ def build_timm(model_name: str, pretrained: str = "none", **params: Any) -> Any:
             model = timm.create_model(model_name, pretrained=False, **params)
         except RuntimeError as exc:  # timm: unknown model
             raise ConfigError(f"model.backbone: timm has no model {model_name!r} ({exc})") from None
+    if not isinstance(model, TimmModel):
+        raise ConfigError(
+            f"model.backbone: timm model {model_name!r} lacks num_features, reset_classifier or "
+            "forward_features"
+        )
     preprocess = _preprocess_of(model)
     model.reset_classifier(0, "")
     if hasattr(model, "blocks") and hasattr(model, "conv_stem"):  # EfficientNet family
         import torch.nn as nn
 
-        stem = nn.Sequential(model.conv_stem, model.bn1)
-        stages = list(model.blocks)
-        head = nn.Sequential(model.conv_head, model.bn2)
+        stem = nn.Sequential(model.get_submodule("conv_stem"), model.get_submodule("bn1"))
+        stages = list(model.get_submodule("blocks").children())
+        head = nn.Sequential(model.get_submodule("conv_head"), model.get_submodule("bn2"))
         channels = probe_channels(stem, stages)
         backbone = FeatureBackbone(
             stem,
@@ -113,14 +133,14 @@ def build_timm(model_name: str, pretrained: str = "none", **params: Any) -> Any:
     return backbone
 
 
-def _opaque(model: Any, preprocess: dict[str, Any]) -> Any:
+def _opaque(model: TimmModel, preprocess: dict[str, Any]) -> Any:
     """Architectures other than EfficientNet: one opaque stage (no partial freezing per stage)."""
     import torch.nn as nn
 
     from thali.core.training.backbone import FeatureBackbone
 
     class ForwardFeatures(nn.Module):
-        def __init__(self, inner: nn.Module) -> None:
+        def __init__(self, inner: TimmModel) -> None:
             super().__init__()
             self.inner = inner
 

@@ -193,7 +193,7 @@ class DynamicInt8:
         with quiet("dynamic int8 quantisation"):
             quantize_dynamic(str(source), str(path), weight_type=QuantType.QUInt8, per_channel=False)
         context.artifacts[self.produces] = path
-        report = {"path": str(path), "warning": self.WARNING}
+        report: dict[str, Any] = {"path": str(path), "warning": self.WARNING}
         report.update(parity(path, context))
         return report
 

@@ -98,22 +98,28 @@ class OnnxExport:
             *([CAM] if explain else []),
         ]
         export_onnx(module, context.example, path, output_names=outputs, opset=context.opset)
-        report = {"path": str(path), "opset": context.opset, "nodes": node_count(path), "outputs": outputs}
+        report: dict[str, Any] = {
+            "path": str(path),
+            "opset": context.opset,
+            "nodes": node_count(path),
+            "outputs": outputs,
+        }
         if stages:
             report["stage_features"] = [list(w) for w in module.stage_widths]
-        report.update(parity(path, context))
-        if report["max_abs_logit_diff"] > self.tolerance or report["top1_agreement"] < 1.0:
+        measured = parity(path, context)
+        report.update(measured)
+        if measured["max_abs_logit_diff"] > self.tolerance or measured["top1_agreement"] < 1.0:
             raise ThaliError(
-                f"ONNX export differs from torch: max logit difference {report['max_abs_logit_diff']:.2e}, "
-                f"top-1 agreement {report['top1_agreement']:.3f}"
+                f"ONNX export differs from torch: max logit difference {measured['max_abs_logit_diff']:.2e}, "
+                f"top-1 agreement {measured['top1_agreement']:.3f}"
             )
         if explain:
-            if "cam_max_abs_diff" not in report:
+            if "cam_max_abs_diff" not in measured:
                 raise ThaliError(f"{path.name}: export.explain is set but the model has no {CAM!r} output")
-            allowed = self.tolerance * max(1.0, report["cam_abs_max"])
-            if report["cam_max_abs_diff"] > allowed:
+            allowed = self.tolerance * max(1.0, measured["cam_abs_max"])
+            if measured["cam_max_abs_diff"] > allowed:
                 raise ThaliError(
-                    f"ONNX export differs from torch: max cam difference {report['cam_max_abs_diff']:.2e} "
+                    f"ONNX export differs from torch: max cam difference {measured['cam_max_abs_diff']:.2e} "
                     f"(allowed {allowed:.2e})"
                 )
         context.artifacts["fp32_raw"] = path

@@ -32,7 +32,7 @@ from thali.core.registry import Entry
 from .checks import Check, CheckFailed, needed, params_of
 
 DATASET_OPTIONS = frozenset({"params"})
-DOMAIN_OPTIONS = frozenset()
+DOMAIN_OPTIONS: frozenset[str] = frozenset()
 CLASSES = ("blue", "green", "red")
 ORDER = ["red", "blue", "green"]  # a given order that is not the sorted one
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
@@ -89,7 +89,7 @@ def validate_dataset(result: Any, root: Path, expected: Sequence[str] | None) ->
     seen: dict[str, int] = dict.fromkeys(classes, 0)
     in_folders = False
     for path, index in _pairs(result.samples, "samples"):
-        if not isinstance(index, Integral) or isinstance(index, bool) or not 0 <= index < len(classes):
+        if not isinstance(index, Integral) or isinstance(index, bool) or not 0 <= int(index) < len(classes):
             raise CheckFailed(f"sample {path}: class index {index!r} is not in 0..{len(classes) - 1}")
         try:
             file = Path(path)

@@ -20,6 +20,7 @@ st.title("Classify")
 if domain is None:
     st.stop()
 st.caption(domain.get("description") or "")
+n_classes = len(domain["classes"])  # read here, where domain is known not to be None
 
 uploads = st.session_state.setdefault("uploads", {})  # sha256 -> (name, bytes); kept across domains
 left, right = st.columns([3, 2])
@@ -34,7 +35,7 @@ for item in [*(files or []), *([photo] if photo is not None else [])]:
     uploads[hashlib.sha256(data).hexdigest()] = (item.name or "camera.jpg", data)
 
 options = st.columns([1, 1, 2])
-top_k = options[0].slider("Labels to show", 1, 10, min(5, len(domain["classes"])), key="top_k")
+top_k = options[0].slider("Labels to show", 1, 10, min(5, n_classes), key="top_k")
 explain = options[1].toggle(
     "Explain", key="explain", disabled=not domain.get("explain"), help="overlay where the model looked"
 )
@@ -43,9 +44,7 @@ if options[2].button("Clear photos", disabled=not uploads):
     st.rerun()
 
 if not uploads:
-    st.info(
-        f"Add a photo to classify it with **{domain['display_name']}** ({len(domain['classes'])} classes)."
-    )
+    st.info(f"Add a photo to classify it with **{domain['display_name']}** ({n_classes} classes).")
     st.stop()
 
 
@@ -62,7 +61,7 @@ def show(name: str, data: bytes, answer: dict[str, Any]) -> None:
     with result_col:
         if answer["unknown"] and answer.get("unknown_method") == "knn_residual":
             st.warning(
-                f"Probably not one of the {len(domain['classes'])} things this domain knows: the photo "
+                f"Probably not one of the {n_classes} things this domain knows: the photo "
                 "looks unlike every photo this model was trained on. Best guess: "
                 f"**{top['display_name']}**, {100 * top['probability']:.0f} %."
             )
@@ -71,7 +70,7 @@ def show(name: str, data: bytes, answer: dict[str, Any]) -> None:
                 f"Not sure: the best guess, **{top['display_name']}**, has only "
                 f"{100 * top['probability']:.0f} % confidence, under this model's threshold of "
                 f"{100 * answer['unknown_threshold']:.0f} %. "
-                f"It may not be one of the {len(domain['classes'])} things this domain knows."
+                f"It may not be one of the {n_classes} things this domain knows."
             )
         else:
             st.success(f"**{top['display_name']}** · {100 * top['probability']:.1f} %")
