@@ -16,6 +16,7 @@ backpropagates to its input and parameters, and exports to ONNX with parity.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 from numbers import Integral, Real
 from typing import Any
@@ -58,7 +59,7 @@ def _preprocessing_problems(meta: Mapping[str, Any]) -> list[str]:
     ok_size = (
         isinstance(size, (tuple, list))
         and len(size) == 3
-        and all(isinstance(d, Integral) and d > 0 for d in size)
+        and all(isinstance(d, Integral) and int(d) > 0 for d in size)
         and size[0] == 3
     )
     if not ok_size:
@@ -78,23 +79,40 @@ def _preprocessing_problems(meta: Mapping[str, Any]) -> list[str]:
 
 def backbone_checks(entry: Entry[Any], registries: Any, options: Mapping[str, Any]) -> list[Check]:
     if is_family(entry):
-        example = entry.name[:-1] + "<model>"
+        return [Check("family", functools.partial(_family, entry))]
+    kit = _BackboneKit(entry, options)
+    return [
+        Check("metadata", kit.metadata),
+        Check("builds", kit.builds, TORCH),
+        Check("preprocess", kit.preprocess, TORCH),
+        Check("forward", kit.forward, TORCH),
+        Check("backward", kit.backward, TORCH),
+        Check("onnx parity", kit.onnx, ONNX),
+    ]
 
-        def family() -> str:
-            raise CheckSkipped(f"a family entry: check one member, e.g. `thali check backbones:{example}`")
 
-        return [Check("family", family)]
+def _family(entry: Entry[Any]) -> str:
+    example = entry.name[:-1] + "<model>"
+    raise CheckSkipped(f"a family entry: check one member, e.g. `thali check backbones:{example}`")
 
-    params = params_of(options)
-    tolerance = float(options.get("tolerance", 1e-3))
-    forced = options.get("input_size")
-    member = bool(entry.metadata.get("family"))  # a member of a family, e.g. timm/resnet18
-    state: dict[str, Any] = {}
 
-    def metadata() -> str:
-        if member:
+class _BackboneKit:
+    """The checks of one backbone entry, one method per rule, in the order they run; ``state`` holds
+    what an earlier check made for the later ones (the built backbone, the image side)."""
+
+    def __init__(self, entry: Entry[Any], options: Mapping[str, Any]) -> None:
+        self.entry = entry
+        self.options = options
+        self.params = params_of(options)
+        self.tolerance = float(options.get("tolerance", 1e-3))
+        self.forced = options.get("input_size")
+        self.member = bool(entry.metadata.get("family"))  # a member of a family, e.g. timm/resnet18
+        self.state: dict[str, Any] = {}
+
+    def metadata(self) -> str:
+        if self.member:
             raise CheckSkipped("a family member: its preprocessing is read from the built module")
-        meta = entry.metadata
+        meta = self.entry.metadata
         missing = [k for k in REQUIRED_METADATA if k not in meta]
         problems = [f"missing {', '.join(missing)}"] if missing else []
         problems += [p for p in _preprocessing_problems(meta) if p.split(" ", 1)[0] not in missing]
@@ -108,59 +126,61 @@ def backbone_checks(entry: Entry[Any], registries: Any, options: Mapping[str, An
             detail += f"; not given: {', '.join(absent)} (the hookspec asks for them; thali uses defaults)"
         return detail
 
-    def builds() -> str:
+    def builds(self) -> str:
         from thali.core.training.backbone import FeatureBackbone, as_feature_backbone
 
-        made = entry.factory(pretrained="none", **params)  # as thali's model assembly calls it
+        entry = self.entry
+        made = entry.factory(pretrained="none", **self.params)  # as thali's model assembly calls it
         backbone = as_feature_backbone(made, entry.name, entry.who, entry.metadata)
         if len(backbone.stage_channels) != len(backbone.stages):
             raise CheckFailed(
                 f"{len(backbone.stages)} stages but {len(backbone.stage_channels)} stage_channels; thali "
                 "places attention after stages by these channel counts"
             )
-        state["backbone"], state["plain"] = backbone, not isinstance(made, FeatureBackbone)
+        self.state["backbone"], self.state["plain"] = backbone, not isinstance(made, FeatureBackbone)
         count = sum(p.numel() for p in backbone.parameters())
-        if state["plain"]:
+        if self.state["plain"]:
             what = f"{type(made).__name__}: a plain module, used as one stage"
         else:
             n = len(backbone.stages)
             what = f"{type(made).__name__} with {n} stage{'s' if n != 1 else ''}"
         return f"{what}, num_features {backbone.num_features}, {count:,} parameters"
 
-    def preprocess() -> str:
-        backbone = needed(state, "backbone", "builds")
-        if state["plain"]:
+    def preprocess(self) -> str:
+        backbone = needed(self.state, "backbone", "builds")
+        if self.state["plain"]:
             return "a plain module: thali takes input_size, mean and std from the entry metadata"
         pre = backbone.preprocess
         problems = _preprocessing_problems(pre)
         if problems:
             raise CheckFailed("the module's preprocess: " + "; ".join(problems))
-        if member:
+        if self.member:
             return f"input_size {tuple(pre['input_size'])} (from the module)"
+        metadata = self.entry.metadata
         for key in REQUIRED_METADATA:
-            if key in entry.metadata and tuple(pre[key]) != tuple(entry.metadata[key]):
+            if key in metadata and tuple(pre[key]) != tuple(metadata[key]):
                 raise CheckFailed(
                     f"the module's preprocess {key} {tuple(pre[key])} differs from the entry metadata's "
-                    f"{tuple(entry.metadata[key])}"
+                    f"{tuple(metadata[key])}"
                 )
         return "input_size, mean and std match the entry metadata"
 
-    def images(n: int) -> Any:
+    def images(self, n: int) -> Any:
         import torch
 
-        side = needed(state, "side", "forward")
+        side = needed(self.state, "side", "forward")
         return torch.randn(n, 3, side, side)
 
-    def forward() -> str:
+    def forward(self) -> str:
         import torch
 
         from thali.core.training.backbone import check_output
 
-        backbone = copy.deepcopy(needed(state, "backbone", "builds"))
-        check_output(backbone, entry.name, entry.who)  # what thali runs before training
+        backbone = copy.deepcopy(needed(self.state, "backbone", "builds"))
+        check_output(backbone, self.entry.name, self.entry.who)  # what thali runs before training
         size = backbone.preprocess.get("input_size", (3, SMALL, SMALL))
-        state["side"] = int(forced) if forced else min(SMALL, int(size[-1]))
-        x = images(2)
+        self.state["side"] = int(self.forced) if self.forced else min(SMALL, int(size[-1]))
+        x = self.images(2)
         with torch.no_grad():
             y = backbone.eval()(x)
         if tuple(y.shape[:2]) != (2, backbone.num_features) or y.dim() != 4:
@@ -171,25 +191,16 @@ def backbone_checks(entry: Entry[Any], registries: Any, options: Mapping[str, An
             raise CheckFailed("the feature maps hold NaN or infinity")
         return f"{shape(x)} -> {shape(y)}"
 
-    def backward() -> str:
-        backbone = copy.deepcopy(needed(state, "backbone", "builds")).train()
-        backbone(images(2)).float().mean().backward()
+    def backward(self) -> str:
+        backbone = copy.deepcopy(needed(self.state, "backbone", "builds")).train()
+        backbone(self.images(2)).float().mean().backward()
         return gradient_report(backbone)
 
-    def onnx() -> str:
-        if options.get("onnx", True) is False:
+    def onnx(self) -> str:
+        if self.options.get("onnx", True) is False:
             raise CheckSkipped("not run (onnx=False)")
-        backbone = copy.deepcopy(needed(state, "backbone", "builds")).eval()
-        return onnx_parity(backbone, [images(2), images(3)], tolerance)
-
-    return [
-        Check("metadata", metadata),
-        Check("builds", builds, TORCH),
-        Check("preprocess", preprocess, TORCH),
-        Check("forward", forward, TORCH),
-        Check("backward", backward, TORCH),
-        Check("onnx parity", onnx, ONNX),
-    ]
+        backbone = copy.deepcopy(needed(self.state, "backbone", "builds")).eval()
+        return onnx_parity(backbone, [self.images(2), self.images(3)], self.tolerance)
 
 
 def attention_checks(entry: Entry[Any], registries: Any, options: Mapping[str, Any]) -> list[Check]:
@@ -237,8 +248,8 @@ def attention_checks(entry: Entry[Any], registries: Any, options: Mapping[str, A
 
     checks = []
     for c in channel_counts:
-        checks.append(Check(f"keeps shape ({c} ch)", lambda c=c: keeps_shape(c), TORCH))
-        checks.append(Check(f"backward ({c} ch)", lambda c=c: backward(c), TORCH))
+        checks.append(Check(f"keeps shape ({c} ch)", functools.partial(keeps_shape, c), TORCH))
+        checks.append(Check(f"backward ({c} ch)", functools.partial(backward, c), TORCH))
     last = channel_counts[-1]
     checks.append(Check(f"onnx parity ({last} ch)", lambda: onnx(last), ONNX))
     return checks
