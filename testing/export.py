@@ -139,11 +139,21 @@ def _prepared_steps(registries: Any) -> dict[str, Any]:
 
 
 def exporter_checks(entry: Entry[Any], registries: Any, options: Mapping[str, Any]) -> list[Check]:
-    params = params_of(options)
-    tolerance = float(options.get("tolerance", 1e-3))
+    kit = _ExporterKit(entry, registries, options)
+    return [Check("builds", kit.builds), Check("round trip", kit.round_trip, ONNX)]
 
-    def build() -> Any:
-        exporter = entry.factory(**params)
+
+class _ExporterKit:
+    """The checks of one exporter entry, one method (or helper) per rule."""
+
+    def __init__(self, entry: Entry[Any], registries: Any, options: Mapping[str, Any]) -> None:
+        self.entry = entry
+        self.registries = registries
+        self.params = params_of(options)
+        self.tolerance = float(options.get("tolerance", 1e-3))
+
+    def build(self) -> Any:
+        exporter = self.entry.factory(**self.params)
         if not callable(getattr(exporter, "run", None)):
             raise CheckFailed(f"the factory returned {type(exporter).__name__}, which has no run(context)")
         produces = getattr(exporter, "produces", None)
@@ -151,78 +161,101 @@ def exporter_checks(entry: Entry[Any], registries: Any, options: Mapping[str, An
             raise CheckFailed(f"produces {produces!r} is not a valid variant name (it becomes a file name)")
         return exporter
 
-    def builds() -> str:
-        exporter = build()
+    def builds(self) -> str:
+        exporter = self.build()
         produces = getattr(exporter, "produces", None)
         what = f"produces variant {produces!r}" if produces else "an fp32 step (produces None)"
         return f"{type(exporter).__name__}: {what}"
 
-    def round_trip() -> str:
-        import numpy as np
-
-        before_steps = FP32_STEPS[: FP32_STEPS.index(entry.name)] if entry.name in FP32_STEPS else FP32_STEPS
+    def round_trip(self) -> str:
         with tempfile.TemporaryDirectory(prefix="thali-check-") as tmp:
             out = Path(tmp)
             context = _context(out)
-            if before_steps:
-                steps = _prepared_steps(registries)
-                if "error" in steps:
-                    raise CheckSkipped(steps["error"])
-                for step in before_steps:
-                    for artifact, path in steps[step].items():
-                        context.artifacts[artifact] = Path(shutil.copy2(path, out / Path(path).name))
-            exporter = build()
-            before = dict(context.artifacts)
-            report = exporter.run(context)
-            if not isinstance(report, dict):
-                raise CheckFailed(f"run() returned {type(report).__name__}, not a report dict")
-            try:
-                json.dumps(report, default=float)
-            except (TypeError, ValueError) as exc:
-                raise CheckFailed(f"the report is not JSON-able: {one_line(exc)}") from None
-            new = {k: Path(v) for k, v in context.artifacts.items() if before.get(k) != v}
+            self._copy_fp32_steps(context, out)
+            exporter = self.build()
+            new = _run_exporter(exporter, context)
             produces = getattr(exporter, "produces", None)
-            if produces and produces not in new:
-                raise CheckFailed(f"produces {produces!r} but recorded no context.artifacts[{produces!r}]")
-            if not new:
-                raise CheckFailed("run() recorded no file in context.artifacts")
             reference = context.torch_logits()
-            parts = []
-            for artifact, path in new.items():
-                if not path.is_file():
-                    raise CheckFailed(f"artifacts[{artifact!r}] = {path}: no such file")
-                try:
-                    path.resolve().relative_to(out.resolve())
-                except ValueError:
-                    raise CheckFailed(
-                        f"artifacts[{artifact!r}] = {path} is outside context.out_dir"
-                    ) from None
-                try:
-                    session = _session(path)
-                    got = session.run(None, {session.get_inputs()[0].name: context.example.numpy()})[0]
-                except Exception as exc:
-                    raise CheckFailed(
-                        f"ONNX Runtime cannot run artifacts[{artifact!r}]: {one_line(exc)}"
-                    ) from None
-                if got.shape != reference.shape:
-                    raise CheckFailed(
-                        f"artifacts[{artifact!r}] gives {shape(got)} logits, torch {shape(reference)}"
-                    )
-                if not np.isfinite(got).all():
-                    raise CheckFailed(f"artifacts[{artifact!r}] gives NaN or infinite logits")
-                diff = float(np.abs(got - reference).max())
-                agree = float(np.mean(got.argmax(1) == reference.argmax(1)))
-                if not produces and diff > tolerance:
-                    raise CheckFailed(
-                        f"fp32 artifact {artifact!r} differs from torch: max abs logit diff {diff:.2e} "
-                        f"(tolerance {tolerance:g})"
-                    )
-                parts.append(
-                    f"{artifact} ({path.name}): max abs logit diff {diff:.1e}, top-1 agreement {agree:.2f}"
-                )
+            parts = [
+                self._artifact_parity(artifact, path, out, context, reference, produces)
+                for artifact, path in new.items()
+            ]
         return "; ".join(parts)
 
-    return [Check("builds", builds), Check("round trip", round_trip, ONNX)]
+    def _copy_fp32_steps(self, context: Any, out: Path) -> None:
+        """The files of the fp32 steps that run before this exporter, copied into ``out`` and recorded in
+        ``context.artifacts``, as ``thali export`` has them by then."""
+        name = self.entry.name
+        before_steps = FP32_STEPS[: FP32_STEPS.index(name)] if name in FP32_STEPS else FP32_STEPS
+        if not before_steps:
+            return
+        steps = _prepared_steps(self.registries)
+        if "error" in steps:
+            raise CheckSkipped(steps["error"])
+        for step in before_steps:
+            for artifact, path in steps[step].items():
+                context.artifacts[artifact] = Path(shutil.copy2(path, out / Path(path).name))
+
+    def _artifact_parity(
+        self, artifact: str, path: Path, out: Path, context: Any, reference: Any, produces: str | None
+    ) -> str:
+        """One recorded file: inside ``out`` (the context's ``out_dir``), it runs in ONNX Runtime to finite
+        logits of torch's shape; an fp32 file (``produces`` None) is also within the tolerance of torch's."""
+        import numpy as np
+
+        _check_artifact_location(artifact, path, out)
+        got = _artifact_logits(artifact, path, context.example)
+        if got.shape != reference.shape:
+            raise CheckFailed(f"artifacts[{artifact!r}] gives {shape(got)} logits, torch {shape(reference)}")
+        if not np.isfinite(got).all():
+            raise CheckFailed(f"artifacts[{artifact!r}] gives NaN or infinite logits")
+        diff = float(np.abs(got - reference).max())
+        agree = float(np.mean(got.argmax(1) == reference.argmax(1)))
+        if not produces and diff > self.tolerance:
+            raise CheckFailed(
+                f"fp32 artifact {artifact!r} differs from torch: max abs logit diff {diff:.2e} "
+                f"(tolerance {self.tolerance:g})"
+            )
+        return f"{artifact} ({path.name}): max abs logit diff {diff:.1e}, top-1 agreement {agree:.2f}"
+
+
+def _run_exporter(exporter: Any, context: Any) -> dict[str, Path]:
+    """Run ``exporter`` on ``context``: its report must be a JSON-able dict, and it must record a file (the
+    variant it ``produces``, if any). The artifacts it recorded, by name."""
+    before = dict(context.artifacts)
+    report = exporter.run(context)
+    if not isinstance(report, dict):
+        raise CheckFailed(f"run() returned {type(report).__name__}, not a report dict")
+    try:
+        json.dumps(report, default=float)
+    except (TypeError, ValueError) as exc:
+        raise CheckFailed(f"the report is not JSON-able: {one_line(exc)}") from None
+    new = {k: Path(v) for k, v in context.artifacts.items() if before.get(k) != v}
+    produces = getattr(exporter, "produces", None)
+    if produces and produces not in new:
+        raise CheckFailed(f"produces {produces!r} but recorded no context.artifacts[{produces!r}]")
+    if not new:
+        raise CheckFailed("run() recorded no file in context.artifacts")
+    return new
+
+
+def _check_artifact_location(artifact: str, path: Path, out_dir: Path) -> None:
+    """A recorded artifact is a file inside the context's ``out_dir``."""
+    if not path.is_file():
+        raise CheckFailed(f"artifacts[{artifact!r}] = {path}: no such file")
+    try:
+        path.resolve().relative_to(out_dir.resolve())
+    except ValueError:
+        raise CheckFailed(f"artifacts[{artifact!r}] = {path} is outside context.out_dir") from None
+
+
+def _artifact_logits(artifact: str, path: Path, example: Any) -> Any:
+    """The logits ONNX Runtime gives for ``example`` from the file of ``artifact``."""
+    try:
+        session = _session(path)
+        return session.run(None, {session.get_inputs()[0].name: example.numpy()})[0]
+    except Exception as exc:
+        raise CheckFailed(f"ONNX Runtime cannot run artifacts[{artifact!r}]: {one_line(exc)}") from None
 
 
 @dataclass
@@ -281,63 +314,78 @@ def tiny_onnx() -> Path:
 
 
 def serving_checks(entry: Entry[Any], registries: Any, options: Mapping[str, Any]) -> list[Check]:
-    params = params_of(options)
-    tolerance = float(options.get("tolerance", 1e-4))
-    state: dict[str, Any] = {}
+    kit = _ServingKit(entry, registries, options)
+    return [
+        Check("loads a tiny model", kit.loads, ONNX),
+        Check("predict", kit.predict, ONNX),
+        Check("infer", kit.infer, ONNX),
+    ]
 
-    def loads() -> str:
-        path = tiny_onnx()
-        package = PackageStandIn(folder=path.parent, files={"model.onnx": path})
-        kwargs = {"variant": "fp32", "package": package, "registries": registries, **params}
-        try:
-            backend = entry.factory(path, **kwargs)
-        except NotAvailableError as exc:
-            raise CheckSkipped(f"not available for a model without a training run: {exc.message}") from None
+
+class _ServingKit:
+    """The checks of one serving backend entry, one method per rule, in the order they run; ``state``
+    holds the backend ``loads`` made for the later checks."""
+
+    def __init__(self, entry: Entry[Any], registries: Any, options: Mapping[str, Any]) -> None:
+        self.entry = entry
+        self.registries = registries
+        self.params = params_of(options)
+        self.tolerance = float(options.get("tolerance", 1e-4))
+        self.state: dict[str, Any] = {}
+
+    def loads(self) -> str:
+        backend = self._load()
         for method in ("predict", "info"):
             if not callable(getattr(backend, method, None)):
                 raise CheckFailed(f"the factory returned {type(backend).__name__}, which has no {method}()")
-        info = backend.info()
-        if not isinstance(info, dict):
-            raise CheckFailed(f"info() returned {type(info).__name__}, not a dict")
-        try:
-            json.dumps(info)
-        except (TypeError, ValueError) as exc:
-            raise CheckFailed(f"info() is not JSON-able: {one_line(exc)}") from None
-        state["backend"] = backend
+        info = _info_of(backend)
+        self.state["backend"] = backend
         shown = {k: info[k] for k in ("backend", "variant", "provider") if k in info}
         return f"info() {shown}"
 
-    def predict() -> str:
-        import numpy as np
-        import torch
+    def _load(self) -> Any:
+        """The backend, made as thali's hosting makes it, on the tiny classifier's ONNX file."""
+        path = tiny_onnx()
+        package = PackageStandIn(folder=path.parent, files={"model.onnx": path})
+        kwargs = {"variant": "fp32", "package": package, "registries": self.registries, **self.params}
+        try:
+            return self.entry.factory(path, **kwargs)
+        except NotAvailableError as exc:
+            raise CheckSkipped(f"not available for a model without a training run: {exc.message}") from None
 
-        backend = needed(state, "backend", "loads a tiny model")
+    def predict(self) -> str:
+        backend = needed(self.state, "backend", "loads a tiny model")
         model, example = tiny_classifier()
         worst = 0.0
         for batch in (example[:3], example[:1]):
-            with torch.no_grad():
-                reference = model(batch).numpy()
-            got = backend.predict(np.ascontiguousarray(batch.numpy(), dtype=np.float32))
-            got = np.asarray(got)
-            if got.shape != reference.shape:
-                raise CheckFailed(
-                    f"predict() of {shape(batch)} gave {shape(got)}; expected {reference.shape}"
-                )
-            if got.dtype != np.float32:
-                raise CheckFailed(f"predict() gave {got.dtype} logits; the contract is float32")
-            diff = float(np.abs(got - reference).max())
-            if diff > tolerance:
-                raise CheckFailed(
-                    f"predict() differs from torch: max abs diff {diff:.2e} (tolerance {tolerance:g})"
-                )
-            worst = max(worst, diff)
-        return f"float32 logits at batch 3 and 1, max abs diff {worst:.1e} (tolerance {tolerance:g})"
+            worst = max(worst, self._predict_diff(backend, model, batch))
+        return f"float32 logits at batch 3 and 1, max abs diff {worst:.1e} (tolerance {self.tolerance:g})"
 
-    def infer() -> str:
+    def _predict_diff(self, backend: Any, model: Any, batch: Any) -> float:
+        """``predict(batch)``: float32 logits of torch's shape, within the tolerance; the largest diff."""
         import numpy as np
         import torch
 
-        backend = needed(state, "backend", "loads a tiny model")
+        with torch.no_grad():
+            reference = model(batch).numpy()
+        got = backend.predict(np.ascontiguousarray(batch.numpy(), dtype=np.float32))
+        got = np.asarray(got)
+        if got.shape != reference.shape:
+            raise CheckFailed(f"predict() of {shape(batch)} gave {shape(got)}; expected {reference.shape}")
+        if got.dtype != np.float32:
+            raise CheckFailed(f"predict() gave {got.dtype} logits; the contract is float32")
+        diff = float(np.abs(got - reference).max())
+        if diff > self.tolerance:
+            raise CheckFailed(
+                f"predict() differs from torch: max abs diff {diff:.2e} (tolerance {self.tolerance:g})"
+            )
+        return diff
+
+    def infer(self) -> str:
+        import numpy as np
+        import torch
+
+        backend = needed(self.state, "backend", "loads a tiny model")
         if not callable(getattr(backend, "infer", None)):
             raise CheckSkipped(
                 "no infer(batch, cam): optional; the unknown flag then uses the top probability"
@@ -349,16 +397,29 @@ def serving_checks(entry: Entry[Any], registries: Any, options: Mapping[str, Any
         if not isinstance(got, dict) or "logits" not in got:
             raise CheckFailed(f"infer() returned {type(got).__name__}; expected a dict with 'logits'")
         for name, reference in (("logits", logits), ("features", features)):
-            value = np.asarray(got.get(name))
-            if name not in got or value.shape != reference.shape:
-                raise CheckFailed(f"infer()[{name!r}] is {shape(value)}; expected {reference.shape}")
-            diff = float(np.abs(value - reference).max())
-            if diff > tolerance:
-                raise CheckFailed(f"infer()[{name!r}] differs from torch: max abs diff {diff:.2e}")
+            _check_output(got, name, reference, self.tolerance)
         return f"logits and features {features.shape[1:]} match torch"
 
-    return [
-        Check("loads a tiny model", loads, ONNX),
-        Check("predict", predict, ONNX),
-        Check("infer", infer, ONNX),
-    ]
+
+def _info_of(backend: Any) -> dict[str, Any]:
+    """``backend.info()``, which must be a JSON-able dict."""
+    info = backend.info()
+    if not isinstance(info, dict):
+        raise CheckFailed(f"info() returned {type(info).__name__}, not a dict")
+    try:
+        json.dumps(info)
+    except (TypeError, ValueError) as exc:
+        raise CheckFailed(f"info() is not JSON-able: {one_line(exc)}") from None
+    return info
+
+
+def _check_output(got: dict[str, Any], name: str, reference: Any, tolerance: float) -> None:
+    """``infer()[name]`` has torch's shape and values, within the tolerance."""
+    import numpy as np
+
+    value = np.asarray(got.get(name))
+    if name not in got or value.shape != reference.shape:
+        raise CheckFailed(f"infer()[{name!r}] is {shape(value)}; expected {reference.shape}")
+    diff = float(np.abs(value - reference).max())
+    if diff > tolerance:
+        raise CheckFailed(f"infer()[{name!r}] differs from torch: max abs diff {diff:.2e}")
