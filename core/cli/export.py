@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="benchmark torch eager and every ONNX variant of an export")
     b.add_argument("model", type=Path, help="an export folder (written by `thali export`)")
     b.add_argument("--data", help="the run's data folder, if it moved")
+    b.add_argument(
+        "--run",
+        type=Path,
+        help="the training run the export was made from (default: the export's parent, then "
+        "runs/DOMAIN/RUN_ID); its best.pt must match the recorded sha256 for the torch rows",
+    )
     b.add_argument("--batch", type=int, default=32, help="batch size for throughput (default 32)")
     b.add_argument("--latency-runs", type=int, default=50, help="batch-1 runs per row (default 50)")
     b.add_argument("--throughput-runs", type=int, default=5, help="full batches per row (default 5)")
@@ -116,6 +122,7 @@ def run_bench(ctx: Context) -> int:
         limit=args.limit,
         synthetic=args.synthetic,
         progress=not args.no_progress,
+        run=args.run,
     )
     out = args.out or Path("runs") / "bench" / f"{result['domain']}-{time.strftime('%Y%m%d-%H%M%S')}"
     table = write_bench(result, out)

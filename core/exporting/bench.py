@@ -92,13 +92,10 @@ def _run_folder(model_dir: Path, meta: dict[str, Any]) -> Path:
     ``lineage.checkpoint_sha256``), so it is looked for where ``thali train`` and ``thali export`` put
     them: the export's own parent (``RUN_DIR/export``), beside the export, then
     ``$THALI_RUNS/DOMAIN/RUN_ID`` or ``runs/DOMAIN/RUN_ID``; the first whose ``best.pt`` has the recorded
-    hash, else the first that holds a ``split.json``. An export made before names its folder
-    (``lineage.run``)."""
+    hash, else the first that holds a ``split.json``. ``thali bench --run RUN`` names it instead."""
     from .pipeline import sha256
 
     lineage = meta.get("lineage") or {}
-    if lineage.get("run"):
-        return Path(str(lineage["run"]))
     runs = Path(os.environ.get("THALI_RUNS") or "runs") / str(meta.get("domain"))
     run_id = str(lineage.get("run_id") or "")
     if not run_id or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
@@ -377,6 +374,7 @@ def bench_model(
     limit: int | None = None,
     synthetic: bool = False,
     progress: bool = True,
+    run: str | Path | None = None,
 ) -> dict[str, Any]:
     """Benchmark the export in ``model_dir``; returns the JSON-ready result (see :func:`markdown`).
 
@@ -388,7 +386,7 @@ def bench_model(
 
     model_dir = Path(model_dir)
     meta = read_export_report(model_dir)  # the shape checked: names, file names, recorded sha256s
-    run_dir = _run_folder(model_dir, meta)
+    run_dir = Path(run) if run is not None else _run_folder(model_dir, meta)
     preprocess = _verified_json(model_dir, "preprocess.json", meta["files"]["preprocess.json"])
     sample = _bench_input(run_dir, preprocess, data, batch, limit, synthetic)
     wanted, notes = _providers(providers)
