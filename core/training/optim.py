@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
 
 from thali.core.config import OptimizerConfig, ScheduleConfig
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -51,7 +53,7 @@ def build_scheduler(
     )
 
 
-class ModelEma:
+class ModelEma(Generic[M]):
     """Exponential moving average of a model's weights (buffers copied as they are).
 
     The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so that a short run
@@ -59,8 +61,8 @@ class ModelEma:
     initialised head after 200 steps).
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.module = copy.deepcopy(model).eval()
+    def __init__(self, model: M, decay: float) -> None:
+        self.module: M = copy.deepcopy(model).eval()
         self.decay = decay
         self.updates = 0
         for p in self.module.parameters():

@@ -17,16 +17,16 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 import yaml
 from torch import nn
 
-from thali.core.config import DomainConfig
+from thali.core.config import DomainConfig, EarlyStoppingConfig
 from thali.core.errors import DataError
 from thali.core.files import write_atomic
 from thali.core.quiet import no_update_checks, quiet
@@ -35,6 +35,7 @@ from thali.core.registry import Registries
 from . import checkpoint as ckpt
 from .data import (
     ImageDataset,
+    as_torch_dataset,
     make_loader,
     make_split,
     read_samples,
@@ -44,7 +45,7 @@ from .data import (
     write_split,
 )
 from .evaluate import cross_line, cross_summary
-from .features import compute_features, make_engine, shard_features
+from .features import CachedFeatures, compute_features, make_engine, shard_features
 from .logbook import write_epoch
 from .loss import build_loss
 from .metrics import calibrated_summary, summarize, topk_accuracy
@@ -52,6 +53,9 @@ from .mix import mix_batch
 from .model import Classifier, build_classifier
 from .optim import ModelEma, build_optimizer, build_scheduler
 from .transforms import eval_transform, train_transform
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger("thali.train")
 
@@ -74,6 +78,107 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+class StopStep(NamedTuple):
+    """What one epoch's validation metric did: beat the best so far, and whether training stops now."""
+
+    improved: bool
+    stop: bool
+
+
+@dataclass
+class EarlyStopping:
+    """The best epoch and early stopping, on one validation metric.
+
+    ``step(value)`` after each epoch: the value improves on ``best`` when it is better by more than
+    ``min_delta`` (higher for ``val_top1``, lower for ``val_loss``), or when there is no best yet;
+    ``patience`` epochs in a row without one stop training (when ``enabled``; disabled, the best epoch
+    is still tracked). ``best`` and ``bad_epochs`` are what ``last.pt`` carries for ``--resume``."""
+
+    metric: Literal["val_top1", "val_loss"]
+    patience: int
+    min_delta: float = 0.0
+    enabled: bool = True
+    best: float | None = None
+    bad_epochs: int = 0
+
+    @classmethod
+    def from_config(cls, config: EarlyStoppingConfig) -> EarlyStopping:
+        return cls(config.metric, config.patience, config.min_delta, config.enabled)
+
+    def step(self, value: float) -> StopStep:
+        sign = 1.0 if self.metric == "val_top1" else -1.0
+        improved = self.best is None or sign * (value - self.best) > self.min_delta
+        if improved:
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        return StopStep(improved, self.enabled and self.bad_epochs >= self.patience)
+
+
+@dataclass
+class TrainState:
+    """The loop state: epochs done, the best epoch, one record per epoch, and early stopping's best and
+    bad epochs. In ``last.pt`` (and the trainer's result) it is the plain dict ``to_dict`` makes, with
+    the keys ``checkpoint.STATE_KEYS``."""
+
+    stopping: EarlyStopping
+    epoch: int = 0
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def restored(cls, saved: dict[str, Any], stopping: EarlyStopping) -> TrainState:
+        """The state a checkpoint saved (``TrainingParts.restore`` checked its keys), continued with
+        ``stopping``'s metric, patience and min_delta (those of the config in force)."""
+        stopping.best, stopping.bad_epochs = saved["best"], saved["bad_epochs"]
+        return cls(stopping, saved["epoch"], saved["best_epoch"], saved["history"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "best": self.stopping.best,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.stopping.bad_epochs,
+            "history": self.history,
+        }
+
+
+@dataclass
+class Optimisation:
+    """What the training steps use: the optimiser, its per-step schedule, the AMP scaler and autocast
+    dtype, the weight EMA, and those whose state ``--resume`` restores as the checkpoint's parts."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    ema: ModelEma[Classifier] | None
+    amp_dtype: torch.dtype | None
+    parts: ckpt.TrainingParts
+
+
+class TrainedEpoch(NamedTuple):
+    """One pass over the training data: loss sum, correct predictions, images and seconds."""
+
+    loss_sum: float
+    correct: int
+    seen: int
+    seconds: float
+
+
+@dataclass
+class Totals:
+    """The epochs this call ran, and the images and seconds of their training passes."""
+
+    ran: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+    def add(self, epoch: TrainedEpoch) -> None:
+        self.images += epoch.seen
+        self.seconds += epoch.seconds
+        self.ran += 1
 
 
 def _init_distributed(device_hint: str) -> Dist:
@@ -178,31 +283,50 @@ class Trainer:
         size = self.preprocess["input_size"]
         with quiet("frozen-part engine"):  # ONNX export and ONNX Runtime session; our fallback note stays
             engine = make_engine(prefix, torch.zeros(2, *size), self.device, t.feature_engine)
-        common = {
-            "batch_size": max(t.batch_size, 32),
-            "num_workers": t.num_workers,
-            "progress": self.options.progress and self.dist.main,
-        }
         limits = self.config.dataset.image_limits()
         train_ds = ImageDataset(
             self.split.train, train_transform(self.config.augmentation, self.preprocess), limits=limits
         )
         val_ds = ImageDataset(self.split.val, eval_transform(self.preprocess), limits=limits)
         started = time.perf_counter()
-        for part, dataset, views in (("train", train_ds, t.cache_views), ("val", val_ds, 1)):
-            options = {"views": views, "seed": t.seed, "desc": f"caching {part} ({engine.name})", **common}
-            if self.dist.world > 1:  # each rank its shard, then exchanged: computed once in total
-                cached, counts = shard_features(
-                    engine, dataset, rank=self.dist.rank, world=self.dist.world, **options
-                )
-                self.notes.append(counts.line(part))
-                if self.dist.main:
-                    log.info("%s", counts.line(part))
-            else:
-                cached = compute_features(engine, dataset, **options)
-            setattr(self, f"{part}_feats", cached)
+        self.train_feats = self._cache_part(engine, "train", train_ds, t.cache_views)
+        self.val_feats = self._cache_part(engine, "val", val_ds, 1)
         self.cache_seconds = time.perf_counter() - started
         self.notes.append(f"cached frozen features with {engine.name} in {self.cache_seconds:.0f} s")
+
+    def _cache_part(self, engine: Any, part: str, dataset: ImageDataset, views: int) -> CachedFeatures:
+        """The frozen prefix's features of one split part, ``views`` augmented views of each image."""
+        t = self.config.training
+        batch_size, progress = max(t.batch_size, 32), self.options.progress and self.dist.main
+        desc = f"caching {part} ({engine.name})"
+        if self.dist.world <= 1:
+            return compute_features(
+                engine,
+                dataset,
+                views=views,
+                seed=t.seed,
+                desc=desc,
+                batch_size=batch_size,
+                num_workers=t.num_workers,
+                progress=progress,
+            )
+        # each rank its shard, then exchanged: computed once in total
+        cached, counts = shard_features(
+            engine,
+            dataset,
+            rank=self.dist.rank,
+            world=self.dist.world,
+            views=views,
+            seed=t.seed,
+            desc=desc,
+            batch_size=batch_size,
+            num_workers=t.num_workers,
+            progress=progress,
+        )
+        self.notes.append(counts.line(part))
+        if self.dist.main:
+            log.info("%s", counts.line(part))
+        return cached
 
     # --- batches ----------------------------------------------------------------------------------
 
@@ -227,9 +351,11 @@ class Trainer:
             train_transform(self.config.augmentation, self.preprocess),
             limits=self.config.dataset.image_limits(),
         )
-        sampler = None
+        sampler: torch.utils.data.distributed.DistributedSampler[Any] | None = None
         if self.dist.world > 1:
-            sampler = torch.utils.data.distributed.DistributedSampler(dataset, seed=t.seed, drop_last=True)
+            sampler = torch.utils.data.distributed.DistributedSampler(
+                as_torch_dataset(dataset), seed=t.seed, drop_last=True
+            )
             sampler.set_epoch(epoch)
         loader = make_loader(
             dataset, t.batch_size, shuffle=True, seed=seed, num_workers=t.num_workers, sampler=sampler
@@ -252,22 +378,40 @@ class Trainer:
             write_atomic(self.run_dir / "config.yaml", text)
 
     def fit(self) -> dict[str, Any]:
-        t = self.config.training
+        """Set up, run the epochs (to the end, an early stop or ``stop_after_epochs``), and with the
+        last epoch done score ``best.pt``; returns what ``thali train`` reports."""
+        self._set_up()
+        opt = self._optimisation()
+        state = self._start_state(opt.parts)
+        writer = self._open_writer()
+        self.skipped = 0
+        started = time.perf_counter()
+        totals = self._run_epochs(opt, state, writer)
+        if writer:
+            writer.close()
+        return self._result(state, totals, started)
+
+    def _set_up(self) -> None:
+        """Config, data, model and (frozen features) the cache; a run that never started leaves no
+        folder behind (bad data path, ...)."""
         missing = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
         fresh = missing[-1] if missing else None  # the highest folder this call creates
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             if not self.options.resume:
                 self._write_config()
-            ckpt.seed_everything(t.seed)
+            ckpt.seed_everything(self.config.training.seed)
             self._data()
             self._model()
             if self.cached:
                 self._cache()
-        except BaseException:  # a run that never started leaves no folder behind (bad data path, …)
+        except BaseException:
             if fresh is not None and self.dist.main:
                 shutil.rmtree(fresh, ignore_errors=True)
             raise
+
+    def _optimisation(self) -> Optimisation:
+        t = self.config.training
         optimizer = build_optimizer(self.model, self.config.optimizer)
         steps = self._steps_per_epoch()
         scheduler = build_scheduler(
@@ -277,78 +421,104 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         ema = ModelEma(self.model, t.ema.decay) if t.ema.enabled else None
         parts = ckpt.TrainingParts(self.model, optimizer, scheduler, scaler, ema)
-        state = {"epoch": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "history": []}
-        if self.options.resume:
-            state = parts.restore(self.run_dir / "last.pt")
-            self._write_config()  # only now: a resume that fails leaves the run's config.yaml as it was
-        writer = None
-        if self.dist.main:
-            from torch.utils.tensorboard import SummaryWriter
+        return Optimisation(optimizer, scheduler, scaler, ema, amp_dtype, parts)
 
-            writer = SummaryWriter(str(self.run_dir / "tb"))
-        self.skipped = 0
-        started, ran = time.perf_counter(), 0
-        images_seen, train_seconds = 0, 0.0
-        for epoch in range(state["epoch"], t.epochs):
-            if self.options.stop_after_epochs is not None and ran >= self.options.stop_after_epochs:
+    def _start_state(self, parts: ckpt.TrainingParts) -> TrainState:
+        """A fresh state, or with ``--resume`` the one ``last.pt`` saved (the parts restored with it)."""
+        stopping = EarlyStopping.from_config(self.config.training.early_stopping)
+        if not self.options.resume:
+            return TrainState(stopping)
+        state = TrainState.restored(parts.restore(self.run_dir / "last.pt"), stopping)
+        self._write_config()  # only now: a resume that fails leaves the run's config.yaml as it was
+        return state
+
+    def _open_writer(self) -> SummaryWriter | None:
+        """TensorBoard events under ``tb/`` (the main rank only)."""
+        if not self.dist.main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "tb"))
+
+    def _run_epochs(self, opt: Optimisation, state: TrainState, writer: SummaryWriter | None) -> Totals:
+        """Train, validate and checkpoint epoch by epoch from ``state.epoch``."""
+        t = self.config.training
+        totals = Totals()
+        for epoch in range(state.epoch, t.epochs):
+            if self.options.stop_after_epochs is not None and totals.ran >= self.options.stop_after_epochs:
                 break
-            loss_sum, correct, seen, seconds = self._train_epoch(
-                epoch, optimizer, scheduler, scaler, ema, amp_dtype
-            )
-            images_seen += seen
-            train_seconds += seconds
-            ran += 1
-            eval_model = ema.module if ema else self.model
-            logits, labels, indices = self._predict_indexed(eval_model, "val")
-            chooses = self._chooses(indices)
-            # the best epoch and early stopping read only the photos that choose; held-out ones are scored
-            val = summarize(logits[chooses], labels[chooses], self.classes)
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(1, seen),
-                "train_top1": correct / max(1, seen),
-                "val_loss": val["nll"],
-                "val_top1": val["top1"],
-                "val_top5": val["top5"],
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": seen / max(seconds, 1e-9),
-            }
-            if not chooses.all():
-                record["val_cross_top1"] = topk_accuracy(logits[~chooses], labels[~chooses], 1)
-            record = ckpt.plain(record)
-            state["history"].append(record)
-            metric, stop = record[t.early_stopping.metric], t.early_stopping
-            sign = 1.0 if stop.metric == "val_top1" else -1.0
-            better = state["best"] is None or sign * (metric - state["best"]) > stop.min_delta
-            if better:
-                state.update(best=metric, best_epoch=epoch + 1, bad_epochs=0)
-            else:
-                state["bad_epochs"] += 1
-            state["epoch"] = epoch + 1
+            trained = self._train_epoch(epoch, opt)
+            totals.add(trained)
+            eval_model = opt.ema.module if opt.ema else self.model
+            record, val = self._validate(eval_model, epoch, trained, opt.optimizer)
+            state.history.append(record)
+            step = state.stopping.step(record[t.early_stopping.metric])
+            if step.improved:
+                state.best_epoch = epoch + 1
+            state.epoch = epoch + 1
             if self.dist.main:
-                write_epoch(writer, record, val, self.classes)
-                # best.pt first: a kill between the two writes then replays this epoch on --resume
-                if better:
-                    best = {
-                        "model": eval_model.state_dict(),
-                        "classes": list(self.classes),
-                        "preprocess": ckpt.plain(self.preprocess),
-                        "epoch": epoch + 1,
-                    }
-                    ckpt.save_atomic(best, self.run_dir / "best.pt")
-                parts.save(
-                    self.run_dir / "last.pt", state, classes=list(self.classes), preprocess=self.preprocess
-                )
-                log.info("%s", epoch_line(record, t.epochs, better))
-            if t.early_stopping.enabled and state["bad_epochs"] >= t.early_stopping.patience:
-                self.notes.append(f"early stop after epoch {epoch + 1} (best epoch {state['best_epoch']})")
-                state["epoch"] = t.epochs
+                self._save_epoch(writer, record, val, step.improved, eval_model, opt.parts, state)
+            if step.stop:
+                self.notes.append(f"early stop after epoch {epoch + 1} (best epoch {state.best_epoch})")
+                state.epoch = t.epochs
                 break
-        if writer:
-            writer.close()
-        finished = state["epoch"] >= t.epochs
-        result: dict[str, Any] = {"finished": finished, "epochs_run": ran, "state": state}
-        result["train_images_per_s"] = images_seen / train_seconds if train_seconds else None
+        return totals
+
+    def _validate(
+        self, eval_model: Classifier, epoch: int, trained: TrainedEpoch, optimizer: torch.optim.Optimizer
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The epoch's history record (plain numbers) and the validation summary of the photos that
+        choose."""
+        logits, labels, indices = self._predict_indexed(eval_model, "val")
+        chooses = self._chooses(indices)
+        # the best epoch and early stopping read only the photos that choose; held-out ones are scored
+        val = summarize(logits[chooses], labels[chooses], self.classes)
+        seen = trained.seen
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": trained.loss_sum / max(1, seen),
+            "train_top1": trained.correct / max(1, seen),
+            "val_loss": val["nll"],
+            "val_top1": val["top1"],
+            "val_top5": val["top5"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": seen / max(trained.seconds, 1e-9),
+        }
+        if not chooses.all():
+            record["val_cross_top1"] = topk_accuracy(logits[~chooses], labels[~chooses], 1)
+        return ckpt.plain(record), val
+
+    def _save_epoch(
+        self,
+        writer: SummaryWriter | None,
+        record: dict[str, Any],
+        val: dict[str, Any],
+        improved: bool,
+        eval_model: Classifier,
+        parts: ckpt.TrainingParts,
+        state: TrainState,
+    ) -> None:
+        """TensorBoard, ``best.pt`` (when improved), ``last.pt`` and the epoch's log line."""
+        write_epoch(writer, record, val, self.classes)
+        # best.pt first: a kill between the two writes then replays this epoch on --resume
+        if improved:
+            best = {
+                "model": eval_model.state_dict(),
+                "classes": list(self.classes),
+                "preprocess": ckpt.plain(self.preprocess),
+                "epoch": record["epoch"],
+            }
+            ckpt.save_atomic(best, self.run_dir / "best.pt")
+        parts.save(
+            self.run_dir / "last.pt", state.to_dict(), classes=list(self.classes), preprocess=self.preprocess
+        )
+        log.info("%s", epoch_line(record, self.config.training.epochs, improved))
+
+    def _result(self, state: TrainState, totals: Totals, started: float) -> dict[str, Any]:
+        """What ``fit`` returns; a finished run's final metrics (``metrics.json``) are made here."""
+        finished = state.epoch >= self.config.training.epochs
+        result: dict[str, Any] = {"finished": finished, "epochs_run": totals.ran, "state": state.to_dict()}
+        result["train_images_per_s"] = totals.images / totals.seconds if totals.seconds else None
         result["wall_seconds"] = time.perf_counter() - started
         if finished and self.dist.main:
             result.update(self._final_metrics())
@@ -359,18 +529,16 @@ class Trainer:
             torch.distributed.barrier()
         return result
 
-    def _step(self, optimizer: Any, scheduler: Any, scaler: Any, ema: ModelEma | None) -> None:
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if ema:
-            ema.update(self.model)
+    def _step(self, opt: Optimisation) -> None:
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+        opt.optimizer.zero_grad(set_to_none=True)
+        opt.scheduler.step()
+        if opt.ema:
+            opt.ema.update(self.model)
 
-    def _train_epoch(
-        self, epoch: int, optimizer: Any, scheduler: Any, scaler: Any, ema: ModelEma | None, amp_dtype: Any
-    ) -> tuple[float, int, int, float]:
-        """One pass over the training data; returns (loss sum, correct, images, seconds)."""
+    def _train_epoch(self, epoch: int, opt: Optimisation) -> TrainedEpoch:
+        """One pass over the training data."""
         from tqdm import tqdm
 
         t = self.config.training
@@ -386,6 +554,7 @@ class Trainer:
             disable=not (self.options.progress and self.dist.main),
             leave=False,
         )
+        amp_dtype = opt.amp_dtype
         autocast = torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype))
         for i, (images, labels) in enumerate(self._train_batches(epoch)):
             images = images.to(self.device, memory_format=torch.channels_last)
@@ -394,9 +563,9 @@ class Trainer:
             with autocast:
                 logits = self.wrapped(inputs)
                 loss = self.loss_fn(logits.float(), target) / t.grad_accum_steps
-            scaler.scale(loss).backward()
+            opt.scaler.scale(loss).backward()
             if (i + 1) % t.grad_accum_steps == 0:
-                self._step(optimizer, scheduler, scaler, ema)
+                self._step(opt)
             loss_sum += float(loss.detach()) * t.grad_accum_steps * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
@@ -404,18 +573,18 @@ class Trainer:
             rate = seen / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", ips=f"{rate:.1f}")
         if any(p.grad is not None for p in self.model.parameters()):  # a partial accumulation
-            self._step(optimizer, scheduler, scaler, ema)
+            self._step(opt)
         bar.close()
-        return loss_sum, correct, seen, time.perf_counter() - started
+        return TrainedEpoch(loss_sum, correct, seen, time.perf_counter() - started)
 
     # --- evaluation -------------------------------------------------------------------------------
 
-    def _predict(self, model: nn.Module, which: str) -> tuple[np.ndarray, np.ndarray]:
+    def _predict(self, model: Classifier, which: str) -> tuple[np.ndarray, np.ndarray]:
         logits, labels, _ = self._predict_indexed(model, which)
         return logits, labels
 
     @torch.no_grad()
-    def _predict_indexed(self, model: nn.Module, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _predict_indexed(self, model: Classifier, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Logits and labels of the readable images of a split part, and each one's index in it."""
         model.eval()
         out, labels, indices = [], [], []
