@@ -86,10 +86,29 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
 
     settings = settings or Settings()
     plugins = plugins or build_plugin_manager()
+    limits = body_limits(settings)
+    app = _flask_app(settings, limits)
+    api = _openapi(app)
+    metrics, cache = Metrics(), AnswerCache(settings.cache_entries)
+    hosting = Hosting(settings, plugins.registries, metrics, cache)
+    app.extensions["thali"] = Service(settings, hosting, metrics, plugins)
+    _register_routes(app, api, settings)
+    _limit_request_bodies(app, limits)
+    _count_requests(app, hosting, metrics)
+    _start_metrics_server(settings, metrics)
+    hosting.load_configured()
+    if settings.watch_s:
+        from .watch import RegistryWatcher
+
+        hosting.watcher = RegistryWatcher(hosting, settings.watch_s).start()
+    return app
+
+
+def _flask_app(settings: Settings, limits: dict[str, int]) -> Flask:
+    """The Flask app with thali's JSON provider, request class and configuration."""
     app = Flask("thali.api", instance_path=str(Path(__file__).resolve().parent / "instance"))
     app.json = SafeJSONProvider(app)
     app.request_class = ThaliRequest
-    limits = body_limits(settings)
     app.config.update(
         API_TITLE="thali",
         API_VERSION=__version__,
@@ -108,15 +127,21 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
             },
         },
     )
+    return app
+
+
+def _openapi(app: Flask) -> ThaliApi:
+    """flask-smorest on ``app``: the name converter, the manifest schemas, thali's error handlers."""
     app.url_map.converters["name"] = NameConverter
     api = ThaliApi(app)
     api.register_converter(NameConverter, lambda _: {"type": "string", "pattern": f"^{NAME_RULE.pattern}$"})
     register_manifest_schemas(api.spec)  # the /card answer, field by field, from the pydantic models
     register_error_handlers(app)
-    metrics, cache = Metrics(), AnswerCache(settings.cache_entries)
-    hosting = Hosting(settings, plugins.registries, metrics, cache)
-    app.extensions["thali"] = Service(settings, hosting, metrics, plugins)
+    return api
 
+
+def _register_routes(app: Flask, api: ThaliApi, settings: Settings) -> None:
+    """The blueprints, the limits in their spec, and Swagger UI's files when they are installed."""
     from . import admin, domains, health, predict
 
     for module in (health, domains, predict, admin):
@@ -129,6 +154,10 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
         @app.route("/docs/static/<path:name>")
         def swagger_static(name: str) -> Any:
             return send_from_directory(swagger_ui_bundle.swagger_ui_path, name)
+
+
+def _limit_request_bodies(app: Flask, limits: dict[str, int]) -> None:
+    """Before each request: its start time, and its route's body limit (413 past it)."""
 
     @app.before_request
     def _start() -> None:
@@ -154,6 +183,10 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
             request.environ["CONTENT_LENGTH"] = str(len(data))
             request.environ.pop("HTTP_TRANSFER_ENCODING", None)
 
+
+def _count_requests(app: Flask, hosting: Hosting, metrics: Metrics) -> None:
+    """After each request: count it by domain, route and status, and time it (``Server-Timing``)."""
+
     @app.after_request
     def _count(response: Any) -> Any:
         rule = request.url_rule.rule if request.url_rule else "unmatched"
@@ -166,13 +199,11 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
             response.headers["Server-Timing"] = f"app;dur={1000 * took:.3f}"  # server-side time, for clients
         return response
 
-    if settings.metrics_port and not metrics.multiprocess:  # --dev, or an app made in Python
+
+def _start_metrics_server(settings: Settings, metrics: Metrics) -> None:
+    """``--metrics-port`` for --dev, or an app made in Python: this process's metrics on that port (with
+    several workers, ``thali serve`` runs the server of the summed metrics instead)."""
+    if settings.metrics_port and metrics.registry is not None:
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port, addr="127.0.0.1", registry=metrics.registry)
-    hosting.load_configured()
-    if settings.watch_s:
-        from .watch import RegistryWatcher
-
-        hosting.watcher = RegistryWatcher(hosting, settings.watch_s).start()
-    return app

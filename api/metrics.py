@@ -25,58 +25,79 @@ CONFIDENCE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 class Metrics:
     def __init__(self) -> None:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-        self.registry = None if self.multiprocess else CollectorRegistry()
-        r = {"registry": self.registry}
+        # None with several workers: the values go to PROMETHEUS_MULTIPROC_DIR, summed by render()
+        self.registry: CollectorRegistry | None = None if self.multiprocess else CollectorRegistry()
+        registry = self.registry
         self.requests = Counter(
-            "thali_requests", "HTTP requests answered", ["domain", "endpoint", "status"], **r
+            "thali_requests", "HTTP requests answered", ["domain", "endpoint", "status"], registry=registry
         )
         self.latency = Histogram(
-            "thali_request_seconds", "request latency, server side", ["endpoint"], buckets=LATENCY, **r
+            "thali_request_seconds",
+            "request latency, server side",
+            ["endpoint"],
+            buckets=LATENCY,
+            registry=registry,
         )
         self.batch_size = Histogram(
-            "thali_batch_size", "images per engine batch", ["domain"], buckets=BATCH, **r
+            "thali_batch_size", "images per engine batch", ["domain"], buckets=BATCH, registry=registry
         )
         self.queue_wait = Histogram(
-            "thali_queue_wait_seconds", "wait before a batch ran", ["domain"], buckets=LATENCY, **r
+            "thali_queue_wait_seconds",
+            "wait before a batch ran",
+            ["domain"],
+            buckets=LATENCY,
+            registry=registry,
         )
         self.inference = Histogram(
-            "thali_inference_seconds", "engine time per batch", ["domain"], buckets=LATENCY, **r
+            "thali_inference_seconds", "engine time per batch", ["domain"], buckets=LATENCY, registry=registry
         )
         self.decode = Histogram(
-            "thali_decode_seconds", "decode + preprocess time per image", ["domain"], buckets=LATENCY, **r
+            "thali_decode_seconds",
+            "decode + preprocess time per image",
+            ["domain"],
+            buckets=LATENCY,
+            registry=registry,
         )
-        self.cache = Counter("thali_cache", "answer cache lookups", ["domain", "result"], **r)
-        self.predictions = Counter("thali_predictions", "top-1 predictions", ["domain", "label"], **r)
-        self.unknown = Counter("thali_unknown_predictions", "answers flagged unknown", ["domain"], **r)
+        self.cache = Counter("thali_cache", "answer cache lookups", ["domain", "result"], registry=registry)
+        self.predictions = Counter(
+            "thali_predictions", "top-1 predictions", ["domain", "label"], registry=registry
+        )
+        self.unknown = Counter(
+            "thali_unknown_predictions", "answers flagged unknown", ["domain"], registry=registry
+        )
         self.confidence = Histogram(
-            "thali_top1_confidence", "calibrated top-1 probability", ["domain"], buckets=CONFIDENCE, **r
+            "thali_top1_confidence",
+            "calibrated top-1 probability",
+            ["domain"],
+            buckets=CONFIDENCE,
+            registry=registry,
         )
         self.loaded = Gauge(
             "thali_model_loaded",
             "1 for the model version each domain serves",
             ["domain", "version", "variant", "backend", "provider"],
             multiprocess_mode="liveall",
-            **r,
+            registry=registry,
         )
         self.swaps = Counter(
             "thali_model_swaps",
             "registry watch: versions swapped in, refused (checksum or signature) or failed to load",
             ["domain", "outcome"],
-            **r,
+            registry=registry,
         )
         self.refused = Gauge(
             "thali_model_refused_version",
             "registry watch: the version refused last (0: none), while the old one is still served",
             ["domain"],
             multiprocess_mode="max",
-            **r,
+            registry=registry,
         )
         self.load_failures = Counter(
-            "thali_model_load_failures", "models that failed to load", ["domain"], **r
+            "thali_model_load_failures", "models that failed to load", ["domain"], registry=registry
         )
 
     def render(self) -> tuple[bytes, str]:
-        if self.multiprocess:
+        if self.registry is None:  # multiprocess
             from prometheus_client import multiprocess
 
             registry = CollectorRegistry()
