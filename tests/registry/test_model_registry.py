@@ -171,30 +171,30 @@ def test_a_reader_polling_during_publishes_never_sees_a_partial_version(
 
 
 def test_registry_cli(tmp_path: Path, tiny_export: Path) -> None:
-    from helpers import run_thali
+    from helpers import thali_in_process
 
     env = {"THALI_REGISTRY": str(tmp_path / "registry")}
-    published = run_thali("publish", str(tiny_export), "--alias", "staging", env=env)
+    published = thali_in_process("publish", str(tiny_export), "--alias", "staging", env=env)
     assert published.returncode == 0 and "published tiny v1 (alias staging)" in published.stdout
-    assert run_thali("publish", str(tiny_export), env=env).returncode == 0
-    promoted = run_thali("registry", "promote", "tiny", "2", "--alias", "production", env=env)
+    assert thali_in_process("publish", str(tiny_export), env=env).returncode == 0
+    promoted = thali_in_process("registry", "promote", "tiny", "2", "--alias", "production", env=env)
     assert promoted.stdout.strip() == "tiny: production -> v2"
-    listing = run_thali("registry", "list", env=env)
+    listing = thali_in_process("registry", "list", env=env)
     assert listing.stdout.strip() == "tiny: v1 (staging)  v2 (production)"
-    shown = json.loads(run_thali("registry", "show", "tiny", "production", "--json", env=env).stdout)
+    shown = json.loads(thali_in_process("registry", "show", "tiny", "production", "--json", env=env).stdout)
     assert (
         shown["version"] == 2 and shown["aliases"] == ["production"] and "model.int8.onnx" in shown["files"]
     )
-    refused = run_thali("registry", "rm", "tiny", "2", env=env)
+    refused = thali_in_process("registry", "rm", "tiny", "2", env=env)
     assert refused.returncode != 0 and refused.stderr.startswith("error: tiny v2 is what alias production")
-    missing = run_thali("registry", "show", "tiny", "9", env=env)
+    missing = thali_in_process("registry", "show", "tiny", "9", env=env)
     assert (
         missing.returncode != 0 and "versions: 1, 2" in missing.stderr and "Traceback" not in missing.stderr
     )
-    assert run_thali("registry", "promote", "tiny", "2", "--alias", "staging", env=env).returncode == 0
-    removed = run_thali("registry", "rm", "tiny", "1", "--registry", str(tmp_path / "registry"))
+    assert thali_in_process("registry", "promote", "tiny", "2", "--alias", "staging", env=env).returncode == 0
+    removed = thali_in_process("registry", "rm", "tiny", "1", "--registry", str(tmp_path / "registry"))
     assert removed.returncode == 0 and removed.stdout.strip() == "removed tiny v1"
-    not_export = run_thali("publish", str(tmp_path), env=env)
+    not_export = thali_in_process("publish", str(tmp_path), env=env)
     assert not_export.returncode != 0 and "not an export" in not_export.stderr
 
 

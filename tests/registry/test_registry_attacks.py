@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from export_support import edited_export
-from helpers import run_thali
+from helpers import thali_in_process
 from registry_fixtures import store_url
 
 from thali.core.errors import ConfigError, IntegrityError, ModelRegistryError, NotFoundError
@@ -96,7 +96,7 @@ def test_registry_show_with_a_path_is_a_one_line_error(tmp_path: Path, tiny_expo
     elsewhere = tmp_path / "x" / DOMAIN / "aliases"
     elsewhere.mkdir(parents=True)
     (elsewhere / "production.json").write_text('{"version": 1}')
-    result = run_thali("registry", "--registry", str(registry), "show", f"../x/{DOMAIN}", "production")
+    result = thali_in_process("registry", "--registry", str(registry), "show", f"../x/{DOMAIN}", "production")
     assert result.returncode == 2 and "not a valid name" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
@@ -165,11 +165,11 @@ def test_malformed_export_json_is_a_one_line_error(tmp_path: Path, tiny_export: 
     export = _crafted_export(tiny_export, tmp_path)
     (export / "export.json").write_text('{"domain": "tiny", "variants": ')
     for args in (["publish", str(export), "--registry", str(tmp_path / "r")], ["bench", str(export)]):
-        result = run_thali(*args)
+        result = thali_in_process(*args)
         assert result.returncode != 0 and "export.json: not valid JSON" in result.stderr, args
         assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
     (export / "export.json").write_text(json.dumps({"domain": "tiny"}))
-    result = run_thali("bench", str(export))
+    result = thali_in_process("bench", str(export))
     assert result.returncode != 0 and "variants" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -216,12 +216,12 @@ def test_malformed_alias_and_missing_card_are_one_line_errors(tmp_path: Path, ti
     assert store.aliases(DOMAIN) == {"production": 1}  # the broken record does not hide the good ones
     with pytest.raises(IntegrityError, match=r"staging\.json: alias record is malformed"):
         store.resolve(DOMAIN, "staging")
-    listing = run_thali("registry", "--registry", str(registry), "list")
+    listing = thali_in_process("registry", "--registry", str(registry), "list")
     assert listing.returncode == 0 and "v1 (production)" in listing.stdout
-    shown = run_thali("registry", "--registry", str(registry), "show", DOMAIN, "staging")
+    shown = thali_in_process("registry", "--registry", str(registry), "show", DOMAIN, "staging")
     assert shown.returncode == 5 and "alias record is malformed" in shown.stderr
     (registry / DOMAIN / "versions" / "1" / "card.json").unlink()
-    shown = run_thali("registry", "--registry", str(registry), "show", DOMAIN, "1")
+    shown = thali_in_process("registry", "--registry", str(registry), "show", DOMAIN, "1")
     assert shown.returncode == 5 and "card.json is missing" in shown.stderr
     assert "Traceback" not in shown.stderr  # the broken alias is a warning line, the error one line
     assert shown.stderr.strip().splitlines()[-1].startswith("error: tiny v1: card.json is missing")
@@ -332,13 +332,15 @@ def test_a_killed_publish_is_swept_by_the_next(tmp_path: Path, tiny_export: Path
 def test_signed_packages_under_a_trust_policy(tmp_path: Path, tiny_export: Path) -> None:
     registry, key, foreign = tmp_path / "registry", tmp_path / "publisher.key", tmp_path / "foreign.key"
     for k in (key, foreign):
-        made = run_thali("registry", "keygen", str(k))
+        made = thali_in_process("registry", "keygen", str(k))
         assert made.returncode == 0 and "key id" in made.stdout, made.stderr
     assert oct(key.stat().st_mode & 0o777) == "0o600"
-    published = run_thali("publish", str(tiny_export), "--registry", str(registry), "--sign-key", str(key))
+    published = thali_in_process(
+        "publish", str(tiny_export), "--registry", str(registry), "--sign-key", str(key)
+    )
     assert published.returncode == 0 and "published signed tiny v1" in published.stdout, published.stderr
     trusted = ["--trusted-key", f"{key}.pub"]
-    ok = run_thali("registry", "--registry", str(registry), "verify", DOMAIN, "1", *trusted)
+    ok = thali_in_process("registry", "--registry", str(registry), "verify", DOMAIN, "1", *trusted)
     assert ok.returncode == 0 and "signed by trusted key" in ok.stdout, ok.stderr
     store = ModelRegistry(registry, cache_dir=tmp_path / "cache", trusted_keys=[f"{key}.pub"])
     assert store.resolve(DOMAIN, 1).signed_by
@@ -350,7 +352,7 @@ def test_signed_packages_under_a_trust_policy(tmp_path: Path, tiny_export: Path)
     (registry / DOMAIN / "versions" / "1" / "model.onnx").write_bytes(evil)
     raw = _rewrite_checksums(store, 1, lambda files: files.update({"model.onnx": sha256_bytes(evil)}))
     (registry / DOMAIN / "versions" / "1" / "signature.json").write_bytes(sign(raw, foreign))
-    refused = run_thali("registry", "--registry", str(registry), "verify", DOMAIN, "1", *trusted)
+    refused = thali_in_process("registry", "--registry", str(registry), "verify", DOMAIN, "1", *trusted)
     assert refused.returncode == 5 and "which is not trusted" in refused.stderr
     assert "Traceback" not in refused.stderr
     with pytest.raises(IntegrityError, match="not trusted"):
@@ -368,7 +370,7 @@ def test_signed_packages_under_a_trust_policy(tmp_path: Path, tiny_export: Path)
             DOMAIN, 1
         )
     assert plain.resolve(DOMAIN, 1).signed_by is None
-    env_policy = run_thali(
+    env_policy = thali_in_process(
         "registry", "--registry", str(tmp_path / "plain"), "verify", DOMAIN,
         env={"THALI_TRUSTED_KEYS": f"{key}.pub"},
     )  # fmt: skip
