@@ -333,10 +333,10 @@ def test_openapi_spec_is_valid_and_swagger_ui_is_served(server: Server) -> None:
 def test_plugins_endpoint_matches_the_cli(server: Server) -> None:
     import json
 
-    from helpers import run_thali
+    from helpers import thali_in_process
 
     served = server.get("/v1/plugins").json()
-    cli = json.loads(run_thali("plugins", "--json").stdout)
+    cli = json.loads(thali_in_process("plugins", "--json").stdout)
     assert [p["name"] for p in served["plugins"]] == [p["name"] for p in cli["plugins"]]
     names = {c["name"] for c in served["components"]["serving_backends"]}
     assert {"onnxruntime", "torch"} <= names

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import run_thali
+from helpers import thali_in_process
 
 from thali.api.settings import Settings
 
@@ -25,8 +25,10 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_bad_setting_is_one_line() -> None:
-    result = run_thali("serve", "--max-batch-size", "0", "--registry", "/nonexistent")
+    result = thali_in_process("serve", "--max-batch-size", "0", "--registry", "/nonexistent")
     assert result.returncode == 2 and result.stderr.startswith("error: serve: max_batch_size")
     assert "Traceback" not in result.stderr
-    result = run_thali("serve", "--domain", "../etc", "--registry", "/nonexistent", env={"THALI_WARMUP": "0"})
+    result = thali_in_process(
+        "serve", "--domain", "../etc", "--registry", "/nonexistent", env={"THALI_WARMUP": "0"}
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
