@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import run_thali, use_site
+from helpers import thali_in_process, use_site
 
 from thali.core import build_plugin_manager, hookimpl
 from thali.testing import (
@@ -100,7 +100,9 @@ def broken_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_thali_check_passes_builtin_plugins() -> None:
-    done = run_thali("check", "thali.plugins.losses", "thali.plugins.attention_se", "thali.plugins.datasets")
+    done = thali_in_process(
+        "check", "thali.plugins.losses", "thali.plugins.attention_se", "thali.plugins.datasets"
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "thali.plugins.losses  [thali " in out and "thali.plugins.attention_se  [thali " in out
@@ -112,7 +114,7 @@ def test_thali_check_passes_builtin_plugins() -> None:
 
 
 def test_thali_check_reports_a_broken_third_party_plugin(broken_site: Path) -> None:
-    done = run_thali("check", PLUGIN)
+    done = thali_in_process("check", PLUGIN)
     out = done.stdout
     assert done.returncode == 1, out + done.stderr
     assert "Traceback" not in out + done.stderr
@@ -136,10 +138,10 @@ def test_thali_check_reports_a_broken_third_party_plugin(broken_site: Path) -> N
     assert all(where in x or x.count(f"(plugin {PLUGIN!r}, {DIST} {VERSION})") for x in lines if "✗" in x)
     assert lines[-1].endswith("skipped") and " 0 failed" not in lines[-1]
 
-    by_dist = run_thali("check", DIST, "--kind", "losses")
+    by_dist = thali_in_process("check", DIST, "--kind", "losses")
     assert by_dist.returncode == 1 and "✗ losses per_sample: index targets" in by_dist.stdout
     assert "attention" not in by_dist.stdout
-    one = run_thali("check", "loss:per_sample", "--json")
+    one = thali_in_process("check", "loss:per_sample", "--json")
     assert one.returncode == 1
     report = json.loads(one.stdout)
     assert report["summary"] == {"passed": 1, "failed": 2, "skipped": 0}
@@ -149,14 +151,14 @@ def test_thali_check_reports_a_broken_third_party_plugin(broken_site: Path) -> N
 
 
 def test_an_unknown_target_is_one_line_naming_what_exists() -> None:
-    done = run_thali("check", "no_such_thing")
+    done = thali_in_process("check", "no_such_thing")
     assert done.returncode == 2 and done.stdout == ""
     (message,) = done.stderr.strip().splitlines()
     assert message.startswith(
         "error: check: 'no_such_thing' is not a loaded plugin, distribution or component"
     )
     assert "thali.plugins.losses" in message and "distributions: thali" in message
-    bad_kind = run_thali("check", "gizmos:se")
+    bad_kind = thali_in_process("check", "gizmos:se")
     assert bad_kind.returncode == 2 and "unknown component kind 'gizmos'" in bad_kind.stderr
 
 

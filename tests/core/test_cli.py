@@ -1,4 +1,5 @@
-"""The real ``thali`` console script: output, exit codes, one-line errors."""
+"""The ``thali`` command: output, exit codes, one-line errors (the installed console script once, in a
+process of its own; the rest through its entry point in this process)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,16 @@ import json
 from pathlib import Path
 
 import yaml
-from helpers import run_thali
+from helpers import run_thali, thali_in_process
 
 
 def test_domains_and_config_show() -> None:
-    listed = run_thali("domains", "--json")
+    listed = run_thali("domains", "--json")  # the installed console script, in a process of its own
     assert listed.returncode == 0, listed.stderr
     food = next(d for d in json.loads(listed.stdout) if d["name"] == "south_asian_food")
     assert food["classes"] == 27 and food["plugin"] == "thali.plugins.domain_packs"
 
-    shown = run_thali("config", "show", "south_asian_food", "--set", "training.epochs=3")
+    shown = thali_in_process("config", "show", "south_asian_food", "--set", "training.epochs=3")
     assert shown.returncode == 0, shown.stderr
     config = yaml.safe_load(shown.stdout)
     assert config["training"]["epochs"] == 3
@@ -32,7 +33,7 @@ def test_user_mistakes_print_one_line_and_exit_non_zero() -> None:
         (("train", "south_asian_food", "--data", "/nonexistent"), "error: /nonexistent: no such data folder"),
     ]
     for args, expected in cases:
-        result = run_thali(*args)
+        result = thali_in_process(*args)
         assert result.returncode != 0, args
         assert "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("error: "), result.stderr

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import run_thali, write_demo_distribution
+from helpers import run_thali, thali_in_process, write_demo_distribution
 
 from thali.core import DEFAULT_PLUGINS, PluginError, build_plugin_manager, check_components, hookimpl
 from thali.core.domains import resolve_domain
@@ -41,25 +41,25 @@ def test_entry_point_plugin_is_found_and_usable_by_name(demo_site: Path) -> None
 
 
 def test_thali_plugins_lists_the_entry_point_plugin(demo_site: Path) -> None:
-    result = run_thali("plugins")
+    result = run_thali("plugins")  # a fresh interpreter finds the distribution through its entry point
     assert result.returncode == 0, result.stderr
     assert "demo  [entry point; thali-demo-plugin 0.1.0; module thali_demo_plugin]" in result.stdout
     assert "losses: demo_l1" in result.stdout
 
-    data = json.loads(run_thali("plugins", "--json").stdout)
+    data = json.loads(thali_in_process("plugins", "--json").stdout)
     demo = next(p for p in data["plugins"] if p["name"] == "demo")
     assert demo["components"]["losses"] == ["demo_l1"]
     assert any(c["name"] == "demo_l1" for c in data["components"]["losses"])
 
-    shown = run_thali("config", "validate", "retail_demo")
+    shown = thali_in_process("config", "validate", "retail_demo")
     assert shown.returncode == 0, shown.stderr
     assert "retail_demo: ok (2 classes" in shown.stdout
 
 
 def test_autoload_can_be_disabled_and_plugins_blocked(demo_site: Path) -> None:
-    off = run_thali("plugins", env={"THALI_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    off = thali_in_process("plugins", env={"THALI_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert off.returncode == 0 and "demo" not in off.stdout
-    blocked = run_thali("--block-plugin", "demo", "plugins")
+    blocked = thali_in_process("--block-plugin", "demo", "plugins")
     assert blocked.returncode == 0
     assert "losses: demo_l1" not in blocked.stdout and "blocked: demo" in blocked.stdout
     pm = build_plugin_manager(block=["demo"])

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_thali
+from helpers import thali_in_process
 
 from thali.core import ConfigError, load_config
 from thali.core.config import parse_override, read_mapping
@@ -147,7 +147,7 @@ def test_cli_prints_one_line_and_exits_2(
     if arg.startswith("--set"):
         args += arg.split(" ")
     started = time.perf_counter()
-    result = run_thali("config", command, *args)
+    result = thali_in_process("config", command, *args)
     assert time.perf_counter() - started < 30
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""

@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 
 import pytest
-from helpers import run_thali
+from helpers import run_thali, thali_in_process
 
 pytest.importorskip("thali_plant_disease", reason="pip install -e domains/plant_disease (make test does)")
 
@@ -53,14 +53,14 @@ def test_the_reader_maps_plantvillage_folders_and_skips_exact_copies(tmp_path: P
 
 
 def test_thali_lists_the_plugin_and_validates_the_domain() -> None:
-    plugins = run_thali("plugins")
+    plugins = run_thali("plugins")  # the installed package, found by a fresh interpreter's entry points
     assert "plant_disease  [entry point; thali-plant-disease 0.1.0" in plugins.stdout
-    checked = run_thali("config", "validate", "plant_disease")
+    checked = thali_in_process("config", "validate", "plant_disease")
     assert checked.returncode == 0 and "plant_disease: ok (3 classes" in checked.stdout
 
 
 def test_thali_check_passes_on_the_plant_plugin() -> None:
-    done = run_thali("check", "plant_disease")
+    done = thali_in_process("check", "plant_disease")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
     assert "datasets plantvillage" in done.stdout and "domains plant_disease" in done.stdout
     assert " 0 failed" in done.stdout.strip().splitlines()[-1]
