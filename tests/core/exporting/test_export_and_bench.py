@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_thali
+from helpers import thali_in_process
 
 from thali.core import build_plugin_manager, hookimpl
 from thali.core.export import ExportContext
@@ -19,7 +19,7 @@ from thali.core.exporting.pipeline import export_run
 @pytest.fixture(scope="module")
 def exported(tiny_run: Path) -> dict[str, Any]:
     out = tiny_run.parent / "exported"
-    result = run_thali("export", str(tiny_run), "--out", str(out), "--json", "--no-progress")
+    result = thali_in_process("export", str(tiny_run), "--out", str(out), "--json", "--no-progress")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -109,7 +109,7 @@ def test_gate_thresholds_come_from_the_config() -> None:
 
 
 def test_bench_reports_rows_ratios_and_providers(exported: dict[str, Any], tmp_path: Path) -> None:
-    result = run_thali(
+    result = thali_in_process(
         "bench", exported["out_dir"], "--json", "--no-progress", "--batch", "8", "--latency-runs", "3",
         "--throughput-runs", "2", "--out", str(tmp_path / "bench"),
     )  # fmt: skip
@@ -133,17 +133,17 @@ def test_bench_reports_rows_ratios_and_providers(exported: dict[str, Any], tmp_p
 
 
 def test_export_and_bench_mistakes_are_one_line_errors(tmp_path: Path, tiny_run: Path) -> None:
-    not_a_run = run_thali("export", str(tmp_path))
+    not_a_run = thali_in_process("export", str(tmp_path))
     assert not_a_run.returncode != 0 and "not a training run" in not_a_run.stderr
     assert "Traceback" not in not_a_run.stderr
-    not_an_export = run_thali("bench", str(tmp_path))
+    not_an_export = thali_in_process("bench", str(tmp_path))
     assert not_an_export.returncode != 0 and "not an export" in not_an_export.stderr
-    unknown = run_thali("export", str(tiny_run), "--variants", "int9")
+    unknown = thali_in_process("export", str(tiny_run), "--variants", "int9")
     assert unknown.returncode != 0 and "export.variants[0]" in unknown.stderr and "int8" in unknown.stderr
     moved = tmp_path / "moved_run"
     shutil.copytree(tiny_run, moved, ignore=shutil.ignore_patterns("export*", "exported", "damaged"))
     split = json.loads((moved / "split.json").read_text())
     split["root"] = str(tmp_path / "gone")
     (moved / "split.json").write_text(json.dumps(split))
-    gone = run_thali("export", str(moved), "--no-progress")
+    gone = thali_in_process("export", str(moved), "--no-progress")
     assert gone.returncode != 0 and "pass --data DIR" in gone.stderr

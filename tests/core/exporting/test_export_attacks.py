@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_thali, write_tiny_domain
+from helpers import thali_in_process, write_tiny_domain
 
 from thali.core import build_plugin_manager, hookimpl
 from thali.core.errors import PluginError
@@ -30,7 +30,7 @@ def test_out_refuses_a_folder_that_is_not_an_export(tmp_path: Path, tiny_run: Pa
     home = tmp_path / "home"
     (home / "photos").mkdir(parents=True)
     (home / "notes.txt").write_text("my notes")
-    result = run_thali("export", str(tiny_run), "--out", str(home), "--no-progress")
+    result = thali_in_process("export", str(tiny_run), "--out", str(home), "--no-progress")
     assert (
         result.returncode == 2 and "is not an export folder" in result.stderr and "notes.txt" in result.stderr
     )
@@ -40,7 +40,7 @@ def test_out_refuses_a_folder_that_is_not_an_export(tmp_path: Path, tiny_run: Pa
     fake.mkdir()
     (fake / "export.json").write_text("{}")
     (fake / "thesis.pdf").write_bytes(b"%PDF")
-    assert run_thali("export", str(tiny_run), "--out", str(fake)).returncode == 2
+    assert thali_in_process("export", str(tiny_run), "--out", str(fake)).returncode == 2
     assert (fake / "thesis.pdf").is_file()
 
 
@@ -134,11 +134,8 @@ def test_bench_follows_lineage_only_to_the_checkpoint_it_was_made_from(
     shutil.copytree(tiny_run, other, ignore=shutil.ignore_patterns("export*", "exported", "damaged"))
     with open(other / "best.pt", "ab") as handle:  # not the checkpoint the export was made from
         handle.write(b"\0")
-    report = json.loads((export / "export.json").read_text())
-    report["lineage"]["run"] = str(other)
-    (export / "export.json").write_text(json.dumps(report))
-    result = run_thali(
-        "bench", str(export), "--synthetic", "--json", "--no-progress", "--batch", "4",
+    result = thali_in_process(
+        "bench", str(export), "--run", str(other), "--synthetic", "--json", "--no-progress", "--batch", "4",
         "--latency-runs", "2", "--throughput-runs", "1", "--out", str(tmp_path / "bench"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -149,7 +146,7 @@ def test_bench_follows_lineage_only_to_the_checkpoint_it_was_made_from(
 
 def test_a_plugin_factory_that_rejects_config_params_is_one_line(tmp_path: Path, tiny_data: Path) -> None:
     config = write_tiny_domain(tmp_path / "cfg")
-    result = run_thali(
+    result = thali_in_process(
         "train", str(config), "--data", str(tiny_data), "--set", "dataset.params.foo=1",
         "--run-dir", str(tmp_path / "run"), "--no-progress",
     )  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_thali
+from helpers import thali_in_process
 
 from thali.registry import ModelRegistry
 
@@ -25,7 +25,9 @@ def registry(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def _evaluate(registry: dict[str, Any], *args: str) -> Any:
-    return run_thali("evaluate", *args, "--registry", registry["url"], "--no-progress", env=registry["env"])
+    return thali_in_process(
+        "evaluate", *args, "--registry", registry["url"], "--no-progress", env=registry["env"]
+    )
 
 
 def _json(result: Any) -> dict[str, Any]:
@@ -37,7 +39,9 @@ def test_a_registry_model_scores_like_its_training_run(
     registry: dict[str, Any], tiny_run: Path, tiny_data: Path
 ) -> None:
     ours = _json(_evaluate(registry, "tiny@1", "--data", str(tiny_data), "--json"))
-    run = _json(run_thali("evaluate", str(tiny_run), "--data", str(tiny_data), "--json", "--no-progress"))
+    run = _json(
+        thali_in_process("evaluate", str(tiny_run), "--data", str(tiny_data), "--json", "--no-progress")
+    )
     assert ours["images"] == run["images"] == 30 and ours["skipped"] == run["skipped"] == 1
     assert abs(ours["top1"] - run["top1"]) <= 1 / run["images"]
     assert "zz_broken.jpg" in ours["problems"] and "zz_broken.jpg" in run["problems"]
@@ -93,5 +97,5 @@ def test_unknown_models_are_one_line_errors(
 
 
 def test_registry_options_are_refused_for_a_training_run(tiny_run: Path, tiny_data: Path) -> None:
-    result = run_thali("evaluate", str(tiny_run), "--data", str(tiny_data), "--variant", "int8")
+    result = thali_in_process("evaluate", str(tiny_run), "--data", str(tiny_data), "--variant", "int8")
     assert result.returncode != 0 and "--variant: for a registry model" in result.stderr
