@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_thali
+from helpers import thali_in_process
 
 from thali.core.errors import DataError
 from thali.core.files import write_atomic
@@ -56,7 +56,7 @@ def test_the_crafted_payload_really_runs_when_unpickled(tmp_path: Path) -> None:
 def test_evaluate_refuses_a_crafted_best_pt(tmp_path: Path, tiny_run: Path, tiny_data: Path) -> None:
     run, marker = _copy_run(tiny_run, tmp_path), tmp_path / "pwned"
     _craft(run / "best.pt", marker)
-    result = run_thali("evaluate", str(run), "--data", str(tiny_data), "--no-progress")
+    result = thali_in_process("evaluate", str(run), "--data", str(tiny_data), "--no-progress")
     assert result.returncode != 0
     line = _one_error_line(result.stderr, "best.pt")
     assert "os.system" in line or "posix.system" in line
@@ -84,7 +84,7 @@ def test_resume_refuses_a_crafted_last_pt_and_keeps_config(
     run, marker = _copy_run(tiny_run, tmp_path), tmp_path / "pwned"
     _craft(run / "last.pt", marker)
     config = (run / "config.yaml").read_bytes()
-    result = run_thali(
+    result = thali_in_process(
         "train", "tiny", "--resume", "--run-dir", str(run), "--data", str(tiny_data), "--no-progress",
         "--set", "training.epochs=8",
     )  # fmt: skip
@@ -110,7 +110,7 @@ def test_a_failed_resume_leaves_config_yaml_byte_identical(
 ) -> None:
     run = _copy_run(tiny_run, tmp_path)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    result = run_thali(
+    result = thali_in_process(
         "train", "tiny", "--resume", "--run-dir", str(run), "--data", str(tiny_data), "--no-progress",
         "--set", override,
     )  # fmt: skip

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import run_thali, write_tiny_domain
+from helpers import thali_in_process, write_tiny_domain
 
 from thali.core import load_config
 from thali.core.training.trainer import TrainOptions, train
@@ -86,23 +86,27 @@ def test_frozen_feature_fast_path_trains(tmp_path: Path, tiny_data: Path, regist
 def test_cli_train_then_evaluate_json(tmp_path: Path, tiny_data: Path) -> None:
     domain = write_tiny_domain(tmp_path / "cfg")
     run_dir = tmp_path / "cli-run"
-    stopped = run_thali(
+    stopped = thali_in_process(
         "train", str(domain), "--data", str(tiny_data), "--run-dir", str(run_dir), "--no-progress",
         "--stop-after-epochs", "1",
     )  # fmt: skip
     assert stopped.returncode == 0, stopped.stderr
     assert f"--resume --run-dir {run_dir}" in stopped.stdout
-    resumed = run_thali("train", "tiny", "--resume", "--run-dir", str(run_dir), "--data", str(tiny_data))
+    resumed = thali_in_process(
+        "train", "tiny", "--resume", "--run-dir", str(run_dir), "--data", str(tiny_data)
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "tiny: val top-1" in resumed.stdout
 
-    evaluated = run_thali("evaluate", str(run_dir), "--data", str(tiny_data), "--json", "--no-progress")
+    evaluated = thali_in_process(
+        "evaluate", str(run_dir), "--data", str(tiny_data), "--json", "--no-progress"
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout)
     assert {"top1", "top5", "ece", "per_class"} <= set(result)
     assert result["images"] == 30 and result["skipped"] == 1
 
-    wrong = run_thali("evaluate", str(tmp_path), "--data", str(tiny_data))
+    wrong = thali_in_process("evaluate", str(tmp_path), "--data", str(tiny_data))
     assert wrong.returncode != 0 and wrong.stderr.startswith("error: ") and "Traceback" not in wrong.stderr
 
 
@@ -177,7 +181,9 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
     killed_at = torch.load(run_dir / "last.pt", weights_only=False)["state"]["epoch"]
     assert 1 <= killed_at < 4, "the run was killed before its end"
 
-    resumed = run_thali("train", str(domain), "--resume", "--run-dir", str(run_dir), "--data", str(tiny_data))
+    resumed = thali_in_process(
+        "train", str(domain), "--resume", "--run-dir", str(run_dir), "--data", str(tiny_data)
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
     b = torch.load(run_dir / "last.pt", weights_only=False)["model"]
