@@ -351,7 +351,7 @@ def _time_rows(
 
 def _score_rows(rows: Sequence[Row], sample: _Input, batch: int, tick: Callable[[], object]) -> None:
     """Top-1 of every row on the validation images (none on synthetic input)."""
-    from thali.core.training.metrics import topk_accuracy
+    from thali.core.metrics import topk_accuracy
 
     images, labels = sample.images, sample.labels
     for row in rows:

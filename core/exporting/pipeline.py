@@ -24,6 +24,7 @@ import numpy as np
 from thali.core.config import DomainConfig, check_components
 from thali.core.errors import ConfigError, PluginError, ThaliError, one_line
 from thali.core.export import (
+    CAM,
     EXPORT_CONFIG,
     EXPORT_REPORT,
     INPUT,
@@ -233,7 +234,7 @@ def _context(setup: _Setup, work: Path) -> ExportContext:
 
 def _make_variants(setup: _Setup, registries: Registries, context: ExportContext, bar: Any) -> ExportResult:
     """fp32 (no fallback: a failure stops the export), then each variant, gated against fp32."""
-    from thali.core.training.metrics import summarize
+    from thali.core.metrics import summarize
 
     val, classes, temperature = setup.val, setup.config.class_names, setup.temperature
     for name in FP32_STEPS:
@@ -262,7 +263,7 @@ def _make_variant(
     result: ExportResult,
     bar: Any,
 ) -> None:
-    from thali.core.training.metrics import summarize
+    from thali.core.metrics import summarize
 
     val, classes = setup.val, setup.config.class_names
     try:
@@ -313,7 +314,7 @@ def _copy_models(result: ExportResult, package: Path) -> dict[str, Any]:
 
 
 def _preprocess(setup: _Setup) -> Preprocess:
-    explain = "cam" if setup.config.export.explain else None
+    explain = CAM if setup.config.export.explain else None
     return Preprocess.model_validate({**preprocess_spec(setup.model.preprocess), "explain_output": explain})
 
 
@@ -447,7 +448,7 @@ def check_out_dir(out_dir: Path) -> None:
 
 
 def _export_file(path: Path) -> bool:
-    known = {EXPORT_REPORT, EXPORT_CONFIG, *METADATA_FILES}
+    known = {EXPORT_REPORT, EXPORT_CONFIG, CARD, *METADATA_FILES}
     return path.is_file() and not path.is_symlink() and (path.name in known or is_model_file(path.name))
 
 

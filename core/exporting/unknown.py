@@ -25,6 +25,7 @@ import numpy as np
 
 from thali.core.config import UnknownConfig
 from thali.core.errors import DataError
+from thali.core.export import FEATURES, STAGE_FEATURES
 from thali.core.images import DEFAULT_LIMITS, ImageLimits
 from thali.core.inference import unknown as knn
 from thali.core.inference.postprocess import softmax
@@ -76,10 +77,10 @@ class Outputs:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         names = [o.name for o in self.session.get_outputs()]
-        self.has_features = "features" in names
-        self.has_stages = self.has_features and "stage_features" in names
-        self.names = [names[0], *(["features"] if self.has_features else [])]
-        self.names += ["stage_features"] if self.has_stages else []
+        self.has_features = FEATURES in names
+        self.has_stages = self.has_features and STAGE_FEATURES in names
+        self.names = [names[0], *([FEATURES] if self.has_features else [])]
+        self.names += [STAGE_FEATURES] if self.has_stages else []
 
     def __call__(self, images: np.ndarray, batch_size: int = 32) -> Features:
         parts: list[list[np.ndarray]] = [[] for _ in self.names]

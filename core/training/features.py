@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from thali.core.export import FEATURES, INPUT
+
 from .data import ImageDataset, make_loader
 from .onnx import export_onnx
 
@@ -53,19 +55,19 @@ class OnnxEngine:
 
         self._dir = tempfile.TemporaryDirectory(prefix="thali-prefix-")
         path = Path(self._dir.name) / "prefix.onnx"
-        export_onnx(prefix, example, path, output_name="features")
+        export_onnx(prefix, example, path, output_name=FEATURES)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         with torch.no_grad():
             expected = prefix(example).numpy()
-        got = self.session.run(None, {"input": example.numpy()})[0]
+        got = self.session.run(None, {INPUT: example.numpy()})[0]
         if not np.allclose(got, expected, atol=1e-3, rtol=1e-3):
             raise RuntimeError(f"ONNX prefix differs from torch (max {np.abs(got - expected).max():.2e})")
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {"input": images.numpy()})[0])
+        return torch.from_numpy(self.session.run(None, {INPUT: images.numpy()})[0])
 
 
 def make_engine(prefix: nn.Module, example: torch.Tensor, device: torch.device, choice: str) -> Any:

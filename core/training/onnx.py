@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from thali.core.export import INPUT
 from thali.core.quiet import quiet
 
 if TYPE_CHECKING:  # annotations only
@@ -82,7 +83,7 @@ def export_onnx(
     example: torch.Tensor,
     path: Path,
     *,
-    input_name: str = "input",
+    input_name: str = INPUT,
     output_name: str = "output",
     output_names: Sequence[str] | None = None,
     opset: int = 18,

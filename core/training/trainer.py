@@ -29,8 +29,10 @@ from torch import nn
 from thali.core.config import DomainConfig, EarlyStoppingConfig
 from thali.core.errors import DataError
 from thali.core.files import write_atomic
+from thali.core.metrics import calibrated_summary, summarize, topk_accuracy
 from thali.core.quiet import no_update_checks, quiet
 from thali.core.registry import Registries
+from thali.core.samples import report_problems
 
 from . import checkpoint as ckpt
 from .data import (
@@ -40,7 +42,6 @@ from .data import (
     make_split,
     read_samples,
     read_split,
-    report_problems,
     resolve_data_root,
     write_split,
 )
@@ -48,7 +49,6 @@ from .evaluate import cross_line, cross_summary
 from .features import CachedFeatures, compute_features, make_engine, shard_features
 from .logbook import write_epoch
 from .loss import build_loss
-from .metrics import calibrated_summary, summarize, topk_accuracy
 from .mix import mix_batch
 from .model import Classifier, build_classifier
 from .optim import ModelEma, build_optimizer, build_scheduler
