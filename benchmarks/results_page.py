@@ -266,7 +266,7 @@ def reliability_png(
 def detail_section(run: Path, data: Path | None, pictures: Path) -> list[str]:
     from PIL import Image
 
-    from thali.core.training.metrics import (
+    from thali.core.metrics import (
         confusion_image,
         confusion_matrix,
         ece_noise_floor,

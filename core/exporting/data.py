@@ -17,7 +17,8 @@ import numpy as np
 from thali.core.errors import DataError
 from thali.core.images import DEFAULT_LIMITS, ImageLimits
 from thali.core.inference.preprocess import Preprocessor
-from thali.core.training.data import Sample, Split, load_rgb, read_split, report_problems, verify_images
+from thali.core.samples import Sample, report_problems, verify_images
+from thali.core.training.data import Split, load_rgb, read_split
 
 log = logging.getLogger("thali.export")
 

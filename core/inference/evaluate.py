@@ -39,8 +39,8 @@ def evaluate_package(
     whose folder names are classes of the package; unreadable images are skipped and reported."""
     from tqdm import tqdm
 
-    from thali.core.training.data import report_problems, scoring_samples, verify_images  # torch-free
-    from thali.core.training.metrics import summarize
+    from thali.core.metrics import summarize
+    from thali.core.samples import report_problems, scoring_samples, verify_images
 
     data_dir = Path(data_dir)
     classes = package.class_names

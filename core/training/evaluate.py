@@ -13,19 +13,12 @@ import torch
 
 from thali.core.config import DomainConfig, load_config
 from thali.core.errors import DataError, NotAvailableError
+from thali.core.metrics import summarize
 from thali.core.registry import Registries
+from thali.core.samples import Sample, report_problems, scoring_samples, verify_images
 
 from . import checkpoint as ckpt
-from .data import (
-    ImageDataset,
-    Sample,
-    make_loader,
-    read_split,
-    report_problems,
-    scoring_samples,
-    verify_images,
-)
-from .metrics import summarize
+from .data import ImageDataset, make_loader, read_split
 from .model import Classifier, build_classifier
 from .transforms import eval_transform
 

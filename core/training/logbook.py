@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import confusion_image
+from thali.core.metrics import confusion_image
 
 SCALARS = (
     ("train_loss", "loss/train"),

@@ -171,8 +171,9 @@ def _score_mixes(
 def _mix_metrics(config: Any, mix: _Scored, split: Any, record: Mapping[str, Any]) -> dict[str, Any]:
     """``metrics.json`` of the chosen mix as ``thali train`` writes it: the temperature fitted on the
     photos that choose, the whole split calibrated, the held-out collections on their own."""
+    from thali.core.metrics import calibrated_summary
+
     from .evaluate import cross_summary
-    from .metrics import calibrated_summary
 
     classes = config.class_names
     calibrated, calibration = calibrated_summary(mix.logits, mix.labels, classes, mix.chooses)

@@ -36,3 +36,30 @@ def test_importing_the_plugin_api_loads_neither_torch_nor_numpy() -> None:
 def test_the_packages_ship_their_types() -> None:
     for folder in ("core", "plugins", "registry", "api", "ui", "testing"):
         assert (REPO / folder / "py.typed").is_file(), folder
+
+
+def test_the_inference_engine_imports_nothing_of_training() -> None:
+    """Data flows one way: training may import inference and the shared modules, never the reverse
+    (``thali serve`` and ``thali evaluate`` of a registry model run without the training stack)."""
+    import ast
+
+    core = REPO / "core"
+    shared = [
+        *sorted((core / "inference").glob("*.py")),
+        core / "metrics.py",
+        core / "samples.py",
+        core / "manifest.py",
+    ]
+    offenders = []
+    for path in shared:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                names = [("." * node.level) + base]
+            for name in names:
+                if "training" in name.split(".") or name.lstrip(".").startswith("training"):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} imports {name}")
+    assert not offenders, offenders

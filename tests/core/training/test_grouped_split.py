@@ -15,6 +15,7 @@ from helpers import write_tiny_domain, write_tiny_imagefolder
 from thali.core import ConfigError, load_config
 from thali.core.config import GroupConfig
 from thali.core.errors import DataError
+from thali.core.metrics import fit_temperature
 from thali.core.training.data import (
     UNKNOWN_GROUP,
     Split,
@@ -25,7 +26,6 @@ from thali.core.training.data import (
     stratified_split,
     write_split,
 )
-from thali.core.training.metrics import fit_temperature
 
 # --- the split rule -------------------------------------------------------------------------------
 

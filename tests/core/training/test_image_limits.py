@@ -16,7 +16,8 @@ from thali.core import ConfigError, load_config
 from thali.core.errors import DataError
 from thali.core.exporting.data import calibration_batches, load_validation
 from thali.core.images import ImageLimits, decode_rgb
-from thali.core.training.data import ImageDataset, Split, load_rgb, read_samples, verify_images
+from thali.core.samples import verify_images
+from thali.core.training.data import ImageDataset, Split, load_rgb, read_samples
 from thali.core.training.transforms import eval_transform
 
 PRE = TINY_PREPROCESS

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from thali.core.training.metrics import (
+from thali.core.metrics import (
     ece_noise_floor,
     expected_calibration_error,
     fit_temperature,
