@@ -9,13 +9,15 @@ files in ``context.artifacts`` (``artifacts[produces]`` for a variant) that ONNX
 logits of the right shape; fp32 files must match torch within the tolerance.
 
 Serving backend (``thali_register_serving_backends``): ``factory(model_path, variant="fp32",
-package=..., registries=...)`` on the tiny classifier exported with thali's helper; ``info()`` is a
-JSON-able dict and ``predict(batch)`` gives float32 logits equal to torch's at two batch sizes; an
-optional ``infer(batch, cam=False)`` gives a dict with those ``logits`` and the model's ``features`` (N,
-C) (the exported ``features`` output the unknown flag reads). The
-``package`` is a stand-in with the fields of :class:`thali.registry.ModelPackage` but no training
-lineage: a backend that needs more (the torch backend needs the training checkpoint) says so with a
-``NotAvailableError`` and the check is skipped with its message.
+package=..., registries=...)`` on the tiny classifier exported with thali's helper (outputs ``logits``
+and ``features``). It returns a :class:`~thali.core.inference.ServingBackend` (``capabilities`` and
+``run(batch, outputs)``) or a predict-only backend (``predict``, optionally ``infer``), which is checked
+wrapped as the server wraps it. ``info()`` is a JSON-able dict; ``capabilities`` names only known
+outputs the model has; ``run(batch, {})`` gives float32 logits equal to torch's at two batch sizes; a
+backend declaring ``features`` gives them equal to torch's too (the output the unknown flag reads). The
+``package`` is a :class:`~thali.core.manifest.ModelPackage` without training lineage: a backend that
+needs more (the torch backend needs the training run) says so with a ``NotAvailableError`` and the check
+is skipped with its message.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ import json
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from thali.core.errors import NotAvailableError, ThaliError, one_line
+from thali.core.errors import NotAvailableError, one_line
+from thali.core.export import CAM, FEATURES, LOGITS, STAGE_FEATURES, variant_file
+from thali.core.manifest import ClassLabel, Manifest, ModelPackage, VariantCard
 from thali.core.names import is_valid_name
 from thali.core.registry import Entry
 
@@ -258,46 +261,35 @@ def _artifact_logits(artifact: str, path: Path, example: Any) -> Any:
         raise CheckFailed(f"ONNX Runtime cannot run artifacts[{artifact!r}]: {one_line(exc)}") from None
 
 
-@dataclass
-class PackageStandIn:
-    """The fields and methods of :class:`thali.registry.ModelPackage` for one fp32 file, without a
-    card's lineage (no training run stands behind the tiny model)."""
-
-    folder: Path
-    domain: str = "conformance-check"
-    version: int = 1
-    files: dict[str, Path] = field(default_factory=dict)
-    labels: dict[str, Any] = field(
-        default_factory=lambda: {"classes": [{"name": f"class_{i}"} for i in range(NUM_CLASSES)]}
+def _tiny_manifest() -> Manifest:
+    """The tiny classifier's ``card.json``: its classes and its one fp32 variant, no lineage."""
+    return Manifest(
+        domain="conformance-check",
+        version=1,
+        classes=[ClassLabel(name=f"class_{i}") for i in range(NUM_CLASSES)],
+        variants={"fp32": VariantCard(file=variant_file("fp32"))},
     )
-    preprocess: dict[str, Any] = field(
-        default_factory=lambda: {
+
+
+def tiny_package(path: Path) -> ModelPackage:
+    """A :class:`~thali.core.manifest.ModelPackage` of the tiny classifier's one fp32 file, with a
+    manifest without lineage (no training run stands behind the tiny model)."""
+    return ModelPackage(
+        domain="conformance-check",
+        version=1,
+        folder=path.parent,
+        files={variant_file("fp32"): path},
+        labels={"classes": [{"name": f"class_{i}"} for i in range(NUM_CLASSES)]},
+        preprocess={
             "input_size": [3, SIDE, SIDE],
             "mean": [0.5, 0.5, 0.5],
             "std": [0.5, 0.5, 0.5],
             "interpolation": "bilinear",
             "crop_pct": 1.0,
-        }
+        },
+        calibration={"temperature": 1.0, "unknown_threshold": 0.0},
+        manifest=_tiny_manifest(),
     )
-    calibration: dict[str, Any] = field(
-        default_factory=lambda: {"temperature": 1.0, "unknown_threshold": 0.0}
-    )
-    card: dict[str, Any] = field(default_factory=lambda: {"metrics": {"fp32": {}}, "lineage": {}})
-    aliases: list[str] = field(default_factory=list)
-    signed_by: str | None = None
-
-    @property
-    def variants(self) -> dict[str, Path]:
-        return {"fp32": self.files["model.onnx"]}
-
-    def model_path(self, variant: str = "fp32") -> Path:
-        if variant not in self.variants:
-            raise ThaliError(f"{self.domain} v{self.version} has no {variant!r} variant; it has fp32")
-        return self.variants[variant]
-
-    @property
-    def class_names(self) -> list[str]:
-        return [c["name"] for c in self.labels["classes"]]
 
 
 @lru_cache(maxsize=1)
@@ -310,13 +302,14 @@ def tiny_onnx() -> Path:
     folder = _cache_dir() / "serving"
     folder.mkdir(exist_ok=True)
     module = _with_features(copy.deepcopy(model))
-    return export_onnx(module, example, folder / "model.onnx", output_names=["logits", "features"])
+    return export_onnx(module, example, folder / "model.onnx", output_names=[LOGITS, FEATURES])
 
 
 def serving_checks(entry: Entry[Any], registries: Any, options: Mapping[str, Any]) -> list[Check]:
     kit = _ServingKit(entry, registries, options)
     return [
         Check("loads a tiny model", kit.loads, ONNX),
+        Check("capabilities", kit.capabilities, ONNX),
         Check("predict", kit.predict, ONNX),
         Check("infer", kit.infer, ONNX),
     ]
@@ -324,7 +317,8 @@ def serving_checks(entry: Entry[Any], registries: Any, options: Mapping[str, Any
 
 class _ServingKit:
     """The checks of one serving backend entry, one method per rule, in the order they run; ``state``
-    holds the backend ``loads`` made for the later checks."""
+    holds what ``loads`` made for the later checks: the backend as the server runs it (a predict-only
+    backend wrapped in :class:`~thali.core.inference.PredictOnlyAdapter`)."""
 
     def __init__(self, entry: Entry[Any], registries: Any, options: Mapping[str, Any]) -> None:
         self.entry = entry
@@ -334,24 +328,54 @@ class _ServingKit:
         self.state: dict[str, Any] = {}
 
     def loads(self) -> str:
+        from thali.core.inference import PredictOnlyAdapter
+
         backend = self._load()
-        for method in ("predict", "info"):
-            if not callable(getattr(backend, method, None)):
-                raise CheckFailed(f"the factory returned {type(backend).__name__}, which has no {method}()")
+        native = (
+            callable(getattr(backend, "run", None)) and getattr(backend, "capabilities", None) is not None
+        )
+        if not native and not callable(getattr(backend, "predict", None)):
+            raise CheckFailed(
+                f"the factory returned {type(backend).__name__}, which has neither run(batch, outputs) "
+                "with capabilities nor predict(batch)"
+            )
+        if not callable(getattr(backend, "info", None)):
+            raise CheckFailed(f"the factory returned {type(backend).__name__}, which has no info()")
         info = _info_of(backend)
-        self.state["backend"] = backend
+        self.state["backend"] = backend if native else PredictOnlyAdapter(backend, info)
         shown = {k: info[k] for k in ("backend", "variant", "provider") if k in info}
-        return f"info() {shown}"
+        return f"info() {shown}" + ("" if native else " (predict-only: the server wraps it)")
 
     def _load(self) -> Any:
         """The backend, made as thali's hosting makes it, on the tiny classifier's ONNX file."""
         path = tiny_onnx()
-        package = PackageStandIn(folder=path.parent, files={"model.onnx": path})
-        kwargs = {"variant": "fp32", "package": package, "registries": self.registries, **self.params}
+        kwargs = {
+            "variant": "fp32",
+            "package": tiny_package(path),
+            "registries": self.registries,
+            **self.params,
+        }
         try:
             return self.entry.factory(path, **kwargs)
         except NotAvailableError as exc:
             raise CheckSkipped(f"not available for a model without a training run: {exc.message}") from None
+
+    def capabilities(self) -> str:
+        """``capabilities`` names only outputs thali knows; the tiny model has ``features`` and no
+        ``stage_features`` or ``cam``, so a backend that reads its model's outputs declares features."""
+        from thali.core.inference import CAPABILITIES
+
+        backend = needed(self.state, "backend", "loads a tiny model")
+        declared = backend.capabilities
+        if not isinstance(declared, frozenset | set) or not all(isinstance(c, str) for c in declared):
+            raise CheckFailed(f"capabilities is {type(declared).__name__}; expected a frozenset of names")
+        unknown = sorted(set(declared) - CAPABILITIES)
+        if unknown:
+            raise CheckFailed(f"capabilities names {unknown}; known: {sorted(CAPABILITIES)}")
+        absent = sorted(set(declared) & {STAGE_FEATURES, CAM})
+        if absent:
+            raise CheckFailed(f"capabilities declares {absent}, which the tiny model does not have")
+        return f"declares {sorted(declared) or 'logits only'}"
 
     def predict(self) -> str:
         backend = needed(self.state, "backend", "loads a tiny model")
@@ -362,22 +386,24 @@ class _ServingKit:
         return f"float32 logits at batch 3 and 1, max abs diff {worst:.1e} (tolerance {self.tolerance:g})"
 
     def _predict_diff(self, backend: Any, model: Any, batch: Any) -> float:
-        """``predict(batch)``: float32 logits of torch's shape, within the tolerance; the largest diff."""
+        """``run(batch, {})['logits']``: float32 logits of torch's shape, within the tolerance."""
         import numpy as np
         import torch
 
         with torch.no_grad():
             reference = model(batch).numpy()
-        got = backend.predict(np.ascontiguousarray(batch.numpy(), dtype=np.float32))
-        got = np.asarray(got)
+        out = backend.run(np.ascontiguousarray(batch.numpy(), dtype=np.float32), frozenset())
+        if not isinstance(out, dict) or LOGITS not in out:
+            raise CheckFailed(f"run() returned {type(out).__name__}; expected a dict with 'logits'")
+        got = np.asarray(out[LOGITS])
         if got.shape != reference.shape:
-            raise CheckFailed(f"predict() of {shape(batch)} gave {shape(got)}; expected {reference.shape}")
+            raise CheckFailed(f"logits of {shape(batch)} are {shape(got)}; expected {reference.shape}")
         if got.dtype != np.float32:
-            raise CheckFailed(f"predict() gave {got.dtype} logits; the contract is float32")
+            raise CheckFailed(f"the logits are {got.dtype}; the contract is float32")
         diff = float(np.abs(got - reference).max())
         if diff > self.tolerance:
             raise CheckFailed(
-                f"predict() differs from torch: max abs diff {diff:.2e} (tolerance {self.tolerance:g})"
+                f"the logits differ from torch: max abs diff {diff:.2e} (tolerance {self.tolerance:g})"
             )
         return diff
 
@@ -386,17 +412,17 @@ class _ServingKit:
         import torch
 
         backend = needed(self.state, "backend", "loads a tiny model")
-        if not callable(getattr(backend, "infer", None)):
+        if FEATURES not in backend.capabilities:
             raise CheckSkipped(
-                "no infer(batch, cam): optional; the unknown flag then uses the top probability"
+                "declares no features: optional; the unknown flag then uses the top probability"
             )
         model, example = tiny_classifier()
         with torch.no_grad():
             logits, features = (t.numpy() for t in _with_features(model)(example[:3]))
-        got = backend.infer(np.ascontiguousarray(example[:3].numpy(), dtype=np.float32), cam=False)
-        if not isinstance(got, dict) or "logits" not in got:
-            raise CheckFailed(f"infer() returned {type(got).__name__}; expected a dict with 'logits'")
-        for name, reference in (("logits", logits), ("features", features)):
+        got = backend.run(np.ascontiguousarray(example[:3].numpy(), dtype=np.float32), frozenset({FEATURES}))
+        if not isinstance(got, dict) or LOGITS not in got:
+            raise CheckFailed(f"run() returned {type(got).__name__}; expected a dict with 'logits'")
+        for name, reference in ((LOGITS, logits), (FEATURES, features)):
             _check_output(got, name, reference, self.tolerance)
         return f"logits and features {features.shape[1:]} match torch"
 
@@ -419,7 +445,7 @@ def _check_output(got: dict[str, Any], name: str, reference: Any, tolerance: flo
 
     value = np.asarray(got.get(name))
     if name not in got or value.shape != reference.shape:
-        raise CheckFailed(f"infer()[{name!r}] is {shape(value)}; expected {reference.shape}")
+        raise CheckFailed(f"run()[{name!r}] is {shape(value)}; expected {reference.shape}")
     diff = float(np.abs(value - reference).max())
     if diff > tolerance:
-        raise CheckFailed(f"infer()[{name!r}] differs from torch: max abs diff {diff:.2e}")
+        raise CheckFailed(f"run()[{name!r}] differs from torch: max abs diff {diff:.2e}")

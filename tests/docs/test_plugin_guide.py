@@ -96,9 +96,13 @@ def test_following_the_guide_gives_a_served_domain(tmp_path: Path) -> None:
 
         plugins = outputs["plugins"]
         assert "thali_fruit" in plugins and "thali-fruit 0.1.0" in plugins
-        for component in ("fruit_convnet", "spatial_gate", "ordinal_ce", "prefixed_files", "fruit_ripeness"):
+        components = ("fruit_convnet", "spatial_gate", "ordinal_ce", "prefixed_files", "fruit_ripeness")
+        for component in (*components, "ort_basic", "onnx_one_thread"):
             assert component in plugins, component
         assert re.search(r"\b0 failed\b", outputs["check"]), outputs["check"]
+        for check in ("ort_basic", "onnx_one_thread"):  # the guide's exporter and backend really ran
+            ran = re.search(rf"{check}.*(round trip|capabilities)", outputs["check"])
+            assert ran, outputs["check"]
         answer = json.loads(outputs["curl"])
         assert answer["predictions"][0]["label"] == "ripe", answer
     finally:
