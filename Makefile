@@ -42,6 +42,11 @@ typecheck: $(DEV_STAMP)
 test: lint browser
 	$(BIN)/python -m pytest
 
+# The tests not marked slow (no training run, export, server or installed-package check): a quick loop
+# while editing. `make test` and CI run everything.
+test-fast: $(DEV_STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
 # The UI's end-to-end test drives headless Chromium; install it where apt-get can (as root), else the
 # test skips with the reason.
 browser:

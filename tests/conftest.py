@@ -13,6 +13,22 @@ from registry_fixtures import s3_endpoint  # noqa: F401 (fixture)
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+# Fixtures that train or export a model first (or serve the exported ones): in a fresh session a test
+# that needs one takes more than a few seconds before it starts, so it is marked slow here, and
+# `make test-fast` (pytest -m "not slow") never trains. A new test that uses one is slow too; a test
+# slow on its own (a training run of its own, a server process) carries @pytest.mark.slow.
+SLOW_FIXTURES = frozenset(
+    {"tiny_run", "tiny_export", "explain_export", "second_export", "api_registry", "server"}
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def datasets_root() -> Path:
     root = find_datasets()

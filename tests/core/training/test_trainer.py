@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import thali_in_process, write_tiny_domain
 
 from thali.core import load_config
@@ -65,6 +66,7 @@ def test_metrics_tensorboard_and_broken_image_note(
     assert len(images) == 2 and images[0].width > 60 and images[0].encoded_image_string[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_frozen_feature_fast_path_trains(tmp_path: Path, tiny_data: Path, registries: object) -> None:
     result = _train(
         tmp_path / "fast",
@@ -110,6 +112,7 @@ def test_cli_train_then_evaluate_json(tmp_path: Path, tiny_data: Path) -> None:
     assert wrong.returncode != 0 and wrong.stderr.startswith("error: ") and "Traceback" not in wrong.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path: Path, tiny_data: Path) -> None:
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
@@ -153,6 +156,7 @@ def test_partial_fine_tuning_only_updates_the_last_stages(
     assert not torch.equal(initial["backbone.stages.1.0.0.weight"], trained["backbone.stages.1.0.0.weight"])
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
     tmp_path: Path, tiny_data: Path, registries: object
 ) -> None:
