@@ -103,6 +103,7 @@ def _image_root(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_the_image_entry_command_serves_the_bundled_models_and_stops_gracefully(
     image_venv: Path, tmp_path: Path
 ) -> None:

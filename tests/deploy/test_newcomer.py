@@ -40,6 +40,7 @@ def _newcomer_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_make_run_in_a_fresh_clone_serves_the_bundled_dish_recogniser(
     tmp_path: Path, datasets_root: Path
 ) -> None:

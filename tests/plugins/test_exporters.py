@@ -87,6 +87,7 @@ def lite0_export(tmp_path_factory: pytest.TempPathFactory, registries: object) -
     return context
 
 
+@pytest.mark.slow
 def test_south_asian_food_architecture_exports_with_parity(lite0_export: ExportContext) -> None:
     exported, optimised = lite0_export.reports["onnx"], lite0_export.reports["ort_optimize"]
     assert exported["max_abs_logit_diff"] < 1e-3 and exported["top1_agreement"] == 1.0

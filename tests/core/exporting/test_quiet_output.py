@@ -87,6 +87,7 @@ def frozen_train(
     return result, run
 
 
+@pytest.mark.slow
 def test_train_prints_only_our_lines(frozen_train: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     result, run = frozen_train
     _check(result, TRAIN_OUT, TRAIN_ERR)
@@ -95,6 +96,7 @@ def test_train_prints_only_our_lines(frozen_train: tuple[subprocess.CompletedPro
     assert len(re.findall(r"^epoch +\d/2 ", result.stderr, re.M)) == 2
 
 
+@pytest.mark.slow
 def test_export_prints_only_our_lines(frozen_train: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     train, run = frozen_train
     assert train.returncode == 0, train.stderr[-3000:]
@@ -147,6 +149,7 @@ def chatty_root(capfd: pytest.CaptureFixture[str]) -> Iterator[logging.Handler]:
     root.setLevel(level)
 
 
+@pytest.mark.slow
 def test_exporters_print_nothing_of_the_libraries_at_info(
     tmp_path: Path, registries: object, chatty_root: logging.Handler, capfd: pytest.CaptureFixture[str]
 ) -> None:
