@@ -20,13 +20,14 @@ A manifest is data from an untrusted store: :func:`read_manifest` turns every sh
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import IntegrityError
+from .errors import IntegrityError, ModelRegistryError
 from .export import EXPORT_MANIFEST, variant_file
 from .images import DEFAULT_CROP_PCT, DEFAULT_LIMITS
 from .names import is_valid_name
@@ -278,6 +279,19 @@ def _last_part(path: str) -> str:
     return PureWindowsPath(path).name if "\\" in path else PurePosixPath(path).name
 
 
+RUNS_ENV = "THALI_RUNS"
+
+
+def default_run_folder(domain: str, run_id: str | None) -> Path | None:
+    """Where ``thali train`` puts the run a manifest names: ``$THALI_RUNS/DOMAIN/RUN_ID``, else
+    ``runs/DOMAIN/RUN_ID``; None when the id (or domain) is not one plain folder name, so data from a
+    package never names a path outside that folder."""
+    plain = bool(run_id) and "/" not in str(run_id) and "\\" not in str(run_id) and run_id not in (".", "..")
+    if not plain or not is_valid_name(domain):
+        return None
+    return Path(os.environ.get(RUNS_ENV) or "runs") / domain / str(run_id)
+
+
 def manifest_openapi_schemas() -> dict[str, dict[str, Any]]:
     """:class:`Manifest` and the models it uses as OpenAPI 3.0 component schemas (by name)."""
     schema = Manifest.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -341,8 +355,6 @@ class ModelPackage:
         return {n: self.files[variant_file(n)] for n in names if variant_file(n) in self.files}
 
     def model_path(self, variant: str = "fp32") -> Path:
-        from .errors import ModelRegistryError
-
         if variant not in self.variants:
             have = ", ".join(sorted(self.variants))
             raise ModelRegistryError(

@@ -11,18 +11,16 @@ costs nothing.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from thali.core import hookimpl
 from thali.core.errors import DataError, IntegrityError, NotAvailableError
 from thali.core.export import CAM, FEATURES, LOGITS, STAGE_FEATURES
-from thali.core.names import is_valid_name
+from thali.core.manifest import default_run_folder
 from thali.core.registry import Registry
 
 USE_ONNX = "serve it with the onnxruntime backend"
-RUNS_ENV = "THALI_RUNS"
 
 
 def _checkpoint(package: Any, run_dir: str | Path | None) -> Path:
@@ -35,16 +33,9 @@ def _checkpoint(package: Any, run_dir: str | Path | None) -> Path:
     if not expected:
         raise NotAvailableError(f"{name}: its manifest names no training checkpoint; {USE_ONNX}")
     if run_dir is None:
-        run_id = lineage.run_id
-        if (
-            not is_valid_name(package.domain)
-            or not run_id
-            or "/" in run_id
-            or "\\" in run_id
-            or run_id in (".", "..")
-        ):
+        run_dir = default_run_folder(package.domain, lineage.run_id)
+        if run_dir is None:
             raise NotAvailableError(f"{name}: no run folder given (run_dir) and no run id; {USE_ONNX}")
-        run_dir = Path(os.environ.get(RUNS_ENV) or "runs") / package.domain / run_id
     path = Path(run_dir) / "best.pt"
     if not path.is_file():
         raise NotAvailableError(

@@ -23,6 +23,7 @@ import numpy as np
 from thali.core.errors import DataError
 from thali.core.export import LOGITS
 from thali.core.inference.providers import PREFERRED_PROVIDERS, SHORT
+from thali.core.manifest import default_run_folder
 
 NO_EXTRAS: frozenset[str] = frozenset()  # outputs asked for besides logits
 
@@ -96,12 +97,12 @@ def _run_folder(model_dir: Path, meta: dict[str, Any]) -> Path:
     from .pipeline import sha256
 
     lineage = meta.get("lineage") or {}
-    runs = Path(os.environ.get("THALI_RUNS") or "runs") / str(meta.get("domain"))
     run_id = str(lineage.get("run_id") or "")
-    if not run_id or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
-        return runs / "(no run id in export.json)"  # not there: bench says the run is gone
+    default = default_run_folder(str(meta.get("domain")), run_id)
+    if default is None:
+        return Path("runs") / "(no run id in export.json)"  # not there: bench says the run is gone
     parent = model_dir.resolve().parent
-    candidates = [*([parent] if parent.name == run_id else []), parent / run_id, runs / run_id]
+    candidates = [*([parent] if parent.name == run_id else []), parent / run_id, default]
     with_split = [c for c in candidates if (c / "split.json").is_file()]
     expected = lineage.get("checkpoint_sha256")
     for candidate in with_split:

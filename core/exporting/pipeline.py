@@ -117,9 +117,13 @@ class ExportResult:
     """The variants an export keeps and drops: ``accepted`` (name -> report, metrics, gate, path) with
     fp32 first, ``rejected`` (name -> reasons and, when it ran, its metrics and gate)."""
 
-    reference: dict[str, Any]
-    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    accepted: dict[str, dict[str, Any]]
     rejected: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> dict[str, Any]:
+        """fp32's scores: what every other variant is gated against."""
+        return self.accepted["fp32"]["metrics"]
 
 
 def export_run(
@@ -243,12 +247,12 @@ def _make_variants(setup: _Setup, registries: Registries, context: ExportContext
         bar.update()
     bar.set_postfix_str("scoring fp32 on the validation split")
     reference = summarize(run_onnx(context.artifacts["fp32"], val.images), val.labels, classes, temperature)
-    result = ExportResult(reference=reference)
-    result.accepted["fp32"] = {
+    fp32 = {
         "report": context.reports["ort_optimize"],
         "metrics": reference,
         "path": context.artifacts["fp32"],
     }
+    result = ExportResult(accepted={"fp32": fp32})
     for variant in setup.variants:
         bar.set_postfix_str(variant)
         _make_variant(setup, registries, context, variant, result, bar)

@@ -299,29 +299,19 @@ class Trainer:
         t = self.config.training
         batch_size, progress = max(t.batch_size, 32), self.options.progress and self.dist.main
         desc = f"caching {part} ({engine.name})"
+        options: dict[str, Any] = {
+            "views": views,
+            "seed": t.seed,
+            "desc": desc,
+            "batch_size": batch_size,
+            "num_workers": t.num_workers,
+            "progress": progress,
+        }
         if self.dist.world <= 1:
-            return compute_features(
-                engine,
-                dataset,
-                views=views,
-                seed=t.seed,
-                desc=desc,
-                batch_size=batch_size,
-                num_workers=t.num_workers,
-                progress=progress,
-            )
+            return compute_features(engine, dataset, **options)
         # each rank its shard, then exchanged: computed once in total
         cached, counts = shard_features(
-            engine,
-            dataset,
-            rank=self.dist.rank,
-            world=self.dist.world,
-            views=views,
-            seed=t.seed,
-            desc=desc,
-            batch_size=batch_size,
-            num_workers=t.num_workers,
-            progress=progress,
+            engine, dataset, rank=self.dist.rank, world=self.dist.world, **options
         )
         self.notes.append(counts.line(part))
         if self.dist.main:
