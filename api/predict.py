@@ -12,6 +12,8 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import ValidationError
 
+from thali.core.images import accepted_formats, accepted_media_types
+
 from .bodies import SafeParser, part_bytes
 from .errors import ApiError
 from .schemas import (
@@ -34,7 +36,8 @@ ERRORS = {
     404: "unknown domain",
     413: "image or request too large (bytes or pixels)",
     409: "explain=true for a model that cannot explain (no heatmap output)",
-    415: "not an image of an accepted format, or a body that is neither multipart nor JSON",
+    415: f"not an image of an accepted format ({', '.join(accepted_formats())}), or a body that is "
+    "neither multipart nor JSON",
     422: "wrong fields, top_k out of range, bad base64, several images on single predict",
     503: "domain failed to load, or the server is overloaded",
 }
@@ -53,7 +56,7 @@ def unsupported(message: str) -> ApiError:
 
 
 #: what a part may be: the formats the decoder takes (the server reads the bytes, not the part's type)
-IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/gif, image/bmp, image/tiff"
+IMAGE_TYPES = ", ".join(accepted_media_types())
 
 
 def _body_doc(json_schema: type, upload_schema: type, field: str) -> dict[str, Any]:

@@ -59,7 +59,8 @@ def fingerprint(run_dir: Path) -> str:
 
 def _apply(transform: Any, rgb: np.ndarray) -> np.ndarray:
     """A serving :class:`~thali.core.inference.Preprocessor` (torch-free, what ``thali bench`` uses) or
-    the training evaluation transform (albumentations, what the export gate uses)."""
+    the training evaluation transform (the same preprocessor with a tensor out, what the export gate
+    uses)."""
     if isinstance(transform, Preprocessor):
         return transform(rgb)
     return transform(image=rgb)["image"].numpy()
@@ -73,7 +74,8 @@ def _preprocess(
     images, labels, problems = [], [], []
     for path, label in samples:
         try:
-            rgb = load_rgb(path, limits)
+            decode = getattr(transform, "decode", load_rgb)  # serving's decode-and-resize where it has one
+            rgb = decode(path, limits)
         except Exception as exc:  # any decoder error means: skip this file
             why = exc.message if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
             problems.append((path, why))

@@ -1,11 +1,19 @@
-"""Preprocessing for serving, from a package's ``preprocess.json``: decode within the image limits,
-resize the shorter side, centre-crop, scale and normalise, HWC -> CHW float32. It reproduces the
-evaluation transform of training (albumentations ``SmallestMaxSize`` + ``CenterCrop`` + ``Normalize``)
-with OpenCV and numpy alone, so a server never imports torch or albumentations."""
+"""Preprocessing for serving and for training's evaluation, from a package's ``preprocess.json``:
+decode within the image limits, resize the shorter side, centre-crop, scale and normalise, HWC -> CHW
+float32, with OpenCV and numpy alone, so a server never imports torch or albumentations. Training's
+evaluation transform (``thali.core.training.transforms.eval_transform``) is this class, so what a model
+is evaluated on and what it is served are one code path.
+
+Phone photos: a 12 MP JPEG is decoded at the smallest DCT scale that keeps its shorter side at least
+:data:`DRAFT_MARGIN` times the resize target, and any resize that shrinks by more than 2x averages
+(``INTER_AREA``) instead of sampling with the model's interpolation, which would alias texture the model
+never saw in training. An image that shrinks by 2x or less (every web-size photo) is resized exactly as
+before, with the model's interpolation."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -13,6 +21,33 @@ import numpy as np
 
 from thali.core.errors import DataError, ImageTooLargeError
 from thali.core.images import DEFAULT_CROP_PCT, DEFAULT_LIMITS, ImageLimits, decode_rgb, interpolation_flag
+
+#: a JPEG is decoded at a DCT scale that keeps the shorter side at least this many times the target
+DRAFT_MARGIN = 2
+#: a resize that shrinks by more than this factor averages (cv2.INTER_AREA) instead of interpolating
+ANTIALIAS_ABOVE = 2.0
+
+
+def resize_shorter(rgb: np.ndarray, shorter: int, interpolation: int) -> np.ndarray:
+    """``rgb`` with its shorter side resized to ``shorter`` (aspect kept; rounded like albumentations'
+    ``SmallestMaxSize``): with ``interpolation`` up to a 2x shrink, averaged (area) beyond."""
+    h, w = rgb.shape[:2]
+    scale = shorter / float(min(h, w))
+    if scale == 1.0:
+        return rgb
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # cv2 wants (width, height)
+    flag = cv2.INTER_AREA if scale * ANTIALIAS_ABOVE < 1.0 else interpolation
+    return cv2.resize(rgb, size, interpolation=flag)
+
+
+def decode_resized(
+    source: bytes | str | Path, shorter: int, interpolation: int, limits: ImageLimits = DEFAULT_LIMITS
+) -> np.ndarray:
+    """Decode (within ``limits``, EXIF orientation applied; a JPEG at the DCT scale that keeps
+    :data:`DRAFT_MARGIN` x ``shorter``) and resize the shorter side to ``shorter``: the one function
+    serving and evaluation both call."""
+    rgb = decode_rgb(source, limits, keep_shorter=DRAFT_MARGIN * shorter)
+    return resize_shorter(rgb, shorter, interpolation)
 
 
 class Preprocessor:
@@ -37,18 +72,22 @@ class Preprocessor:
         self.mean, self.inv_std = mean, (1.0 / std).astype(np.float32)
         self.limits = limits
 
+    def decode(self, source: bytes | str | Path, limits: ImageLimits | None = None) -> np.ndarray:
+        """An encoded image (bytes or a file) decoded and resized to the shorter side (not cropped)."""
+        return decode_resized(source, self.shorter, self.interpolation, limits or self.limits)
+
     def crop(self, image: bytes | np.ndarray) -> np.ndarray:
         """The resized, centre-cropped RGB uint8 image (H, W, 3)."""
-        rgb = decode_rgb(image, self.limits) if isinstance(image, bytes | bytearray) else image
-        h, w = rgb.shape[:2]
-        if min(h, w) < 1 or max(h, w) / min(h, w) > self.limits.max_aspect:  # arrays skip decode_rgb
-            raise ImageTooLargeError(
-                f"image is {w} x {h} pixels: an aspect ratio over the limit of {self.limits.max_aspect:g}:1"
-            )
-        scale = self.shorter / float(min(h, w))
-        if scale != 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))  # cv2 wants (width, height)
-            rgb = cv2.resize(rgb, size, interpolation=self.interpolation)
+        if isinstance(image, bytes | bytearray):
+            rgb = self.decode(bytes(image))
+        else:
+            h, w = image.shape[:2]
+            if min(h, w) < 1 or max(h, w) / min(h, w) > self.limits.max_aspect:  # arrays skip decode_rgb
+                raise ImageTooLargeError(
+                    f"image is {w} x {h} pixels: an aspect ratio over the limit of "
+                    f"{self.limits.max_aspect:g}:1"
+                )
+            rgb = resize_shorter(image, self.shorter, self.interpolation)
         h, w = rgb.shape[:2]
         if h < self.height or w < self.width:  # only for odd aspect ratios: pad like albumentations
             rgb = cv2.copyMakeBorder(

@@ -410,7 +410,8 @@ def load_rgb(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
 
 class ImageDataset:
     """A map-style dataset of ``(tensor, label)``; an unreadable or over-limit image yields ``None``
-    (skipped)."""
+    (skipped). A transform with a ``decode(path, limits)`` method (the evaluation transform) decodes the
+    file itself (reduced-scale JPEG decoding, as serving); any other gets the full-size RGB image."""
 
     def __init__(
         self, samples: Sequence[Sample], transform: Callable[..., Any], limits: ImageLimits = DEFAULT_LIMITS
@@ -418,6 +419,7 @@ class ImageDataset:
         self.samples = list(samples)
         self.transform = transform
         self.limits = limits
+        self.load: Callable[[Path, ImageLimits], np.ndarray] = getattr(transform, "decode", load_rgb)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -425,7 +427,7 @@ class ImageDataset:
     def __getitem__(self, index: int) -> tuple[Any, int, int] | None:
         path, label = self.samples[index]
         try:
-            image = load_rgb(path, self.limits)
+            image = self.load(path, self.limits)
         except Exception as exc:
             log.warning("skipping unreadable image %s: %s", path, exc)
             return None

@@ -1,15 +1,18 @@
-"""Image transforms with albumentations: training augmentation from config, evaluation from the
-backbone's preprocessing metadata (resize shorter side to size / crop_pct, centre crop, normalise)."""
+"""Image transforms: training augmentation from config (albumentations), evaluation from the backbone's
+preprocessing metadata (resize shorter side to size / crop_pct, centre crop, normalise) through the
+serving preprocessor."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 
 from thali.core.config import AugmentationConfig
-from thali.core.images import DEFAULT_CROP_PCT, interpolation_flag
+from thali.core.images import DEFAULT_CROP_PCT, DEFAULT_LIMITS, ImageLimits, interpolation_flag
 
 
 def _size(preprocess: Mapping[str, Any]) -> tuple[int, int]:
@@ -17,21 +20,44 @@ def _size(preprocess: Mapping[str, Any]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def eval_transform(preprocess: Mapping[str, Any]) -> Any:
-    import albumentations as A
-    from albumentations.pytorch import ToTensorV2
+class EvalTransform:
+    """Training's evaluation transform: the serving :class:`~thali.core.inference.Preprocessor` (resize
+    the shorter side to size / crop_pct, centre crop, normalise) with a torch tensor out.
+    :class:`~thali.core.training.data.ImageDataset` decodes through :meth:`decode`, so a phone photo is
+    decoded at reduced JPEG scale and downscaled with averaging exactly as the server does: what a model
+    is evaluated, gated and calibrated on is what it is served. (It replaced albumentations'
+    ``SmallestMaxSize`` + ``CenterCrop`` + ``Normalize``, which gave the same tensors on photos that
+    shrink by 2x or less: ``tests/core/inference/test_preprocess_parity.py``.)"""
 
-    h, w = _size(preprocess)
-    interp = interpolation_flag(preprocess.get("interpolation", "bilinear"))
-    resize = round(min(h, w) / float(preprocess.get("crop_pct", DEFAULT_CROP_PCT)))
-    return A.Compose(
-        [
-            A.SmallestMaxSize(max_size=resize, interpolation=interp),
-            A.CenterCrop(height=h, width=w),
-            A.Normalize(mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]), max_pixel_value=255.0),
-            ToTensorV2(),
-        ]
-    )
+    def __init__(self, preprocess: Mapping[str, Any]) -> None:
+        from thali.core.inference.preprocess import Preprocessor
+
+        h, w = _size(preprocess)
+        crop_pct = float(preprocess.get("crop_pct", DEFAULT_CROP_PCT))
+        self.preprocessor = Preprocessor(
+            {
+                "input_size": [3, h, w],
+                "resize_shorter_side": round(min(h, w) / crop_pct),
+                "interpolation": str(preprocess.get("interpolation", "bilinear")),
+                "mean": list(preprocess["mean"]),
+                "std": list(preprocess["std"]),
+                "pixel_scale": 255.0,
+            }
+        )
+
+    def decode(self, path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
+        """The image file decoded and resized to the shorter side, as the server decodes uploads."""
+        return self.preprocessor.decode(path, limits)
+
+    def __call__(self, *, image: np.ndarray) -> dict[str, Any]:
+        import torch
+
+        return {"image": torch.from_numpy(self.preprocessor(image))}
+
+
+def eval_transform(preprocess: Mapping[str, Any]) -> EvalTransform:
+    """The evaluation transform for a backbone's preprocessing metadata (see :class:`EvalTransform`)."""
+    return EvalTransform(preprocess)
 
 
 def train_transform(aug: AugmentationConfig, preprocess: Mapping[str, Any], seed: int | None = None) -> Any:

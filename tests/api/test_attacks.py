@@ -144,11 +144,15 @@ def _png_with_inflating_chunk(kind: bytes) -> bytes:
 
 
 def _formats() -> dict[str, bytes]:
+    from thali.core.images import accepted_formats
+
+    assert {"HEIF", "AVIF"} <= set(accepted_formats())  # registers pillow-heif's encoder here too
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))
     out = {}
     for name, options in {
         "PNG": {}, "JPEG": {"quality": 90}, "GIF": {}, "BMP": {}, "TIFF": {}, "WEBP": {"quality": 80},
+        "HEIF": {"quality": 80}, "AVIF": {"quality": 80},
         "PPM": {}, "ICO": {}, "TGA": {}, "PCX": {}, "IM": {}, "JPEG2000": {}, "DDS": {}, "SGI": {},
     }.items():  # fmt: skip
         buffer = io.BytesIO()
@@ -176,7 +180,7 @@ def test_malformed_images_are_4xx_never_500(server: Server) -> None:
     assert {"PPM", "IM", "DDS"} & set(formats)
     for name, data in formats.items():
         response = server.post(PREDICT, files={"image": ("x", data)})
-        if name in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"):
+        if name in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "HEIF", "AVIF"):
             assert response.status_code == 200, (name, response.text)
         else:  # a format nobody sends is not decoded at all
             assert assert_error(response, 415)["code"] == "not_an_image", name
@@ -206,6 +210,44 @@ def test_fuzzed_images_never_raise_anything_but_a_data_error() -> None:
             except Exception as exc:  # pragma: no cover - what this test is here to catch
                 raise AssertionError(f"{name}: {type(exc).__name__}: {exc}") from exc
     assert tried > 300
+
+
+def _declaring(data: bytes, width: int, height: int) -> bytes:
+    """``data`` with the size its header declares replaced: the SOF segment of a JPEG, every ``ispe``
+    (image spatial extents) box of a HEIC. The pixels stay a few KB."""
+    out = bytearray(data)
+    size = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    if data.startswith(b"\xff\xd8"):
+        at = data.index(b"\xff\xc0")
+        out[at + 5 : at + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+        return bytes(out)
+    at = data.find(b"ispe")
+    assert at > 0
+    while at > 0:
+        out[at + 8 : at + 16] = size
+        at = data.find(b"ispe", at + 4)
+    return bytes(out)
+
+
+def test_heic_is_read_and_its_bombs_and_truncations_get_what_jpegs_get(server: Server) -> None:
+    """A HEIC photo is answered; one declaring 7,000 x 7,000 pixels (49 MP, over the 40 MP cap; Pillow's
+    own stop is at 179 MP) gets the JPEG bomb's 413 before any pixel is decoded; a truncated one gets the
+    truncated JPEG's 400; a body nobody can read gets a 415 that lists the accepted formats."""
+    photo = Image.open(io.BytesIO(jpeg("red", (96, 72), seed=5)))
+    heic = io.BytesIO()
+    photo.save(heic, "HEIF", quality=90)
+    heic_bytes = heic.getvalue()
+    answer = server.post(PREDICT, files={"image": ("photo.heic", heic_bytes, "image/heic")})
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == "red", answer.text
+    jpeg_bytes = jpeg("red", (96, 72), seed=5)
+    for name, data in (("jpeg", jpeg_bytes), ("heic", heic_bytes)):
+        bomb = assert_error(server.post(PREDICT, files={"image": (name, _declaring(data, 7000, 7000))}), 413)
+        assert bomb["code"] == "image_too_large" and "49,000,000 pixels" in bomb["message"], bomb
+        cut = assert_error(server.post(PREDICT, files={"image": (name, data[: len(data) * 2 // 3])}), 400)
+        assert cut["code"] == "invalid_image", (name, cut)
+    body = assert_error(server.post(PREDICT, files={"image": ("notes.txt", b"just some text")}), 415)
+    assert "HEIF" in body["message"] and "JPEG" in body["message"], body
+    still_answers(server)
 
 
 # --- 4: thin images ---------------------------------------------------------------------------------

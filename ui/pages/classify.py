@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
+from thali.core.errors import DataError
+from thali.core.images import accepted_formats, accepted_suffixes, decode_rgb
 from thali.ui.client import ApiProblem
 from thali.ui.shared import client, domain_switcher
 
@@ -26,7 +29,10 @@ uploads = st.session_state.setdefault("uploads", {})  # sha256 -> (name, bytes);
 left, right = st.columns([3, 2])
 with left:
     files = st.file_uploader(
-        "Photos", type=None, accept_multiple_files=True, help=f"JPEG, PNG, WebP …, up to {MAX_MB} MB each"
+        "Photos",
+        type=accepted_suffixes(),
+        accept_multiple_files=True,
+        help=f"{', '.join(accepted_formats())}; up to {MAX_MB} MB each",
     )
 with right:
     photo = st.camera_input("Or take a photo", key="camera")
@@ -48,6 +54,28 @@ if not uploads:
     st.stop()
 
 
+BROWSER_FORMATS = (b"\xff\xd8", b"\x89PNG", b"GIF8")  # JPEG, PNG, GIF: every browser shows these as sent
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def preview(data: bytes) -> bytes:
+    """What the browser is shown: the photo as sent, or, for HEIC, TIFF, AVIF ... that browsers may not
+    show, a PNG of it downscaled (decoded within the server's image limits)."""
+    if data.startswith(BROWSER_FORMATS):
+        return data
+    try:
+        rgb = decode_rgb(data, keep_shorter=640)
+    except DataError:
+        return data  # the server's answer says what is wrong with it
+    from PIL import Image
+
+    image = Image.fromarray(rgb)
+    image.thumbnail((960, 960))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def show(name: str, data: bytes, answer: dict[str, Any]) -> None:
     image_col, result_col = st.columns([2, 3])
     top = answer["predictions"][0]
@@ -57,7 +85,7 @@ def show(name: str, data: bytes, answer: dict[str, Any]) -> None:
                 base64.b64decode(answer["heatmap_png"]), caption=f"{name}: where the model looked", width=320
             )
         else:
-            st.image(data, caption=name, width=320)
+            st.image(preview(data), caption=name, width=320)
     with result_col:
         if answer["unknown"] and answer.get("unknown_method") == "knn_residual":
             st.warning(

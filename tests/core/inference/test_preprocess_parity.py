@@ -1,5 +1,6 @@
-"""The serving preprocessing (OpenCV + numpy, no torch) against training's evaluation transform
-(albumentations) on real photos of many sizes, and a server's import graph without torch."""
+"""The serving preprocessing (OpenCV + numpy, no torch), which training's evaluation transform now is,
+against the albumentations transform training evaluated with before, on real photos of many sizes, and
+a server's import graph without torch."""
 
 from __future__ import annotations
 
@@ -57,12 +58,13 @@ def photos(datasets_root: Path) -> list[Path]:
 
 
 def _both(path: Path, preprocess: dict[str, Any], spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    from thali.core.training.data import load_rgb
-    from thali.core.training.transforms import eval_transform
+    """(serving's tensor from the file's bytes, the albumentations evaluation transform's)."""
+    from preprocess_support import reference_eval
 
-    rgb = load_rgb(path)
-    ours = Preprocessor(spec)(rgb)
-    theirs = eval_transform(preprocess)(image=rgb)["image"].numpy()
+    from thali.core.training.data import load_rgb
+
+    ours = Preprocessor(spec)(path.read_bytes())
+    theirs = reference_eval(preprocess)(image=load_rgb(path))["image"].transpose(2, 0, 1)
     return ours, theirs
 
 
@@ -74,7 +76,7 @@ def test_serving_preprocess_equals_the_evaluation_transform(photos: list[Path]) 
     for path in photos:
         ours, theirs = _both(path, LITE0, spec)
         assert ours.shape == theirs.shape == (3, 224, 224) and ours.dtype == np.float32, path
-        assert np.abs(ours - theirs).max() <= 1e-2, path
+        assert np.array_equal(ours, theirs), path
         from PIL import Image
 
         with Image.open(path) as img:
@@ -82,17 +84,25 @@ def test_serving_preprocess_equals_the_evaluation_transform(photos: list[Path]) 
     assert any(w > h for w, h in sizes) and any(min(s) < 224 for s in sizes)  # wide ones, upscaled ones
 
 
-def test_a_tiny_model_agrees_on_both_inputs(photos: list[Path], tiny_export: Path) -> None:
+def test_a_tiny_model_sees_the_same_tensors_served_and_evaluated(
+    photos: list[Path], tiny_export: Path
+) -> None:
+    """The tiny model's 37 px resize shrinks these photos 8-10x: the reduced-scale JPEG decode and the
+    averaging resize apply, and training's evaluation dataset gives the very tensors serving does."""
     import onnxruntime as ort
 
+    from thali.core.training.data import ImageDataset
+    from thali.core.training.transforms import eval_transform
+
     spec = json.loads((tiny_export / "preprocess.json").read_text())
+    dataset = ImageDataset([(path, 0) for path in photos], eval_transform(spec))
+    evaluated = [dataset[i][0].numpy() for i in range(len(photos))]  # type: ignore[index]
+    served = [Preprocessor(spec)(path.read_bytes()) for path in photos]
+    assert all(np.array_equal(a, b) for a, b in zip(evaluated, served, strict=True))
     session = ort.InferenceSession(str(tiny_export / "model.onnx"), providers=["CPUExecutionProvider"])
-    ours, theirs = zip(*(_both(path, spec, spec) for path in photos), strict=True)
     name = session.get_inputs()[0].name
-    logits_ours = session.run(None, {name: np.stack(ours)})[0]
-    logits_theirs = session.run(None, {name: np.stack(theirs)})[0]
-    assert (logits_ours.argmax(1) == logits_theirs.argmax(1)).all()
-    assert np.abs(logits_ours - logits_theirs).max() < 0.05
+    logits = session.run(None, {name: np.stack(served)})[0]
+    assert logits.shape == (len(photos), 3) and np.isfinite(logits).all()
 
 
 SERVER = """
@@ -141,7 +151,7 @@ def test_every_interpolation_trains_and_serves_alike(photos: list[Path], interpo
     assert spec["interpolation"] == interpolation
     for path in photos[:6]:
         ours, theirs = _both(path, declared, spec)
-        assert np.abs(ours - theirs).max() <= 1e-2, (interpolation, path)
+        assert np.array_equal(ours, theirs), (interpolation, path)
     if interpolation != "bilinear":  # and it is not bilinear in disguise on either side
         plain, _ = _both(photos[0], LITE0, preprocess_spec(LITE0))
         ours, theirs = _both(photos[0], declared, spec)
