@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -136,6 +137,15 @@ def split_ref(text: str) -> tuple[str, str | None]:
     return name.strip(), ref
 
 
+def engine_threads(workers: int) -> int:
+    """Intra-op threads per engine worker when none are set: this process's CPUs shared among them."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, workers))
+
+
 class Hosting:
     """The models of every domain this process serves."""
 
@@ -238,6 +248,8 @@ class Hosting:
             max_wait_ms=plan.max_wait_ms,
             name=domain,
             on_batch=on_batch,
+            # several batches at once only on a backend that says it takes concurrent runs
+            workers=self.settings.engine_workers if getattr(backend, "concurrent_runs", False) else 1,
             takes_flag=True,
         )
         return LoadedModel(
@@ -276,10 +288,8 @@ class Hosting:
 
     def _backend(self, package: ModelPackage, plan: ServingPlan) -> ServingBackend:
         params: dict[str, Any] = {"variant": plan.variant, "package": package, "registries": self.registries}
-        if self.settings.ort_threads:
-            params["threads"] = self.settings.ort_threads
-        if not self.settings.ort_spinning:
-            params["spinning"] = False
+        params["threads"] = self.settings.ort_threads or engine_threads(self.settings.engine_workers)
+        params["spinning"] = self.settings.ort_spinning
         if self.settings.torch_run is not None:
             params["run_dir"] = self.settings.torch_run
         return load_backend(self.registries, plan.backend, package.model_path(plan.variant), **params)

@@ -69,13 +69,26 @@ class Settings(BaseSettings):
     trusted_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="public keys packages must be signed by"
     )
-    ort_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per model")
+    engine_workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="batches of one model run at once, each on its own engine thread(s); 2 keeps two "
+        "cores on inference under load without intra-op hand-offs",
+    )
+    ort_threads: int | None = Field(
+        None,
+        ge=1,
+        description="ONNX Runtime intra-op threads per engine worker (default: the CPUs over engine_workers)",
+    )
     torch_run: str | None = Field(
         None,
         description="the torch backend's training run folder (a development backend; default: "
         "$THALI_RUNS or runs/, then DOMAIN/RUN_ID from the manifest)",
     )
-    ort_spinning: bool = Field(True, description="ONNX Runtime threads spin while idle (off: less CPU)")
+    ort_spinning: bool = Field(
+        False, description="ONNX Runtime threads spin while idle (on: a little less latency, much more CPU)"
+    )
     watch_s: float | None = Field(
         None, gt=0, le=86400, description="poll the registry every N s; hot-swap when an alias moves"
     )

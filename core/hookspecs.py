@@ -124,8 +124,11 @@ def thali_register_serving_backends(registry: Registry[AnyServingBackend]) -> No
     Called once when the plugin manager is built. The factory is called as
     ``factory(model_path, **params)``; ``params`` always include ``variant`` (the package variant being
     served), ``package`` (the verified :class:`thali.core.manifest.ModelPackage`: its typed ``manifest``,
-    ``labels``, ``preprocess``, ``calibration`` and verified ``files``) and ``registries``; a backend
-    takes what it needs and ignores the rest (``**params``).
+    ``labels``, ``preprocess``, ``calibration`` and verified ``files``) and ``registries``, and for the
+    server ``threads`` (the CPU threads one ``run`` may use) and ``spinning`` (whether idle engine threads
+    may spin); a backend takes what it needs and ignores the rest (``**params``). The server calls
+    ``run`` from one thread at a time unless the backend has ``concurrent_runs = True`` (a class
+    attribute): then from up to ``engine_workers`` threads at once (the ONNX Runtime backend does).
 
     It returns a :class:`thali.core.inference.ServingBackend`: ``capabilities`` (which of ``features``,
     ``stage_features``, ``cam`` it gives besides ``logits``: the server decides from them at load time,

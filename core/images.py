@@ -248,7 +248,8 @@ def decode_rgb(
     with _open(source, limits) as img:
         try:
             if keep_shorter and img.format == "JPEG":
-                scale = jpeg_draft_scale(*img.size, keep_shorter)
+                width, height = img.size
+                scale = jpeg_draft_scale(width, height, keep_shorter)
                 if scale > 1:
                     img.draft(None, (img.size[0] // scale, img.size[1] // scale))
             img = ImageOps.exif_transpose(img)

@@ -36,13 +36,16 @@ class OnnxRuntimeBackend:
     """``predict(batch)``, ``explain(batch)`` when the model has a ``cam`` output, ``infer(batch, cam)``
     (logits and the ``features`` output the unknown score reads), ``info()``."""
 
+    #: ``InferenceSession.run`` is thread-safe: the server runs up to ``engine_workers`` batches at once
+    concurrent_runs = True
+
     def __init__(
         self,
         model_path: str | Path,
         *,
         provider: str | None = None,
         threads: int | None = None,
-        spinning: bool = True,
+        spinning: bool = False,
         variant: str | None = None,
         **_: Any,
     ) -> None:

@@ -121,3 +121,28 @@ def test_a_request_racing_the_close_is_answered_or_refused_never_left_waiting() 
                 future.result(timeout=5)  # never a TimeoutError: every queued job ran
     finally:
         sys.setswitchinterval(switch)
+
+
+def test_two_engine_workers_run_two_batches_at_once_and_drain_on_close() -> None:
+    """Each run waits at a two-party barrier: with one worker it would time out (BrokenBarrierError);
+    with two, two batches are in the engine together. Every job still gets its own rows, and close()
+    runs what was queued before it."""
+    barrier = threading.Barrier(2, timeout=10)
+    weights = np.arange(12, dtype=np.float32).reshape(3, 4)
+    threads: set[str] = set()
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        threads.add(threading.current_thread().name)
+        if len(threads) <= 2 and batch[0, 0, 0, 0] < 2:  # the first two batches meet in the engine
+            barrier.wait()
+        return batch.reshape(len(batch), 3, -1).mean(-1) @ weights
+
+    batcher = MicroBatcher(run, max_batch_size=1, max_wait_ms=0, workers=2, name="m")
+    futures = [batcher.submit(_inputs(1, i)) for i in range(40)]
+    batcher.close(drain=True)
+    for i, future in enumerate(futures):
+        rows, stats = future.result(timeout=10)
+        assert np.allclose(rows, _inputs(1, i).reshape(1, 3, -1).mean(-1) @ weights) and stats.size == 1
+    assert threads == {"batcher-m-0", "batcher-m-1"}
+    with pytest.raises(BatcherClosed):
+        batcher.submit(_inputs(1, 0))
