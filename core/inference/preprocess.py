@@ -70,6 +70,10 @@ class Preprocessor:
         if mean.shape != (3,) or std.shape != (3,) or not (std > 0).all():
             raise DataError("preprocess.json: mean and std need three values, std above zero")
         self.mean, self.inv_std = mean, (1.0 / std).astype(np.float32)
+        # the normalised value of every uint8 level, per channel: a lookup instead of a subtraction and
+        # a multiplication over the whole crop (the same float32 values, half the time)
+        levels = np.arange(256, dtype=np.float32)[:, None]
+        self._lut = [np.ascontiguousarray(col) for col in ((levels - self.mean) * self.inv_std).T]
         self.limits = limits
 
     def decode(self, source: bytes | str | Path, limits: ImageLimits | None = None) -> np.ndarray:
@@ -101,5 +105,11 @@ class Preprocessor:
         return self.normalise(self.crop(image))
 
     def normalise(self, crop: np.ndarray) -> np.ndarray:
-        x = (crop.astype(np.float32) - self.mean) * self.inv_std
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        """``(crop - mean) / std`` of a uint8 (H, W, 3) crop as float32 (3, H, W)."""
+        if crop.dtype != np.uint8:
+            x = (crop.astype(np.float32) - self.mean) * self.inv_std
+            return np.ascontiguousarray(x.transpose(2, 0, 1))
+        out = np.empty((3, *crop.shape[:2]), dtype=np.float32)
+        for channel, lut in enumerate(self._lut):
+            np.take(lut, crop[:, :, channel], out=out[channel])
+        return out

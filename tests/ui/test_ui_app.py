@@ -81,6 +81,23 @@ def test_the_unknown_outcome_is_shown(server: Server) -> None:
     assert any("Probably not one of the 3 things this domain knows" in w.value for w in at.warning)
 
 
+def test_a_heic_photo_is_answered_and_previewed_in_a_browser_format(server: Server) -> None:
+    """iPhones' HEIC: the server answers it; the page shows it as PNG or JPEG (browsers may not show it)."""
+    from PIL import Image
+
+    from thali.core.images import accepted_formats
+
+    assert "HEIF" in accepted_formats()
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg("red", (96, 72), seed=5))).save(buffer, "HEIF", quality=90)
+    at = _app(server.url)
+    at.file_uploader[0].set_value(("red.heic", buffer.getvalue(), "image/heic")).run()
+    assert not at.exception
+    assert any("red" in s.value.lower() for s in at.success), _texts(at)
+    shown = [img.proto.imgs[0] for img in at.get("image") if img.proto.imgs]
+    assert shown and shown[0].caption == "red.heic" and shown[0].url.endswith((".png", ".jpg")), shown
+
+
 def test_the_explain_toggle_overlays_the_heatmap(server: Server) -> None:
     at = _app(server.url)
     at.file_uploader[0].set_value(("red.jpg", jpeg("red", seed=5), "image/jpeg")).run()
@@ -95,7 +112,10 @@ def test_messages_instead_of_stack_traces(server: Server) -> None:
     assert not down.exception
     assert "not reachable at http://127.0.0.1:9" in _texts(down)
     at = _app(server.url)
-    at.file_uploader[0].set_value(("notes.txt", b"not a picture", "text/plain")).run()
+    # the uploader takes only the accepted suffixes (a .txt never reaches the page); bytes that are no
+    # image under an image's name reach the server, whose 415 becomes a message
+    assert ".heic" in at.file_uploader[0].proto.type and ".txt" not in at.file_uploader[0].proto.type
+    at.file_uploader[0].set_value(("notes.jpg", b"not a picture", "image/jpeg")).run()
     assert not at.exception and "not a picture the model can read" in _texts(at)
 
 
