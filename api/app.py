@@ -61,10 +61,17 @@ def _spec_says_the_limits(api: Api, settings: Settings) -> None:
     schemas["BatchJSON"]["properties"]["images"].update(minItems=1, maxItems=n)
     schemas["BatchJSON"]["properties"]["images"]["items"].update(format="byte", maxLength=base64_length)
     schemas["PredictJSON"]["properties"]["image"].update(format="byte", maxLength=base64_length)
+    schemas["FeedbackJSON"]["properties"]["image"].update(format="byte", maxLength=base64_length)
+    if settings.feedback_key is not None:  # feedback calls need the key only where one is set
+        for path, item in api.spec._paths.items():
+            if "/feedback" in path:
+                for method, operation in item.items():
+                    if method in ("get", "post"):
+                        operation["security"] = [{"feedback_key": []}]
 
 
 #: endpoint -> its body limit in body_limits(); every other route has "other"
-ROUTES = {"predict.Predict": "single", "predict.PredictBatch": "batch"}
+ROUTES = {"predict.Predict": "single", "predict.PredictBatch": "batch", "feedback.Feedback": "single"}
 
 
 def body_limits(settings: Settings) -> dict[str, int]:
@@ -91,6 +98,17 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
     api = _openapi(app)
     metrics, cache = Metrics(), AnswerCache(settings.cache_entries)
     hosting = Hosting(settings, plugins.registries, metrics, cache)
+    if settings.feedback:
+        from thali.registry.feedback import FeedbackStore
+
+        from .feedback import RecentPhotos
+
+        hosting.feedback = FeedbackStore(
+            settings.feedback,
+            max_bytes=settings.feedback_max_bytes,
+            max_records=settings.feedback_max_records,
+        )
+        hosting.recent = RecentPhotos(settings.feedback_recent_bytes)
     app.extensions["thali"] = Service(settings, hosting, metrics, plugins)
     _register_routes(app, api, settings)
     _limit_request_bodies(app, limits)
@@ -123,7 +141,10 @@ def _flask_app(settings: Settings, limits: dict[str, int]) -> Flask:
         API_SPEC_OPTIONS={
             "info": {"description": "Image classification for several domains: predict, explain, manage."},
             "components": {
-                "securitySchemes": {"admin_key": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+                "securitySchemes": {
+                    "admin_key": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                    "feedback_key": {"type": "apiKey", "in": "header", "name": "X-Feedback-Key"},
+                }
             },
         },
     )
@@ -142,9 +163,9 @@ def _openapi(app: Flask) -> ThaliApi:
 
 def _register_routes(app: Flask, api: ThaliApi, settings: Settings) -> None:
     """The blueprints, the limits in their spec, and Swagger UI's files when they are installed."""
-    from . import admin, domains, health, predict
+    from . import admin, domains, feedback, health, predict
 
-    for module in (health, domains, predict, admin):
+    for module in (health, domains, predict, feedback, admin):
         api.register_blueprint(module.blp)
     _spec_says_the_limits(api, settings)
     if app.config["OPENAPI_SWAGGER_UI_URL"] == "/docs/static/":

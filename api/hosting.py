@@ -57,6 +57,7 @@ class LoadedModel:
     info: dict[str, Any]
     unknown: UnknownScore | None = None  # the package's feature score, when the backend gives features
     loaded_at: float = field(default_factory=time.time)
+    feedback: bool = False  # this server takes corrections for it
 
     @property
     def version(self) -> int:
@@ -113,6 +114,7 @@ class LoadedModel:
                 for c in self.labels.get("classes", [])
             ],
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "feedback": self.feedback,
         }
 
 
@@ -166,6 +168,8 @@ class Hosting:
         #: domain -> variant an admin asked for: kept across swaps; else each version's own default
         self.pinned_variants: dict[str, str] = {}
         self.limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_bytes)
+        self.feedback: Any = None  # a FeedbackStore when THALI_FEEDBACK is set
+        self.recent: Any = None  # RecentPhotos: what feedback by image_sha256 finds
 
     def public(self, text: str) -> str:
         """A message fit for a public answer: no registry URL (it may hold credentials), no folder of
@@ -264,6 +268,7 @@ class Hosting:
             unknown=unknown,
             top_k=plan.top_k,
             info=info,
+            feedback=bool(self.settings.feedback),
         )
 
     def plan(self, package: ModelPackage, variant: str | None = None) -> ServingPlan:
@@ -423,6 +428,10 @@ class Hosting:
                 todo.append(i)
         if todo:
             self._infer(model, images, todo, keys, answers, k, explain)
+        if self.recent is not None:  # feedback on: a correction may name the photo by its sha256
+            for data, key, answer in zip(images, keys, answers, strict=True):
+                if answer is not None:
+                    self.recent.put(domain, key[3], data, answer)
         return [a for a in answers if a is not None]
 
     def _infer(

@@ -59,6 +59,12 @@ class Metrics:
             registry=registry,
         )
         self.cache = Counter("thali_cache", "answer cache lookups", ["domain", "result"], registry=registry)
+        self.feedback = Counter(
+            "thali_feedback",
+            "corrections received: the label given, and whether it agreed with the model's answer",
+            ["domain", "label", "outcome"],
+            registry=registry,
+        )
         self.predictions = Counter(
             "thali_predictions", "top-1 predictions", ["domain", "label"], registry=registry
         )

@@ -127,6 +127,9 @@ class DomainSchema(Schema):
     licence = fields.String(required=True)
     classes = fields.List(fields.Nested(ClassSchema), required=True)
     loaded_at = fields.String(required=True)
+    feedback = fields.Boolean(
+        required=True, metadata={"description": "this server takes corrections (POST .../feedback)"}
+    )
 
 
 def register_manifest_schemas(spec: Any) -> None:
@@ -190,3 +193,59 @@ class ReadySchema(Schema):
     watch = fields.Dict(
         metadata={"description": "with --watch: per domain the ref followed, last check, a refused version"}
     )
+
+
+SHA256_RULE = r"^[0-9a-f]{64}$"
+
+
+class FeedbackJSONSchema(Schema):
+    image = fields.String(metadata={"description": "the photo's bytes, base64 (or image_sha256)"})
+    image_sha256 = fields.String(
+        validate=validate.Regexp(SHA256_RULE),
+        metadata={"description": "a photo this server answered recently (instead of image)"},
+    )
+    label = fields.String(
+        required=True,
+        validate=validate.Length(min=1, max=100),
+        metadata={"description": "the right class name of the domain, or none_of_these"},
+    )
+    note = fields.String(validate=validate.Length(max=500), load_default=None, allow_none=True)
+
+
+class FeedbackUploadSchema(Schema):
+    image = fields.Raw(metadata={"type": "string", "format": "binary"})
+    image_sha256 = fields.String(metadata={"pattern": SHA256_RULE})
+    label = fields.String(required=True)
+    note = fields.String(metadata={"maxLength": 500})
+
+
+class FeedbackRecordSchema(Schema):
+    id = fields.String(required=True)
+    domain = fields.String(required=True)
+    label = fields.String(required=True, metadata={"description": "what the person said it is"})
+    image_sha256 = fields.String(required=True)
+    format = fields.String(required=True, metadata={"description": "the photo's decoded format"})
+    model_version = fields.Integer(required=True, metadata={"description": "the version that answered"})
+    variant = fields.String(required=True)
+    answer_label = fields.String(required=True, metadata={"description": "what the model said"})
+    answer_probability = fields.Float(required=True)
+    answer_unknown = fields.Boolean(required=True)
+    agreed = fields.Boolean(required=True, metadata={"description": "label is the model's answer"})
+    note = fields.String(allow_none=True)
+    created = fields.String(required=True)
+
+
+class FeedbackCountSchema(Schema):
+    agreed = fields.Integer(required=True)
+    corrected = fields.Integer(required=True)
+
+
+class FeedbackListSchema(Schema):
+    domain = fields.String(required=True)
+    total = fields.Integer(required=True)
+    counts = fields.Dict(keys=fields.String(), values=fields.Nested(FeedbackCountSchema), required=True)
+    records = fields.List(fields.Nested(FeedbackRecordSchema), required=True)
+
+
+class FeedbackQuerySchema(Schema):
+    limit = fields.Integer(load_default=200, validate=validate.Range(min=1, max=5000))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: values deploy files and tutorials ship in place of a secret; a server refuses to start on one
@@ -89,6 +89,18 @@ class Settings(BaseSettings):
     ort_spinning: bool = Field(
         False, description="ONNX Runtime threads spin while idle (on: a little less latency, much more CPU)"
     )
+    feedback: str | None = Field(
+        None,
+        description="the feedback store (a folder or fsspec URL such as s3://bucket/feedback): on when set",
+    )
+    feedback_key: SecretStr | None = Field(
+        None, description="when set, feedback calls need it in the X-Feedback-Key header"
+    )
+    feedback_max_bytes: int = Field(1024**3, ge=1024, description="photo bytes the store keeps per domain")
+    feedback_max_records: int = Field(100_000, ge=1, description="corrections the store keeps per domain")
+    feedback_recent_bytes: int = Field(
+        256 * 1024**2, ge=0, description="bytes of recently answered photos kept for feedback by image_sha256"
+    )
     watch_s: float | None = Field(
         None, gt=0, le=86400, description="poll the registry every N s; hot-swap when an alias moves"
     )
@@ -110,18 +122,18 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("admin_key", mode="before")
+    @field_validator("admin_key", "feedback_key", "feedback", mode="before")
     @classmethod
     def _unset_when_empty(cls, value: Any) -> Any:
         """``THALI_ADMIN_KEY=`` (empty, as a compose file or a manifest may leave it) keeps admin off."""
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("admin_key")
+    @field_validator("admin_key", "feedback_key")
     @classmethod
-    def _not_a_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
-        """An admin key that is a manifest's placeholder, or short enough to guess, is refused at start."""
+    def _not_a_placeholder(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """A key that is a manifest's placeholder, or short enough to guess, is refused at start."""
         if value is not None:
-            check_secret("THALI_ADMIN_KEY", value.get_secret_value(), min_length=16)
+            check_secret(f"THALI_{str(info.field_name).upper()}", value.get_secret_value(), min_length=16)
         return value
 
     @field_validator("trusted_keys", mode="before")

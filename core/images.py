@@ -213,6 +213,12 @@ def _broken(exc: BaseException) -> BrokenImageError:
     return BrokenImageError(f"image could not be decoded ({type(exc).__name__}: {text})")
 
 
+def image_format(source: str | Path | bytes, limits: ImageLimits = DEFAULT_LIMITS) -> str:
+    """The format Pillow names an accepted image by (``JPEG``, ``HEIF`` ...), its header within limits."""
+    with _open(source, limits) as img:
+        return str(img.format)
+
+
 def check_header(source: str | Path | bytes, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[int, int]:
     """Check size, pixel count and the decoder's own consistency check without decoding; (w, h)."""
     img = _open(source, limits)

@@ -13,9 +13,11 @@ from typing import Any
 
 from thali.core import hookimpl
 from thali.core.errors import DataError
+from thali.core.images import FORMAT_TYPES
 from thali.core.registry import Registry
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+#: the suffixes of every format the decoder takes (HEIC and AVIF too: corrections from phones)
+IMAGE_EXTENSIONS = frozenset(f".{suffix}" for suffixes, _ in FORMAT_TYPES.values() for suffix in suffixes)
 
 
 @dataclass

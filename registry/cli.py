@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             help=f"trust packages signed by this public key (repeatable; also ${TRUST_ENV})",
         )
     r.set_defaults(func=run_registry)
+    from .feedback_cli import register as register_feedback
+
+    register_feedback(sub)
 
 
 def _registry(args: argparse.Namespace) -> Any:

@@ -70,48 +70,41 @@ def default_url() -> str:
     return os.environ.get(REGISTRY_ENV) or DEFAULT_URL
 
 
-def _options_from_env() -> dict[str, Any]:
-    raw = os.environ.get(OPTIONS_ENV)
+def _options_from_env(name: str = OPTIONS_ENV) -> dict[str, Any]:
+    raw = os.environ.get(name)
     if not raw:
         return {}
     try:
         options = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{OPTIONS_ENV}: not valid JSON ({exc})") from exc
+        raise ConfigError(f"{name}: not valid JSON ({exc})") from exc
     if not isinstance(options, dict):
-        raise ConfigError(f"{OPTIONS_ENV}: expected a JSON object of fsspec storage options")
+        raise ConfigError(f"{name}: expected a JSON object of fsspec storage options")
     return options
 
 
-class ModelRegistry:
-    """Versioned model packages of many domains in one fsspec store."""
+class FsStore:
+    """One fsspec store (a folder, ``s3://``, ``gs://`` ...) with the writes and the bounded read every
+    thali store uses: whole-object writes, exclusive creates, reads of regular files up to a limit.
+    Storage options come from ``$THALI_REGISTRY_OPTIONS`` (JSON) and ``storage_options``."""
 
     def __init__(
         self,
-        url: str | Path | None = None,
+        url: str | Path,
         storage_options: dict[str, Any] | None = None,
-        cache_dir: str | Path | None = None,
-        trusted_keys: Sequence[str | Path] | None = None,
+        what: str = "store",
+        options_env: str = OPTIONS_ENV,
     ) -> None:
         import fsspec
 
-        self.url = str(url or default_url())
-        options = {**_options_from_env(), **(storage_options or {})}
-        #: with a policy every resolved package must be signed by one of its keys
-        self.trust: TrustPolicy | None = (
-            TrustPolicy.from_paths(trusted_keys) if trusted_keys else TrustPolicy.from_env()
-        )
+        self.url = str(url)
+        self.options = {**_options_from_env(options_env), **(storage_options or {})}
         try:
-            self.fs, root = fsspec.core.url_to_fs(self.url, **options)
+            self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
         except (ImportError, ValueError) as exc:
-            raise ConfigError(f"registry {self.url}: {exc}") from exc
+            raise ConfigError(f"{what} {self.url}: {exc}") from exc
         self.root = root.rstrip("/")
         self.local = "file" in _protocols(self.fs)  # folders are made on the first write, not here
-        # keyed by URL and options: two endpoints (or credentials) behind one URL never share a cache
-        identity = json.dumps({"url": self.url, "options": options}, sort_keys=True, default=repr)
-        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        base = Path(cache_dir or os.environ.get("THALI_CACHE") or Path.home() / ".cache" / "thali")
-        self.cache = base / "registry" / key
 
     # -- paths and low-level writes ------------------------------------------------------------
     def _path(self, *parts: object) -> str:
@@ -192,6 +185,28 @@ class ModelRegistry:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise IntegrityError(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
+class ModelRegistry(FsStore):
+    """Versioned model packages of many domains in one fsspec store."""
+
+    def __init__(
+        self,
+        url: str | Path | None = None,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+        trusted_keys: Sequence[str | Path] | None = None,
+    ) -> None:
+        super().__init__(url or default_url(), storage_options, what="registry")
+        #: with a policy every resolved package must be signed by one of its keys
+        self.trust: TrustPolicy | None = (
+            TrustPolicy.from_paths(trusted_keys) if trusted_keys else TrustPolicy.from_env()
+        )
+        # keyed by URL and options: two endpoints (or credentials) behind one URL never share a cache
+        identity = json.dumps({"url": self.url, "options": self.options}, sort_keys=True, default=repr)
+        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        base = Path(cache_dir or os.environ.get("THALI_CACHE") or Path.home() / ".cache" / "thali")
+        self.cache = base / "registry" / key
 
     def domains(self) -> list[str]:
         self._fresh()

@@ -16,7 +16,11 @@ COMMAND_GROUPS = (plugins, check, domains, config, train, export, up)
 # Command groups that live in rooms downstream of core (core never imports them at module level), and
 # the commands each adds: when one cannot be imported (a broken install), its commands say so in a line.
 DOWNSTREAM_GROUPS = {
-    "thali.registry.cli": {"publish": "publish an export folder", "registry": "manage model versions"},
+    "thali.registry.cli": {
+        "publish": "publish an export folder",
+        "registry": "manage model versions",
+        "feedback": "list and export corrections",
+    },
     "thali.api.cli": {"serve": "serve registry models over the REST API"},
     "thali.ui.cli": {"ui": "start the Streamlit UI"},
 }

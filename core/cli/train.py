@@ -22,7 +22,12 @@ from .extras import require_train
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a domain pack from its config")
     p.add_argument("domain", help="registered domain name, or a folder / domain.yaml path")
-    p.add_argument("--data", help="data folder or manifest (else dataset.path or $THALI_DATA)")
+    p.add_argument(
+        "--data",
+        action="append",
+        help="data folder or manifest (else dataset.path or $THALI_DATA); repeat it to merge several by "
+        "class name, e.g. the photos and the corrections of `thali feedback export`",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--preset", action="append", default=[], help="merge a preset of the domain pack")
     p.add_argument("--run-dir", type=Path, help="where the run is written (default runs/DOMAIN/TIME)")

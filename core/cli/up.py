@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ui-port", type=int, default=8501, help="UI port (default 8501)")
     p.add_argument("--ui-domain", help="the domain the UI shows first (default: the first one)")
     p.add_argument("--timeout", type=float, default=180, help="seconds to wait for both to be ready")
+    p.add_argument(
+        "--feedback",
+        help="where corrections go (default $THALI_FEEDBACK, else ./feedback); 'off' for none",
+    )
     p.set_defaults(func=run_up)
 
 
@@ -68,8 +72,16 @@ def run_up(ctx: Context) -> int:
         signal.signal(signum, _interrupt)
     # each child leads a process group of its own (gunicorn's workers join the server's): thali up alone
     # decides how they stop, and can end a whole group, workers included, if one does not stop in time
+    feedback = args.feedback or os.environ.get("THALI_FEEDBACK") or "feedback"
+    env = dict(os.environ)
+    if feedback == "off":
+        env.pop("THALI_FEEDBACK", None)
+    else:
+        env["THALI_FEEDBACK"] = feedback
     serve = subprocess.Popen(
-        [*_thali(), "serve", "--registry", registry, "--port", str(args.port)], start_new_session=True
+        [*_thali(), "serve", "--registry", registry, "--port", str(args.port)],
+        start_new_session=True,
+        env=env,
     )
     children = [serve]
     try:
@@ -98,6 +110,11 @@ def run_up(ctx: Context) -> int:
         print(f"  UI       {ui}")
         print(f"  API      {api}/v1/domains")
         print(f"  Swagger  {api}/docs")
+        if feedback != "off":
+            print(
+                f"  Feedback corrections from the UI and the API go to {feedback} "
+                "(thali feedback list DOMAIN)"
+            )
         print("Ctrl-C stops both.", flush=True)
         while all(c.poll() is None for c in children):
             time.sleep(0.5)

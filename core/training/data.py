@@ -48,17 +48,48 @@ def resolve_data_root(config: DomainConfig, data: str | None = None) -> Path:
     )
 
 
+def resolve_data_roots(config: DomainConfig, data: str | Sequence[str] | None = None) -> list[Path]:
+    """Every data root of a run: ``--data`` (repeatable: the first is the main one, whose split and
+    manifest rule as before), else the one of :func:`resolve_data_root`."""
+    if isinstance(data, str | Path) or not data:
+        return [resolve_data_root(config, str(data) if data else None)]
+    return [Path(d).expanduser() for d in data]
+
+
 def read_samples(
-    registries: Registries, config: DomainConfig, root: Path, progress: bool = False
+    registries: Registries,
+    config: DomainConfig,
+    root: Path | Sequence[Path],
+    progress: bool = False,
 ) -> tuple[list[Sample], list[tuple[Path, str]]]:
-    """Read through the dataset plugin, then verify images; return good samples and all problems."""
-    images = registries.datasets.create(
-        config.dataset.name, root, classes=config.class_names, **config.dataset.params
-    )
-    if list(images.classes) != config.class_names:
-        raise DataError(f"{root}: the dataset's classes do not match the config's classes")
-    good, bad = verify_images(images.samples, progress=progress, limits=config.dataset.image_limits())
-    return good, [*images.problems, *bad]
+    """Read through the dataset plugin, then verify images; return good samples and all problems.
+
+    With several roots (``thali train --data A --data B``) they are merged by class name: the first
+    must hold every class (as a single root must), a later one any of them (the corrections of
+    ``thali feedback export``); a class folder of a later root that is not a class of the domain is one
+    :class:`DataError` naming it."""
+    roots = [root] if isinstance(root, Path) else list(root)
+    names = config.class_names
+    samples: list[Sample] = []
+    problems: list[tuple[Path, str]] = []
+    for i, folder in enumerate(roots):
+        images = registries.datasets.create(
+            config.dataset.name, folder, classes=names if i == 0 else None, **config.dataset.params
+        )
+        found = list(images.classes)
+        if i == 0 and found != names:
+            raise DataError(f"{folder}: the dataset's classes do not match the config's classes")
+        strangers = [c for c in found if c not in names]
+        if strangers:
+            raise DataError(
+                f"{folder}: {', '.join(repr(c) for c in strangers)} "
+                f"{'is not a class' if len(strangers) == 1 else 'are not classes'} of {config.name} "
+                f"(its classes: {', '.join(names)})"
+            )
+        samples += [(path, names.index(found[label])) for path, label in images.samples]
+        problems += images.problems
+    good, bad = verify_images(samples, progress=progress, limits=config.dataset.image_limits())
+    return good, [*problems, *bad]
 
 
 @dataclass
@@ -314,17 +345,49 @@ def _sample_keys(samples: Sequence[Sample], folder: Path) -> list[str | None]:
     return keys
 
 
-def make_split(config: DomainConfig, root: Path, samples: Sequence[Sample]) -> tuple[Split, list[str]]:
-    """The split the config asks for, and notes on it: stratified, or cross-collection with a group."""
+def make_split(
+    config: DomainConfig, root: Path | Sequence[Path], samples: Sequence[Sample]
+) -> tuple[Split, list[str]]:
+    """The split the config asks for, and notes on it: stratified, or cross-collection with a group.
+    With several roots each one's photos get their groups from its own manifest; a later root without
+    one is a collection of its own (named by its folder)."""
     s = config.dataset.split
     if s.group is None:
         return stratified_split(samples, s.val, s.test, s.seed), []
-    groups, notes = read_groups(s.group, root, samples)
+    roots = [root] if isinstance(root, Path) else list(root)
+    groups, notes = (
+        read_groups(s.group, roots[0], samples)
+        if len(roots) == 1
+        else _merged_groups(s.group, roots, samples)
+    )
     split = grouped_split(samples, groups, s.val, s.test, s.seed, s.group.min_images)
     notes = [*notes, grouping_note(split, config.class_names)]
     if s.group.exclude_from_training:
         notes.append(exclude_from_training(split, samples, groups, s.group.exclude_from_training))
     return split, notes
+
+
+def _merged_groups(
+    group: GroupConfig, roots: Sequence[Path], samples: Sequence[Sample]
+) -> tuple[list[str], list[str]]:
+    """:func:`read_groups` per root, each on the photos under it; the first root claims what is in
+    several."""
+    found = [UNKNOWN_GROUP] * len(samples)
+    claimed: set[int] = set()
+    notes: list[str] = []
+    for n, root in enumerate(roots):
+        keys = _sample_keys(samples, data_folder(root))
+        mine = [i for i, key in enumerate(keys) if key is not None and i not in claimed]
+        claimed.update(mine)
+        subset = [samples[i] for i in mine]
+        if n and not _manifest_file(group, root).is_file():
+            values = [f"{root.name}"] * len(subset)
+        else:
+            values, more = read_groups(group, root, subset)
+            notes += [f"{root}: {note}" for note in more] if n else more
+        for i, value in zip(mine, values, strict=True):
+            found[i] = value
+    return found, notes
 
 
 def exclude_from_training(

@@ -42,7 +42,7 @@ from .data import (
     make_split,
     read_samples,
     read_split,
-    resolve_data_root,
+    resolve_data_roots,
     write_split,
 )
 from .evaluate import cross_line, cross_summary
@@ -63,7 +63,7 @@ log = logging.getLogger("thali.train")
 @dataclass
 class TrainOptions:
     run_dir: Path
-    data: str | None = None
+    data: str | list[str] | None = None  # one data root, or several (merged by class name)
     resume: bool = False
     stop_after_epochs: int | None = None  # end this invocation early; continue later with resume
     progress: bool = True
@@ -232,18 +232,19 @@ class Trainer:
 
     def _data(self) -> None:
         split_file = self.run_dir / "split.json"
-        root = resolve_data_root(self.config, self.options.data)
+        roots = resolve_data_roots(self.config, self.options.data)
+        root = roots[0]  # the split file's paths are relative to the first; a later root's are absolute
         if self.options.resume and split_file.is_file():
             self.split = read_split(split_file, root)
             return
         samples, problems = read_samples(
-            self.registries, self.config, root, progress=self.options.progress and self.dist.main
+            self.registries, self.config, roots, progress=self.options.progress and self.dist.main
         )
         if message := report_problems(problems):
             self.notes.append(message)
             if self.dist.main:
                 write_atomic(self.run_dir / "problems.txt", "".join(f"{p}\t{why}\n" for p, why in problems))
-        self.split, notes = make_split(self.config, root, samples)
+        self.split, notes = make_split(self.config, roots, samples)
         self.notes += notes
         if not self.split.train or not self.split.val:
             raise DataError(f"{root}: too few images for a train/val split ({len(samples)} readable)")
