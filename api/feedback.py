@@ -245,15 +245,18 @@ class Feedback(MethodView):
     @blp.response(200, FeedbackListSchema)
     @blp.alt_response(404, schema=ErrorBodySchema, description="unknown domain, or feedback off")
     def get(self, query: dict[str, Any], domain: str) -> dict[str, Any]:
-        """The corrections of a domain, newest first, with counts per label (agreed, corrected)"""
+        """The newest corrections of a domain (at most limit, each read once: a call costs the same
+        however large the store), with counts per label (agreed, corrected) over them; total counts
+        every record"""
         store = _store()
         service().hosting.get(domain)
-        records = store.records(domain)
+        records = store.records(domain, query["limit"])
         return {
             "domain": domain,
-            "total": len(records),
+            "total": store.count(domain),
+            "counted": len(records),
             "counts": store.counts(records),
-            "records": records[: query["limit"]],
+            "records": records,
         }
 
 

@@ -242,7 +242,8 @@ class FeedbackCountSchema(Schema):
 
 class FeedbackListSchema(Schema):
     domain = fields.String(required=True)
-    total = fields.Integer(required=True)
+    total = fields.Integer(required=True, metadata={"description": "records the store holds"})
+    counted = fields.Integer(required=True, metadata={"description": "the newest records listed and counted"})
     counts = fields.Dict(keys=fields.String(), values=fields.Nested(FeedbackCountSchema), required=True)
     records = fields.List(fields.Nested(FeedbackRecordSchema), required=True)
 

@@ -150,6 +150,11 @@ class FeedbackStore(FsStore):
             return []
         return sorted(n for n in names if _is_name(n))
 
+    def count(self, domain: str) -> int:
+        """How many records the domain has (from the listing; none is read)."""
+        domain = check_name(domain, "domain")
+        return sum(1 for n, _ in self._listing(domain, "records") if RECORD_NAME.fullmatch(n))
+
     def records(self, domain: str, limit: int | None = None) -> list[dict[str, Any]]:
         """The domain's records, newest first (``limit`` of them); a record that is not one (damaged,
         hand-made) is skipped."""
