@@ -1,13 +1,19 @@
-"""What both pages share: the API client, the cached domain list and cards, the domain switcher."""
+"""What the pages share: the API client, the cached domain list and cards, the domain switcher, photos
+in a format every browser shows."""
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
 import streamlit as st
 
+from thali.core.errors import DataError
+from thali.core.images import decode_rgb
 from thali.ui.client import ApiProblem, Client, api_url
+
+BROWSER_FORMATS = (b"\xff\xd8", b"\x89PNG", b"GIF8")  # JPEG, PNG, GIF: every browser shows these as sent
 
 
 def client() -> Client:
@@ -69,3 +75,22 @@ def domain_switcher() -> dict[str, Any] | None:
         st.session_state["domain"] = chosen
         st.caption(headline(domains[chosen]))
     return domains[chosen]
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def preview(data: bytes, box: int = 960) -> bytes:
+    """What the browser is shown: the photo as sent, or, for HEIC, TIFF, AVIF ... that browsers may not
+    show, a PNG of it downscaled to fit ``box`` (decoded within the server's image limits)."""
+    if data.startswith(BROWSER_FORMATS):
+        return data
+    try:
+        rgb = decode_rgb(data, keep_shorter=min(640, box))
+    except DataError:
+        return data  # the server's answer says what is wrong with it
+    from PIL import Image
+
+    image = Image.fromarray(rgb)
+    image.thumbnail((box, box))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()

@@ -1,20 +1,19 @@
 """Upload photos (or take one), see the top labels with their confidence, the "not sure" outcome, the
-latency, and where the model looked. Uploads stay when the domain changes: each is asked again."""
+latency, and where the model looked; under each answer, "Not right?" sends the right class back when the
+server keeps feedback. Uploads stay when the domain changes: each is asked again."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import io
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
-from thali.core.errors import DataError
-from thali.core.images import accepted_formats, accepted_suffixes, decode_rgb
-from thali.ui.client import ApiProblem
-from thali.ui.shared import client, domain_switcher
+from thali.core.images import accepted_formats, accepted_suffixes
+from thali.ui.client import NONE_OF_THESE, ApiProblem
+from thali.ui.shared import client, domain_switcher, preview
 
 MAX_MB = 10
 
@@ -24,6 +23,7 @@ if domain is None:
     st.stop()
 st.caption(domain.get("description") or "")
 n_classes = len(domain["classes"])  # read here, where domain is known not to be None
+chosen: dict[str, Any] = domain  # and for the functions below
 
 uploads = st.session_state.setdefault("uploads", {})  # sha256 -> (name, bytes); kept across domains
 left, right = st.columns([3, 2])
@@ -54,29 +54,71 @@ if not uploads:
     st.stop()
 
 
-BROWSER_FORMATS = (b"\xff\xd8", b"\x89PNG", b"GIF8")  # JPEG, PNG, GIF: every browser shows these as sent
-
-
-@st.cache_data(max_entries=64, show_spinner=False)
-def preview(data: bytes) -> bytes:
-    """What the browser is shown: the photo as sent, or, for HEIC, TIFF, AVIF ... that browsers may not
-    show, a PNG of it downscaled (decoded within the server's image limits)."""
-    if data.startswith(BROWSER_FORMATS):
-        return data
+def send_correction(key: str, name: str, data: bytes) -> None:
+    """The button's callback (before the rerun draws the page): send the chosen class once, keep what
+    the server saved, or its message."""
+    label = st.session_state.get(f"fb_label_{key}")
+    if label is None:
+        return
+    note = (st.session_state.get(f"fb_note_{key}") or "").strip() or None
     try:
-        rgb = decode_rgb(data, keep_shorter=640)
-    except DataError:
-        return data  # the server's answer says what is wrong with it
-    from PIL import Image
+        record = api.feedback(chosen["domain"], name, data, label, note)
+    except ApiProblem as problem:
+        message = problem.message.rstrip(".")
+        if problem.status in (401, 403):
+            message += ": set THALI_FEEDBACK_KEY to this server's feedback key where the UI runs"
+        st.session_state.setdefault("feedback_errors", {})[key] = f"Not saved: {message}."
+        return
+    st.session_state.setdefault("feedback_errors", {}).pop(key, None)
+    st.session_state.setdefault("feedback_sent", {})[key] = record
 
-    image = Image.fromarray(rgb)
-    image.thumbnail((960, 960))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
+
+def not_right(sha256: str, name: str, data: bytes) -> None:
+    """Under an answer: "Not right?" with the domain's classes and "None of these", sent with one click.
+    Kept per domain and photo, so a rerun shows what was saved instead of sending it again."""
+    if not chosen.get("feedback"):
+        return
+    key = f"{chosen['domain']}_{sha256}"
+    labels = {c["name"]: c["display_name"] for c in chosen["classes"]}
+    labels[NONE_OF_THESE] = "None of these"
+    record = st.session_state.get("feedback_sent", {}).get(key)
+    if record is not None:
+        saved = labels.get(record["label"], record["label"])
+        said = record.get("answer_label")
+        if record.get("agreed"):
+            why = " The model said so too."
+        elif said and record.get("answer_unknown"):
+            why = f" The model was not sure (best guess {labels.get(said, said)})."
+        elif said:
+            why = f" The model had said {labels.get(said, said)}."
+        else:
+            why = ""
+        st.success(f"Thanks — saved as **{saved}**.{why}")
+        return
+    error = st.session_state.get("feedback_errors", {}).get(key)
+    with st.expander("Not right?", expanded=error is not None):
+        choice = st.selectbox(
+            "What it really shows",
+            list(labels),
+            index=None,
+            format_func=lambda n: labels[n],
+            placeholder="Pick the right class",
+            key=f"fb_label_{key}",
+        )
+        st.text_input("Note (optional)", max_chars=500, key=f"fb_note_{key}")
+        st.button(
+            "Send correction",
+            key=f"fb_send_{key}",
+            disabled=choice is None,
+            on_click=send_correction,
+            args=(key, name, data),
+            help="the photo and the class you picked go to this server's feedback store",
+        )
+        if error:
+            st.error(error)
 
 
-def show(name: str, data: bytes, answer: dict[str, Any]) -> None:
+def show(sha256: str, name: str, data: bytes, answer: dict[str, Any]) -> None:
     image_col, result_col = st.columns([2, 3])
     top = answer["predictions"][0]
     with image_col:
@@ -115,10 +157,11 @@ def show(name: str, data: bytes, answer: dict[str, Any]) -> None:
         took = sum(v for v in timings.values() if isinstance(v, int | float))
         cached = " (from the cache)" if answer.get("cached") else ""
         st.caption(f"v{answer['version']} {answer['variant']} · {took:.0f} ms on the server{cached}")
+        not_right(sha256, name, data)
 
 
 api = client()
-for name, data in list(uploads.values()):
+for sha256, (name, data) in list(uploads.items()):
     with st.container(border=True):
         if len(data) > MAX_MB * 1024 * 1024:
             st.error(f"{name}: {len(data) / 1e6:.1f} MB is over the {MAX_MB} MB limit; not sent.")
@@ -135,4 +178,4 @@ for name, data in list(uploads.values()):
             else:
                 st.error(f"{name}: {problem.message}")
             continue
-        show(name, data, answer)
+        show(sha256, name, data, answer)
