@@ -220,7 +220,7 @@ def test_a_correction_sent_from_the_classify_page_is_stored_once_and_listed(
         assert table.loc[shown, "agreed"] == listing["counts"][label]["agreed"]
     assert table.loc["Green", "corrected"] >= 1 and table.loc["Blue", "agreed"] >= 1
     captions = [img.proto.imgs[0].caption for img in at.get("image") if img.proto.imgs]
-    assert len(captions) == min(listing["total"], 200), captions
+    assert len(captions) == min(listing["total"], 200), captions  # the newest 200 photos
     assert any("✗ model said Red" in c for c in captions) and any("✓ model said Blue" in c for c in captions)
 
 

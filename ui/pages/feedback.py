@@ -13,7 +13,8 @@ import streamlit as st
 from thali.ui.client import NONE_OF_THESE, ApiProblem, Client
 from thali.ui.shared import client, domain_switcher, preview
 
-LIMIT = 200  # the newest corrections shown with their photos
+COUNTED = 1000  # the newest corrections counted per class (the API reads at most this many)
+PHOTOS = 200  # the newest of them shown with their photos
 PER_ROW = 6
 
 domain = domain_switcher()
@@ -31,7 +32,7 @@ if not domain.get("feedback"):
 
 api = client()
 try:
-    listing = api.feedback_list(name, limit=LIMIT)
+    listing = api.feedback_list(name, limit=COUNTED)
 except ApiProblem as problem:
     message = problem.message.rstrip(".")
     hint = ": set THALI_FEEDBACK_KEY where the UI runs" if problem.status in (401, 403) else ""
@@ -49,13 +50,17 @@ if not total:
     )
     st.stop()
 
+counted = int(listing.get("counted") or len(listing.get("records") or []))
 agreed = sum(int(c.get("agreed", 0)) for c in counts.values())
+corrected = sum(int(c.get("corrected", 0)) for c in counts.values())
 cols = st.columns(3)
 cols[0].metric("Photos sent", total)
-cols[1].metric("Corrected", total - agreed, help="the person gave another class than the model's answer")
+cols[1].metric("Corrected", corrected, help="the person gave another class than the model's answer")
 cols[2].metric("Agreed", agreed, help="the person confirmed the model's answer")
 
 st.markdown("#### Per class")
+if counted < total:
+    st.caption(f"Counted over the newest {counted} of {total} corrections.")
 order = [*labels, *sorted(set(counts) - set(labels))]  # the domain's classes, then labels it no longer has
 rows = [
     {
@@ -82,7 +87,7 @@ def thumbnail(base: str, domain_name: str, sha256: str) -> bytes:
     return preview(Client(base).feedback_photo(domain_name, sha256), box=320)
 
 
-records: list[dict[str, Any]] = listing.get("records") or []
+records: list[dict[str, Any]] = (listing.get("records") or [])[:PHOTOS]
 shown = f"the newest {len(records)} of {total}" if len(records) < total else f"all {total}"
 st.markdown("#### Photos")
 st.caption(f"Showing {shown}, newest first, under the class the person picked.")
