@@ -71,7 +71,13 @@ def _spec_says_the_limits(api: Api, settings: Settings) -> None:
 
 
 #: endpoint -> its body limit in body_limits(); every other route has "other"
-ROUTES = {"predict.Predict": "single", "predict.PredictBatch": "batch", "feedback.Feedback": "single"}
+ROUTES = {
+    "predict.Predict": "single",
+    "predict.PredictBatch": "batch",
+    "feedback.Feedback": "single",
+    "oip.Infer": "batch",
+    "oip.InferVersion": "batch",
+}
 
 
 def body_limits(settings: Settings) -> dict[str, int]:
@@ -163,9 +169,9 @@ def _openapi(app: Flask) -> ThaliApi:
 
 def _register_routes(app: Flask, api: ThaliApi, settings: Settings) -> None:
     """The blueprints, the limits in their spec, and Swagger UI's files when they are installed."""
-    from . import admin, domains, feedback, health, predict
+    from . import admin, domains, feedback, health, oip, predict
 
-    for module in (health, domains, predict, feedback, admin):
+    for module in (health, domains, predict, feedback, admin, oip):
         api.register_blueprint(module.blp)
     _spec_says_the_limits(api, settings)
     if app.config["OPENAPI_SWAGGER_UI_URL"] == "/docs/static/":

@@ -52,6 +52,8 @@ def register_error_handlers(app: Flask) -> None:
         answer = exc.to_dict()
         hosting = app.extensions["thali"].hosting if "thali" in app.extensions else None
         answer["message"] = hosting.public(exc.message) if hosting is not None else public_text(exc.message)
+        if _open_inference():
+            return jsonify({"error": answer["message"]}), exc.http_status
         return jsonify(answer), exc.http_status
 
     @app.errorhandler(HTTPException)
@@ -66,12 +68,21 @@ def register_error_handlers(app: Flask) -> None:
             message = "the request has invalid fields: " + ", ".join(_fields(errors))
         # the exception's own headers (Allow on a 405, as RFC 9110 asks), without its HTML content type
         headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
+        if _open_inference():
+            return jsonify({"error": message}), status, headers
         return jsonify(body(_snake(exc.name), status, message, errors)), status, headers
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Any:
         log.exception("unexpected error while answering a request")
         return jsonify(body("internal_error", 500, "internal error; see the server log")), 500
+
+
+def _open_inference() -> bool:
+    """The request is one of the Open Inference Protocol's (``/v2``): its errors are ``{"error": ...}``."""
+    from flask import has_request_context, request
+
+    return has_request_context() and (request.path == "/v2" or request.path.startswith("/v2/"))
 
 
 def _fields(errors: dict[str, Any], prefix: str = "") -> list[str]:

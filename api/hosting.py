@@ -434,6 +434,28 @@ class Hosting:
                     self.recent.put(domain, key[3], data, answer)
         return [a for a in answers if a is not None]
 
+    def run(
+        self, model: LoadedModel, batch: np.ndarray, explain: bool = False, announced: bool = False
+    ) -> tuple[LoadedModel, dict[str, Any], Any]:
+        """``batch`` (N, 3, H, W) through the model's micro-batcher: (the model that ran it, its
+        outputs, the batch stats). A model swapped while the batch queued hands it to the new one."""
+        for attempt in range(2):
+            try:
+                future = model.batcher.submit(batch, announced=announced and attempt == 0, flag=explain)
+                outputs, stats = future.result(timeout=self.settings.request_timeout_s)
+                return model, outputs, stats
+            except BatcherClosed:  # swapped while we queued: the new model answers (same domain)
+                if attempt:
+                    raise ApiError(503, "unavailable", f"{model.domain} is being reloaded; retry") from None
+                model = self.get(model.domain)
+            except FutureTimeout:
+                raise ApiError(
+                    503,
+                    "unavailable",
+                    f"{model.domain}: no answer within {self.settings.request_timeout_s:g} s (overloaded)",
+                ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _infer(
         self,
         model: LoadedModel,
@@ -454,21 +476,7 @@ class Hosting:
             raise
         decoded = time.perf_counter()
         self.metrics.decode.labels(model.domain).observe((decoded - started) / len(todo))
-        for attempt in range(2):
-            try:
-                future = model.batcher.submit(batch, announced=attempt == 0, flag=explain)
-                outputs, stats = future.result(timeout=self.settings.request_timeout_s)
-                break
-            except BatcherClosed:  # swapped while we queued: the new model answers (same domain)
-                if attempt:
-                    raise ApiError(503, "unavailable", f"{model.domain} is being reloaded; retry") from None
-                model = self.get(model.domain)
-            except FutureTimeout:
-                raise ApiError(
-                    503,
-                    "unavailable",
-                    f"{model.domain}: no answer within {self.settings.request_timeout_s:g} s (overloaded)",
-                ) from None
+        model, outputs, stats = self.run(model, batch, explain, announced=True)
         logits, features, cams = outputs[LOGITS], outputs.get(FEATURES), outputs.get(CAM)
         stages = outputs.get(STAGE_FEATURES)
         classes = model.labels.get("classes", [])
