@@ -121,6 +121,12 @@ def create_app(settings: Settings | None = None, plugins: Any = None) -> Flask:
     _count_requests(app, hosting, metrics)
     _start_metrics_server(settings, metrics)
     hosting.load_configured()
+    if settings.grpc_port:  # the Open Inference Protocol over gRPC, on the same models and batchers
+        from .oip_grpc import start_grpc
+
+        app.extensions["thali_grpc"] = start_grpc(
+            app, settings.grpc_host, settings.grpc_port, limits["batch"]
+        )
     if settings.watch_s:
         from .watch import RegistryWatcher
 

@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="PORT",
         help="serve /metrics on this port only (on --host), not on the public port",
     )
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        metavar="PORT",
+        help="also serve the Open Inference Protocol over gRPC on PORT (on --host; extra 'grpc')",
+    )
     p.add_argument("--no-docs", action="store_true", help="no Swagger UI at /docs")
     p.add_argument("--dev", action="store_true", help="Flask's development server instead of gunicorn")
     p.set_defaults(func=run_serve)
@@ -64,6 +70,8 @@ def settings_from(args: argparse.Namespace) -> Any:
         "watch_s": args.watch,
         "metrics_port": getattr(args, "metrics_port", None),
         "docs": False if getattr(args, "no_docs", False) else None,
+        "grpc_port": getattr(args, "grpc_port", None),
+        "grpc_host": args.host if getattr(args, "grpc_port", None) else None,
     }
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})

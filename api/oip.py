@@ -234,9 +234,16 @@ def _images(tensor: dict[str, Any], raw: memoryview | None, count: int) -> list[
             pos += 4 + size
     else:
         data = tensor.get("data")
-        if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+        if not isinstance(data, list) or not all(isinstance(v, str | bytes) for v in data):
             raise _bad("input 'image': data must be a list of base64 strings (or binary data)")
         for text in data:
+            if isinstance(text, bytes):  # gRPC's bytes_contents: the files themselves
+                if len(text) > limit:
+                    raise ApiError(
+                        413, "payload_too_large", f"image {len(images)} is over the limit of {limit:,} bytes"
+                    )
+                images.append(text)
+                continue
             if len(text) // 4 * 3 > limit + 3:
                 raise ApiError(
                     413, "payload_too_large", f"image {len(images)} is over the limit of {limit:,} bytes"
@@ -364,10 +371,16 @@ def _encode(name: str, array: np.ndarray, binary: bool) -> tuple[dict[str, Any],
     return tensor, b""
 
 
-def _infer(model_name: str, version: str | None) -> Response:
+def infer(
+    model_name: str, version: str | None, data: dict[str, Any], tail: memoryview, all_binary: bool = False
+) -> tuple[dict[str, Any], list[bytes]]:
+    """The protocol's inference, for REST and gRPC alike: the answer's JSON (outputs as tensors, with
+    ``data`` unless binary) and each output's binary data (empty for a JSON one)."""
     model = _model(model_name, version)
-    data, tail = _body()
     wanted = _wanted(model, data)
+    if all_binary:
+        for output in wanted:
+            output["parameters"]["binary_data"] = True
     batch = _inputs(model, data, tail)
     model, outputs, _ = service().hosting.run(model, batch)
     logits = np.asarray(outputs[LOGITS], dtype=np.float32)
@@ -407,6 +420,13 @@ def _infer(model_name: str, version: str | None) -> Response:
     answer: dict[str, Any] = {"model_name": model.domain, "model_version": str(model.version), "outputs": out}
     if isinstance(data.get("id"), str):
         answer["id"] = data["id"][:256]
+    return answer, blobs
+
+
+def _infer(model_name: str, version: str | None) -> Response:
+    _model(model_name, version)  # an unknown model or version is a 404 whatever the body
+    data, tail = _body()
+    answer, blobs = infer(model_name, version, data, tail)
     head = json.dumps(answer, separators=(",", ":")).encode()
     if not any(blobs):
         return Response(head, mimetype="application/json")

@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     feedback_recent_bytes: int = Field(
         256 * 1024**2, ge=0, description="bytes of recently answered photos kept for feedback by image_sha256"
     )
+    grpc_port: int | None = Field(
+        None, ge=1, le=65535, description="serve the Open Inference Protocol over gRPC on this port too"
+    )
+    grpc_host: str = Field("127.0.0.1", description="the address the gRPC server listens on")
     watch_s: float | None = Field(
         None, gt=0, le=86400, description="poll the registry every N s; hot-swap when an alias moves"
     )

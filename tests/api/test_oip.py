@@ -172,3 +172,61 @@ def test_bad_inputs_are_4xx_and_the_server_keeps_answering(client: Any, oip_serv
     image = httpclient.InferInput("image", [1], "BYTES")
     image.set_data_from_numpy(np.array([PHOTOS[0]], dtype=np.object_))
     assert client.infer("tiny", [image]).as_numpy("probabilities").shape == (1, 3)
+
+
+# --- gRPC ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grpc_client(api_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Server]]:
+    """``thali serve --grpc-port`` (the REST server and the gRPC one in one process) and a client."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from api_support import free_port
+
+    folder = tmp_path_factory.mktemp("oip_grpc")
+    port = free_port()
+    running = start_server(
+        api_registry, folder / "serve.log", {"THALI_CACHE": str(folder / "cache")},
+        "--domain", "tiny", "--grpc-port", str(port),
+    )  # fmt: skip
+    try:
+        yield grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}"), running
+    finally:
+        stop_server(running)
+
+
+def test_grpc_metadata_readiness_and_answers_like_v1(grpc_client: tuple[Any, Server]) -> None:
+    import tritonclient.grpc as grpcclient
+
+    client, server = grpc_client
+    assert client.is_server_live() and client.is_server_ready()
+    assert "classification" in client.get_server_metadata(as_json=True)["extensions"]
+    meta = client.get_model_metadata("tiny", as_json=True)
+    assert meta["versions"] == ["1"] and {i["name"] for i in meta["inputs"]} == {"image", "input"}
+    assert client.is_model_ready("tiny") and not client.is_model_ready("tiny", "5")
+    image = grpcclient.InferInput("image", [len(PHOTOS)], "BYTES")
+    image.set_data_from_numpy(np.array(PHOTOS, dtype=np.object_))
+    outputs = [
+        grpcclient.InferRequestedOutput("probabilities"),
+        grpcclient.InferRequestedOutput("unknown"),
+        grpcclient.InferRequestedOutput("logits", class_count=1),
+    ]
+    result = client.infer("tiny", [image], outputs=outputs)
+    probabilities, flags = result.as_numpy("probabilities"), result.as_numpy("unknown")
+    top1 = result.as_numpy("logits")
+    for row, flag, best, v1 in zip(probabilities, flags, top1, v1_answers(server), strict=True):
+        top = v1["predictions"][0]
+        assert int(row.argmax()) == top["class_id"] and abs(float(row.max()) - top["probability"]) < 1e-5
+        assert bool(flag) == v1["unknown"]
+        assert best[0].decode().endswith(f":{top['class_id']}:{top['label']}")
+    with pytest.raises(InferenceServerException, match="shape"):
+        bad = grpcclient.InferInput("input", [1, 3, 8, 8], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 3, 8, 8), np.float32))
+        client.infer("tiny", [bad])
+    with pytest.raises(InferenceServerException, match=r"not loaded|version"):
+        client.infer("tiny", [image], model_version="9")
+    with pytest.raises(InferenceServerException):
+        junk = grpcclient.InferInput("image", [1], "BYTES")
+        junk.set_data_from_numpy(np.array([b"not a photo at all"], dtype=np.object_))
+        client.infer("tiny", [junk])
+    assert client.infer("tiny", [image]).as_numpy("probabilities").shape == (len(PHOTOS), 3)
