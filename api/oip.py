@@ -477,8 +477,12 @@ INFER_DOC = {
                 }
             },
             "application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"},
-                "description": f"binary tensor data: the JSON header's length in {HEADER_LENGTH}",
+                "schema": {
+                    "type": "string",
+                    "format": "binary",
+                    "description": f"binary tensor data: the JSON header, its length in {HEADER_LENGTH}, "
+                    "then the tensors",
+                },
             },
         },
     }
