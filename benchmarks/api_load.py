@@ -59,7 +59,8 @@ class RowSpec:
     name: str
     users: int
     batching: bool
-    mode: str  # "miss": unique bytes every request; "hit": one image, from the cache
+    mode: str  # "miss": unique bytes every request; "hit": one image, from the cache; v2_bytes, v2_fp32,
+    # grpc: the Open Inference Protocol (REST with binary tensor data: the JPEG, or the prepared tensor; gRPC)
     env: tuple[tuple[str, str], ...] = ()  # server settings of this row only
 
 
@@ -76,6 +77,13 @@ ROWS = [  # run in this order (on and off of one concurrency close in time); sho
     RowSpec("batched c32", 32, True, "miss"),
     RowSpec("unbatched c32", 32, False, "miss"),
     RowSpec("cache hit c8", 8, True, "hit"),
+    # the Open Inference Protocol beside /v1 (batching on): REST with binary tensor data, and gRPC
+    RowSpec("v2 bytes c8", 8, True, "v2_bytes"),
+    RowSpec("v2 fp32 c8", 8, True, "v2_fp32"),
+    RowSpec("grpc c8", 8, True, "grpc"),
+    RowSpec("v2 bytes c32", 32, True, "v2_bytes"),
+    RowSpec("v2 fp32 c32", 32, True, "v2_fp32"),
+    RowSpec("grpc c32", 32, True, "grpc"),
 ]
 SHOWN = [
     "before c1",
@@ -87,6 +95,12 @@ SHOWN = [
     "unbatched c8",
     "unbatched c32",
     "cache hit c8",
+    "v2 bytes c8",
+    "v2 fp32 c8",
+    "grpc c8",
+    "v2 bytes c32",
+    "v2 fp32 c32",
+    "grpc c32",
 ]
 
 
@@ -318,6 +332,7 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    grpc: str = ""  # HOST:PORT of its gRPC server, if it runs one
 
 
 def start_server(args: argparse.Namespace, registry: str, domain: str, spec: RowSpec, log: Path) -> Server:
@@ -325,11 +340,14 @@ def start_server(args: argparse.Namespace, registry: str, domain: str, spec: Row
     import requests
 
     port = free_port()
+    grpc_port = free_port() if spec.mode == "grpc" else None
     command = [
         tool("thali"), "serve", "--registry", registry, "--domain", domain, "--port", str(port),
         "--workers", "1", "--threads", str(args.threads), "--variant", args.variant,
         "--max-batch-size", "32" if spec.batching else "1", "--max-wait-ms", f"{args.max_wait_ms:g}",
     ]  # fmt: skip
+    if grpc_port:
+        command += ["--grpc-port", str(grpc_port)]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "NO_PROXY": "127.0.0.1,localhost", **dict(spec.env)}
     if args.ort_threads:
         env["THALI_ORT_THREADS"] = str(args.ort_threads)
@@ -338,7 +356,7 @@ def start_server(args: argparse.Namespace, registry: str, domain: str, spec: Row
         command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
     handle.close()
-    server = Server(f"http://127.0.0.1:{port}", process, log)
+    server = Server(f"http://127.0.0.1:{port}", process, log, f"127.0.0.1:{grpc_port}" if grpc_port else "")
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -408,6 +426,7 @@ def run_row(
             "--thali-mode", spec.mode, "--thali-requests", str(args.requests_per_row),
             "--thali-warmup", str(warmup), "--thali-out", str(samples),
             "--thali-server-pgid", str(server.process.pid),
+            "--thali-preprocess", str(out / "preprocess.json"), "--thali-grpc", server.grpc,
         ]  # fmt: skip
         env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost"}
         with open(out / f"{slug}.locust.log", "wb") as log:
@@ -767,6 +786,9 @@ def main() -> int:
     classes = [c["name"] for c in model.package.labels.get("classes", [])]
     if model.speed_only or not classes:
         classes = resolve_domain(registries, DOMAIN).load_config([]).class_names
+    (out / "preprocess.json").write_text(
+        json.dumps(model.package.preprocess)
+    )  # the v2 fp32 rows prepare with it
     pool_file = out / "pool.txt"
     pool = image_pool(args.data, classes, POOL_SIZE, pool_file)
     say(f"load: {len(pool)} distinct photos ({pool[0].parent.parent})")

@@ -9,6 +9,11 @@ Started by api_load.py as a subprocess (locust monkeypatches the process with ge
 a multipart upload of one JPEG from the pool (``--thali-pool``: a text file of image paths). Mode
 ``miss``: a few unique bytes are appended after each JPEG's end marker, so the server's answer cache never
 hits; mode ``hit``: always the same image, so every answer after the first comes from the cache.
+The Open Inference Protocol modes post to ``/v2/models/{domain}/infer`` with Triton's binary tensor
+data: ``v2_bytes`` the JPEG as a BYTES element (unique bytes, as ``miss``), ``v2_fp32`` the photo
+already prepared (``--thali-preprocess``: the package's preprocess.json, applied here once per photo,
+before the load), and ``grpc`` the JPEG over gRPC (``--thali-grpc`` HOST:PORT, tritonclient.grpc with
+gRPC on gevent).
 
 The first ``--thali-warmup`` requests are logged as ``warmup``, the next ``--thali-requests`` as
 ``predict`` (the measured ones, the ``predict`` row of the CSV stats); then every user stops and the
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +60,8 @@ class Run:
     answers = 0
     bad: list[str] = []
     written = False
+    tensors: list[bytes] = []  # v2_fp32: each pool photo prepared, float32 little-endian
+    tensor_shape: list[int] = []
 
 
 @events.init_command_line_parser.add_listener
@@ -62,7 +70,18 @@ def _arguments(parser: Any) -> None:
     parser.add_argument(
         "--thali-pool", default="", help="text file: one JPEG path a line", include_in_web_ui=False
     )
-    parser.add_argument("--thali-mode", choices=["miss", "hit"], default="miss", include_in_web_ui=False)
+    parser.add_argument(
+        "--thali-mode",
+        choices=["miss", "hit", "v2_bytes", "v2_fp32", "grpc"],
+        default="miss",
+        include_in_web_ui=False,
+    )
+    parser.add_argument(
+        "--thali-preprocess", default="", help="preprocess.json (v2_fp32)", include_in_web_ui=False
+    )
+    parser.add_argument(
+        "--thali-grpc", default="", help="HOST:PORT of the gRPC server", include_in_web_ui=False
+    )
     parser.add_argument("--thali-requests", type=int, default=1000, include_in_web_ui=False)
     parser.add_argument("--thali-warmup", type=int, default=32, include_in_web_ui=False)
     parser.add_argument("--thali-out", default="", help="JSON of the measured phase", include_in_web_ui=False)
@@ -76,6 +95,16 @@ def _load_pool(environment: Any, **_: Any) -> None:
     Run.images = [Path(p).read_bytes() for p in paths]
     if not Run.images:
         raise SystemExit(f"{options.thali_pool}: no images")
+    if options.thali_mode == "v2_fp32":  # prepared once here: the load measures the server, not this
+        from thali.core.inference import Preprocessor
+
+        prepare = Preprocessor(json.loads(Path(options.thali_preprocess).read_text()))
+        Run.tensors = [prepare(image).astype("<f4").tobytes() for image in Run.images]
+        Run.tensor_shape = [1, *prepare(Run.images[0]).shape]
+    if options.thali_mode == "grpc":
+        import grpc.experimental.gevent as grpc_gevent
+
+        grpc_gevent.init_gevent()  # gRPC's blocking calls yield to the other users
 
 
 def group_cpu_s(pgid: int) -> float:
@@ -182,8 +211,13 @@ class PhotoUser(FastHttpUser):
         else:
             image = unique(Run.images[index % len(Run.images)], index)
         began = time.perf_counter()
+        post = {"v2_bytes": self._v2, "v2_fp32": self._v2, "grpc": self._grpc}.get(
+            options.thali_mode, self._post
+        )
+        if options.thali_mode == "v2_fp32":
+            image = Run.tensors[index % len(Run.tensors)]
         try:
-            self._post(options.thali_domain, image, measured, began)
+            post(options.thali_domain, image, measured, began)
         finally:
             if measured:
                 Run.measured_done += 1
@@ -223,8 +257,88 @@ class PhotoUser(FastHttpUser):
             t = answer.get("timings_ms") or {}
             Run.timings.append([float(t.get(k, 0.0)) for k in ("decode", "queue", "inference")])
 
+    def _v2(self, domain: str, data: bytes, measured: bool, began: float) -> None:
+        """One Open Inference Protocol request with binary tensor data (what tritonclient sends)."""
+        fp32 = self.environment.parsed_options.thali_mode == "v2_fp32"
+        blob = data if fp32 else struct.pack("<I", len(data)) + data
+        tensor = {
+            "name": "input" if fp32 else "image",
+            "shape": Run.tensor_shape if fp32 else [1],
+            "datatype": "FP32" if fp32 else "BYTES",
+            "parameters": {"binary_data_size": len(blob)},
+        }
+        outputs = [{"name": n, "parameters": {"binary_data": True}} for n in ("probabilities", "unknown")]
+        head = json.dumps({"inputs": [tensor], "outputs": outputs}).encode()
+        with self.client.post(
+            f"/v2/models/{domain}/infer",
+            data=head + blob,
+            headers={
+                "Inference-Header-Content-Length": str(len(head)),
+                "Content-Type": "application/octet-stream",
+            },
+            name="predict" if measured else "warmup",
+            catch_response=True,
+        ) as response:
+            took_ms = 1000 * (time.perf_counter() - began)
+            length = int(response.headers.get("Inference-Header-Content-Length") or 0)
+            if response.status_code != 200 or not length:
+                Run.bad.append(f"{response.status_code}: {(response.text or '')[:200]}")
+                response.failure(f"HTTP {response.status_code}")
+                return
+            answer = json.loads(response.content[:length])
+            if [o["name"] for o in answer["outputs"]] != ["probabilities", "unknown"]:
+                Run.bad.append("unreadable answer")
+                response.failure("unreadable answer")
+                return
+            response.success()
+            self._measured(measured, took_ms, response.headers.get("Server-Timing") or "")
+
+    def _grpc(self, domain: str, data: bytes, measured: bool, began: float) -> None:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+        from locust.exception import RescheduleTask
+
+        if not hasattr(self, "grpc_client"):
+            self.grpc_client = grpcclient.InferenceServerClient(
+                url=self.environment.parsed_options.thali_grpc
+            )
+        image = grpcclient.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([data], dtype=np.object_))
+        outputs = [grpcclient.InferRequestedOutput(n) for n in ("probabilities", "unknown")]
+        name = "predict" if measured else "warmup"
+        try:
+            result = self.grpc_client.infer(domain, [image], outputs=outputs)
+            result.as_numpy("probabilities")
+        except Exception as exc:  # one failed request, counted like an HTTP one
+            took_ms = 1000 * (time.perf_counter() - began)
+            Run.bad.append(f"gRPC: {str(exc)[:200]}")
+            self.environment.events.request.fire(
+                request_type="gRPC", name=name, response_time=took_ms, response_length=0, exception=exc
+            )
+            raise RescheduleTask() from None
+        took_ms = 1000 * (time.perf_counter() - began)
+        self.environment.events.request.fire(
+            request_type="gRPC", name=name, response_time=took_ms, response_length=0, exception=None
+        )
+        self._measured(measured, took_ms, "")
+
+    def _measured(self, measured: bool, took_ms: float, server_timing: str) -> None:
+        if not measured:
+            return
+        Run.answers += 1
+        Run.client_ms.append(took_ms)
+        if "dur=" in server_timing:
+            Run.server_ms.append(float(server_timing.split("dur=", 1)[1].split(";")[0].split(",")[0]))
+
+    def on_stop(self) -> None:
+        client = getattr(self, "grpc_client", None)
+        if client is not None:  # its channel's threads would keep the process from ending
+            client.close()
+            del self.grpc_client
+
     def _finish(self) -> None:
         """Budget spent: this user stops; the last one to stop ends the test."""
+        self.on_stop()
         options = self.environment.parsed_options
         Run.users_done += 1
         if Run.users_done >= options.num_users:

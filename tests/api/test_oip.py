@@ -230,3 +230,41 @@ def test_grpc_metadata_readiness_and_answers_like_v1(grpc_client: tuple[Any, Ser
         junk.set_data_from_numpy(np.array([b"not a photo at all"], dtype=np.object_))
         client.infer("tiny", [junk])
     assert client.infer("tiny", [image]).as_numpy("probabilities").shape == (len(PHOTOS), 3)
+
+
+# --- the kserve SDK -----------------------------------------------------------------------------------
+
+
+def test_the_kserve_sdk_rest_client_answers_like_v1(oip_server: Server) -> None:
+    """KServe's own v2 REST client (``kserve.InferenceRESTClient``, httpx): liveness, readiness and
+    inference with base64 BYTES photos give /v1's answers."""
+    import asyncio
+
+    kserve = pytest.importorskip("kserve")
+
+    async def ask() -> tuple[bool, bool, bool, Any]:
+        client = kserve.InferenceRESTClient(kserve.RESTConfig(protocol="v2", retries=0, timeout=60))
+        try:
+            live = await client.is_server_live(oip_server.url)
+            ready = await client.is_server_ready(oip_server.url)
+            model_ready = await client.is_model_ready(oip_server.url, "tiny")
+            photos = [base64.b64encode(p).decode() for p in PHOTOS]
+            request = kserve.InferRequest(
+                model_name="tiny",
+                infer_inputs=[
+                    kserve.InferInput(name="image", shape=[len(photos)], datatype="BYTES", data=photos)
+                ],
+            )
+            return live, ready, model_ready, await client.infer(oip_server.url, request, model_name="tiny")
+        finally:
+            await client.close()
+
+    live, ready, model_ready, response = asyncio.run(ask())
+    assert live and ready and model_ready
+    outputs = {o.name: o for o in response.outputs}
+    probabilities = np.asarray(outputs["probabilities"].data, dtype=np.float32).reshape(len(PHOTOS), 3)
+    unknown = outputs["unknown"].data
+    for row, flag, v1 in zip(probabilities, unknown, v1_answers(oip_server), strict=True):
+        top = v1["predictions"][0]
+        assert int(row.argmax()) == top["class_id"] and abs(float(row.max()) - top["probability"]) < 1e-5
+        assert bool(flag) == v1["unknown"]
