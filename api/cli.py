@@ -79,6 +79,15 @@ def settings_from(args: argparse.Namespace) -> Any:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"serve: {field}: {first['msg']}") from None
+    if settings.grpc_port:  # before any worker starts: a missing extra is one line, not a boot loop
+        try:
+            import grpc  # noqa: F401
+            import tritonclient.grpc  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(
+                f"serve: --grpc-port needs the grpc extra ({exc.name} is not installed): "
+                "pip install 'thali[grpc]'"
+            ) from None
     from .hosting import split_ref
     from .settings import refuse_placeholder_secrets
 
