@@ -3,15 +3,13 @@ time): load a version or alias, unload, re-resolve the alias. A swap never drops
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
-from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from .bodies import SafeParser
-from .errors import ApiError
+from .errors import ApiError, check_key
 from .hosting import split_ref
 from .schemas import DomainSchema, ErrorBodySchema, LoadSchema
 from .service import service
@@ -25,11 +23,7 @@ def require_admin() -> None:
     key = service().settings.admin_key
     if key is None:
         raise ApiError(403, "forbidden", "admin endpoints are off: start the server with THALI_ADMIN_KEY")
-    given = request.headers.get(KEY_HEADER)
-    if not given:
-        raise ApiError(401, "unauthorized", f"send the admin key in the {KEY_HEADER} header")
-    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
-        raise ApiError(403, "forbidden", "wrong admin key")
+    check_key(KEY_HEADER, key, "admin")
 
 
 # the key is checked before anything of the request is read: no key and a bad body is 401, not 422

@@ -29,6 +29,20 @@ _CREDENTIALS = re.compile(r"([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@", re.IGNORECASE)
 _ABSOLUTE = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)+")
 
 
+def check_key(header: str, expected: Any, what: str) -> None:
+    """The request's ``header`` holds the secret ``expected`` (a SecretStr), compared in constant time:
+    401 when it is missing, 403 when it is wrong."""
+    import hmac
+
+    from flask import request
+
+    given = request.headers.get(header)
+    if not given:
+        raise ApiError(401, "unauthorized", f"send the {what} key in the {header} header")
+    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise ApiError(403, "forbidden", f"wrong {what} key")
+
+
 def public_text(text: str, hide: tuple[str, ...] = ()) -> str:
     """``text`` fit for a public answer: the registry's URL and folders (``hide``) become "the registry",
     credentials in any URL go, and absolute paths keep only their last part (a file name)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -26,7 +25,7 @@ from thali.core.errors import DataError
 from thali.registry.feedback import MAX_NOTE_CHARS, NONE_OF_THESE, SHA256_HEX, FeedbackStore
 
 from .bodies import SafeParser, part_bytes
-from .errors import ApiError
+from .errors import ApiError, check_key
 from .predict import IMAGE_TYPES
 from .schemas import (
     ErrorBodySchema,
@@ -90,11 +89,7 @@ def require_key() -> None:
     key = service().settings.feedback_key
     if key is None:
         return
-    given = request.headers.get(KEY_HEADER)
-    if not given:
-        raise ApiError(401, "unauthorized", f"send the feedback key in the {KEY_HEADER} header")
-    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
-        raise ApiError(403, "forbidden", "wrong feedback key")
+    check_key(KEY_HEADER, key, "feedback")
 
 
 blp.before_request(require_key)
