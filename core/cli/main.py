@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 from thali.core.errors import NotAvailableError, ThaliError
 
-from . import check, config, domains, export, plugins, train, up
+from . import check, config, domains, export, plugins, predict, train, up
 from .context import Context
 
-COMMAND_GROUPS = (plugins, check, domains, config, train, export, up)
+COMMAND_GROUPS = (plugins, check, domains, config, train, export, predict, up)
 # Command groups that live in rooms downstream of core (core never imports them at module level), and
 # the commands each adds: when one cannot be imported (a broken install), its commands say so in a line.
 DOWNSTREAM_GROUPS = {

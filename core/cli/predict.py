@@ -1,0 +1,91 @@
+"""``thali predict DOMAIN[@REF] SOURCE... --out FILE``: bulk classification with the server's own
+torch-free path (see :mod:`thali.core.inference.bulk`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from thali.core.errors import DataError, NotAvailableError
+from thali.core.names import is_valid_name
+
+from .context import Context, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify photos in bulk into a .csv, .jsonl or .parquet file")
+    p.add_argument("model", help="a registry model: DOMAIN, DOMAIN@VERSION or DOMAIN@ALIAS")
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="a folder (recursive), a glob, an fsspec URL (s3://bucket/prefix/) or a .txt/.csv list of paths",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the output: FILE.csv, FILE.jsonl or FILE.parquet")
+    p.add_argument("--resume", action="store_true", help="skip photos already in --out and append the rest")
+    p.add_argument("--variant", help="the package variant (default: its serving variant)")
+    p.add_argument("--top-k", type=int, default=5, help="labels per photo (default 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="photos per engine batch (default 32)")
+    p.add_argument("--threads", type=int, help="decoding threads and engine threads (default: the CPUs)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default) or ray")
+    p.add_argument("--registry", help="where the model is (default $THALI_REGISTRY or ./model-registry)")
+    p.add_argument("--trusted-key", action="append", type=Path, help="serve only packages signed by it")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_predict)
+
+
+def _default_variant(package: object) -> str:
+    """The package's serving variant, or fp32 when it lacks that file (as the server falls back)."""
+    manifest = package.manifest  # type: ignore[attr-defined]
+    wanted = manifest.serving.variant
+    return wanted if wanted in manifest.variants else "fp32"
+
+
+def run_predict(ctx: Context) -> int:
+    args = ctx.args
+    if args.engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise NotAvailableError(
+                "--engine ray needs the ray extra (Ray Data): pip install 'thali[ray]' "
+                "(--engine local needs none)"
+            ) from None
+        raise NotAvailableError("--engine ray is not in this release yet: use --engine local")
+    domain, _, ref = str(args.model).partition("@")
+    if not is_valid_name(domain):
+        raise DataError(f"{args.model}: not a registry model DOMAIN[@REF]")
+    try:
+        from thali.registry import ModelRegistry
+    except ImportError:
+        raise NotAvailableError("the model registry is not installed (pip install thali)") from None
+    from thali.core.inference.bulk import predict
+
+    registry = ModelRegistry(args.registry, trusted_keys=args.trusted_key)
+    package = registry.resolve(domain, ref or registry.default_ref(domain))
+    options = json.loads(os.environ.get("THALI_PREDICT_OPTIONS") or "{}")  # fsspec options of the sources
+    summary = predict(
+        package,
+        ctx.plugins.registries,
+        args.sources,
+        args.out,
+        variant=args.variant or _default_variant(package),
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        resume=args.resume,
+        progress=not args.no_progress,
+        storage_options=options,
+    )
+    if args.json:
+        print_json(summary)
+        return 0
+    rate = f", {summary['photos_per_s']} photos/s" if summary["photos_per_s"] else ""
+    print(
+        f"{summary['model']}: {summary['photos']} photos into {summary['out']} ({summary['errors']} could "
+        f"not be read; {summary['skipped_already_done']} already there){rate}"
+    )
+    return 0
