@@ -321,9 +321,14 @@ def predict(
     bar = tqdm(
         total=len(paths), unit="photo", disable=not progress, desc=f"{package.domain} v{package.version}"
     )
+    batches = list(_chunks(paths, batch_size))
     with ThreadPoolExecutor(max_workers=max(1, threads or os.cpu_count() or 1)) as pool:
-        for batch in _chunks(paths, batch_size):
-            rows = engine.rows(batch, list(pool.map(prepare, batch)))
+        # the next batch decodes on the pool while the engine runs this one
+        pending = [pool.submit(prepare, p) for p in batches[0]] if batches else []
+        for n, batch in enumerate(batches):
+            images = [future.result() for future in pending]
+            pending = [pool.submit(prepare, p) for p in batches[n + 1]] if n + 1 < len(batches) else []
+            rows = engine.rows(batch, images)
             output.write(rows)
             errors += sum(1 for r in rows if r["error"])
             bar.update(len(batch))
