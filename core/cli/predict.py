@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from thali.core.errors import DataError, NotAvailableError
@@ -30,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="photos per engine batch (default 32)")
     p.add_argument("--threads", type=int, help="decoding threads and engine threads (default: the CPUs)")
     p.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default) or ray")
+    p.add_argument(
+        "--ray-address", help="--engine ray: an existing cluster (default $RAY_ADDRESS, else a local Ray)"
+    )
+    p.add_argument(
+        "--actors", type=int, help="--engine ray: actors in the pool (default: the CPUs over --threads)"
+    )
     p.add_argument("--registry", help="where the model is (default $THALI_REGISTRY or ./model-registry)")
     p.add_argument("--trusted-key", action="append", type=Path, help="serve only packages signed by it")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -48,13 +55,13 @@ def run_predict(ctx: Context) -> int:
     args = ctx.args
     if args.engine == "ray":
         try:
-            import ray  # noqa: F401
+            import ray
+            import ray.data  # noqa: F401
         except ImportError:
             raise NotAvailableError(
                 "--engine ray needs the ray extra (Ray Data): pip install 'thali[ray]' "
                 "(--engine local needs none)"
             ) from None
-        raise NotAvailableError("--engine ray is not in this release yet: use --engine local")
     domain, _, ref = str(args.model).partition("@")
     if not is_valid_name(domain):
         raise DataError(f"{args.model}: not a registry model DOMAIN[@REF]")
@@ -62,11 +69,29 @@ def run_predict(ctx: Context) -> int:
         from thali.registry import ModelRegistry
     except ImportError:
         raise NotAvailableError("the model registry is not installed (pip install thali)") from None
-    from thali.core.inference.bulk import predict
+    from thali.core.inference.bulk import predict, predict_ray
 
     registry = ModelRegistry(args.registry, trusted_keys=args.trusted_key)
     package = registry.resolve(domain, ref or registry.default_ref(domain))
     options = json.loads(os.environ.get("THALI_PREDICT_OPTIONS") or "{}")  # fsspec options of the sources
+    if args.engine == "ray":
+        summary = predict_ray(
+            package,
+            registry.url,
+            args.sources,
+            args.out,
+            variant=args.variant or _default_variant(package),
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            actors=args.actors,
+            cpus_per_actor=args.threads or 1,
+            address=args.ray_address,
+            resume=args.resume,
+            trusted_keys=[str(k) for k in args.trusted_key] if args.trusted_key else None,
+            storage_options=options,
+            say=lambda text: print(text, file=sys.stderr, flush=True),  # stdout stays the summary (--json)
+        )
+        return _report(args, summary)
     summary = predict(
         package,
         ctx.plugins.registries,
@@ -80,6 +105,10 @@ def run_predict(ctx: Context) -> int:
         progress=not args.no_progress,
         storage_options=options,
     )
+    return _report(args, summary)
+
+
+def _report(args: argparse.Namespace, summary: dict[str, object]) -> int:
     if args.json:
         print_json(summary)
         return 0

@@ -197,7 +197,7 @@ class Output:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        tables = [pq.read_table(p) for p in sorted(self.parts.glob("part-*.parquet"))]
+        tables = [pq.read_table(p) for p in sorted(self.parts.glob("*.parquet"))]
         if self.path.is_file():
             tables.insert(0, pq.read_table(self.path))
         if not tables:
@@ -205,7 +205,7 @@ class Output:
         temporary = self.path.with_name(f".{self.path.name}.tmp")
         pq.write_table(pa.concat_tables(tables, promote_options="default"), temporary)
         os.replace(temporary, self.path)
-        for part in self.parts.glob("part-*.parquet"):
+        for part in self.parts.iterdir():
             part.unlink()
         self.parts.rmdir()
 
@@ -349,3 +349,135 @@ def predict(
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(items), max(1, size)):
         yield items[start : start + size]
+
+
+# -- Ray Data -----------------------------------------------------------------------------------------
+
+
+class RayPredictor:
+    """One actor of the Ray Data pool: its own verified copy of the package (resolved from the registry
+    in the actor, checksums and signature checked there) and an engine on ``threads`` threads."""
+
+    def __init__(
+        self,
+        registry: str,
+        domain: str,
+        version: int,
+        variant: str,
+        top_k: int,
+        threads: int,
+        trusted_keys: list[str] | None,
+        storage_options: dict[str, Any] | None,
+    ) -> None:
+        from thali.core import build_plugin_manager
+        from thali.registry import ModelRegistry
+
+        package = ModelRegistry(registry, trusted_keys=trusted_keys).resolve(domain, version)
+        self.engine = Engine.load(package, build_plugin_manager().registries, variant, top_k, threads)
+        self.read = _reader(storage_options, self.engine.preprocessor.limits.max_bytes)
+        self.columns = columns(top_k)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        paths = [str(p) for p in batch["path"]]
+        images: list[np.ndarray | str] = []
+        for path in paths:
+            try:
+                images.append(self.engine.preprocessor(self.read(path)))
+            except DataError as exc:
+                images.append(exc.message)
+            except OSError as exc:
+                images.append(f"could not be read ({type(exc).__name__}: {str(exc)[:200]})")
+        rows = self.engine.rows(paths, images)
+        return {column: [row[column] for row in rows] for column in self.columns}
+
+
+def predict_ray(
+    package: ModelPackage,
+    registry: str,
+    sources: Sequence[str],
+    out: Path,
+    *,
+    variant: str = "fp32",
+    top_k: int = 5,
+    batch_size: int = 32,
+    actors: int | None = None,
+    cpus_per_actor: int = 1,
+    address: str | None = None,
+    resume: bool = False,
+    trusted_keys: list[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """:func:`predict` on Ray Data: ``map_batches`` through an actor pool of ONNX Runtime sessions (one
+    package copy each, ``cpus_per_actor`` threads each), written as Parquet parts and joined into ``out``
+    (a ``.parquet`` file). A local Ray by default; an existing cluster at ``address`` (or ``RAY_ADDRESS``)."""
+    import ray
+
+    if Path(out).suffix.lower() != ".parquet":
+        raise ConfigError(f"--out {out}: --engine ray writes Parquet (FILE.parquet)")
+    output = Output(Path(out), top_k, resume)
+    paths = [p for p in list_sources(sources, storage_options) if p not in output.done]
+    skipped = len(output.done)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        import logging
+
+        if address:
+            ray.init(
+                address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
+            )
+        else:  # a local Ray of this machine's CPUs, with a small object store (rows are small)
+            ray.init(
+                num_cpus=os.cpu_count() or 1,
+                object_store_memory=256 * 1024**2,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+            )
+    total = int(ray.cluster_resources().get("CPU", 1))
+    actors = actors or max(1, total // max(1, cpus_per_actor))
+    say(
+        f"ray: {actors} actor(s) x {cpus_per_actor} CPU each "
+        f"({total} CPUs in the {'cluster' if address else 'local Ray'})"
+    )
+    started = time.perf_counter()
+    if paths:
+        dataset = ray.data.from_items([{"path": p} for p in paths])
+        predicted = dataset.map_batches(
+            RayPredictor,
+            fn_constructor_kwargs={
+                "registry": registry,
+                "domain": package.domain,
+                "version": package.version,
+                "variant": variant,
+                "top_k": top_k,
+                "threads": cpus_per_actor,
+                "trusted_keys": trusted_keys,
+                "storage_options": storage_options,
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            concurrency=actors,
+            num_cpus=cpus_per_actor,
+        )
+        output.parts.mkdir(parents=True, exist_ok=True)
+        predicted.write_parquet(str(output.parts))  # whole files, each written by its actor's task
+    output.finish()
+    took = time.perf_counter() - started
+    errors = 0
+    if paths:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(out, columns=["path", "error"]).to_pylist()
+        errors = sum(1 for r in table if r["path"] in set(paths) and r["error"])
+    return {
+        "out": str(out),
+        "photos": len(paths),
+        "errors": errors,
+        "skipped_already_done": skipped,
+        "seconds": round(took, 2),
+        "photos_per_s": round(len(paths) / took, 1) if took > 0 and paths else None,
+        "model": f"{package.domain} v{package.version} {variant}",
+        "actors": actors,
+        "cpus_per_actor": cpus_per_actor,
+    }

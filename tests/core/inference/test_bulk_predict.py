@@ -182,7 +182,21 @@ def test_lists_globs_and_the_ray_engine_without_its_extra(api_registry: Path, tm
         *map(str, paths[:3]),
         str(paths[3]),
     ]
-    ray = [*thali_command(), "predict", "tiny", str(tmp_path / "in"), "--out", str(tmp_path / "x.csv")]
+    # a serving install without the ray extra (ray made unimportable here, whether installed or not)
+    hidden = (
+        "import sys; sys.modules['ray'] = None; from thali.core.cli.main import main; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    ray = [
+        sys.executable,
+        "-c",
+        hidden,
+        "predict",
+        "tiny",
+        str(tmp_path / "in"),
+        "--out",
+        str(tmp_path / "x.csv"),
+    ]
     result = subprocess.run([*ray, "--engine", "ray"], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "pip install 'thali[ray]'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.csv").exists()
@@ -195,3 +209,43 @@ def test_lists_globs_and_the_ray_engine_without_its_extra(api_registry: Path, tm
         env={**os.environ, "THALI_CACHE": str(tmp_path / "cache")},
     )
     assert result.returncode != 0 and "no such folder" in result.stderr and not (tmp_path / "y.csv").exists()
+
+
+def test_the_local_ray_engine_gives_the_local_engines_rows(
+    api_registry: Path, package: Any, tmp_path: Path
+) -> None:
+    """Ray Data on a local Ray of 2 CPUs (2 actors x 1 CPU): the same rows as the local engine."""
+    pytest.importorskip("ray.data", reason="the ray extra is not installed")
+    import pyarrow.parquet as pq
+
+    photos(tmp_path / "in", 24)
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8 broken")
+    local, on_ray = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    env = {**os.environ, "THALI_CACHE": str(tmp_path / "cache")}
+    base = [
+        *thali_command(),
+        "predict",
+        "tiny@production",
+        str(tmp_path / "in"),
+        "--registry",
+        str(api_registry),
+    ]
+    for out, extra in ((local, []), (on_ray, ["--engine", "ray", "--threads", "1", "--batch-size", "5"])):
+        result = subprocess.run(
+            [*base, "--out", str(out), "--no-progress", *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 actor(s) x 1 CPU" in result.stdout + result.stderr
+    by_path = {r["path"]: r for r in pq.read_table(local).to_pylist()}
+    ray_rows = pq.read_table(on_ray).to_pylist()
+    assert len(ray_rows) == len(by_path) == 25 and not (tmp_path / "ray.parquet.parts").exists()
+    for row in ray_rows:
+        expected = by_path[row["path"]]
+        assert row["top1_label"] == expected["top1_label"] and row["unknown"] == expected["unknown"]
+        assert (row["error"] is None) == (expected["error"] is None)
+        if row["top1_probability"] is not None:
+            assert abs(row["top1_probability"] - expected["top1_probability"]) < 1e-6
