@@ -30,3 +30,22 @@ class Context:
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+def registry_model(model: str, registry: str | None, trusted_keys: Any = None, or_run: bool = True) -> Any:
+    """The verified package of a registry model ``DOMAIN[@REF]`` (default ref: production, else latest);
+    ``or_run``: the command also takes a training run folder (its messages say so)."""
+    from thali.core.errors import DataError, NotAvailableError
+    from thali.core.names import is_valid_name
+
+    domain, _, ref = str(model).partition("@")
+    if not is_valid_name(domain):
+        also = "no such training run folder, and " if or_run else ""
+        raise DataError(f"{model}: {also}not a registry model DOMAIN[@REF]")
+    try:
+        from thali.registry import ModelRegistry
+    except ImportError:
+        hint = "; pass a training run folder" if or_run else " (pip install thali)"
+        raise NotAvailableError(f"the model registry is not installed{hint}") from None
+    found = ModelRegistry(registry, trusted_keys=trusted_keys)
+    return found.resolve(domain, ref or found.default_ref(domain))

@@ -9,10 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from thali.core.errors import DataError, NotAvailableError
-from thali.core.names import is_valid_name
+from thali.core.errors import NotAvailableError
 
-from .context import Context, print_json
+from .context import Context, print_json, registry_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_predict)
 
 
+def _registry_url(given: str | None) -> str:
+    """The registry the actors resolve from: as given (or the default), a local folder made absolute."""
+    from thali.registry.store import default_url
+
+    url = given or default_url()
+    return str(Path(url).resolve()) if "://" not in url and Path(url).exists() else url
+
+
 def _default_variant(package: object) -> str:
     """The package's serving variant, or fp32 when it lacks that file (as the server falls back)."""
     manifest = package.manifest  # type: ignore[attr-defined]
@@ -62,22 +69,14 @@ def run_predict(ctx: Context) -> int:
                 "--engine ray needs the ray extra (Ray Data): pip install 'thali[ray]' "
                 "(--engine local needs none)"
             ) from None
-    domain, _, ref = str(args.model).partition("@")
-    if not is_valid_name(domain):
-        raise DataError(f"{args.model}: not a registry model DOMAIN[@REF]")
-    try:
-        from thali.registry import ModelRegistry
-    except ImportError:
-        raise NotAvailableError("the model registry is not installed (pip install thali)") from None
     from thali.core.inference.bulk import predict, predict_ray
 
-    registry = ModelRegistry(args.registry, trusted_keys=args.trusted_key)
-    package = registry.resolve(domain, ref or registry.default_ref(domain))
+    package = registry_model(args.model, args.registry, args.trusted_key, or_run=False)
     options = json.loads(os.environ.get("THALI_PREDICT_OPTIONS") or "{}")  # fsspec options of the sources
     if args.engine == "ray":
         summary = predict_ray(
             package,
-            registry.url,
+            _registry_url(args.registry),
             args.sources,
             args.out,
             variant=args.variant or _default_variant(package),

@@ -12,10 +12,9 @@ from typing import Any
 
 from thali.core.config import check_components, load_config
 from thali.core.domains import resolve_domain
-from thali.core.errors import ConfigError, DataError, NotAvailableError
-from thali.core.names import is_valid_name
+from thali.core.errors import ConfigError
 
-from .context import Context, print_json
+from .context import Context, print_json, registry_model
 from .extras import require_train
 
 
@@ -139,17 +138,7 @@ def _registry_model(ctx: Context) -> dict[str, Any]:
     from thali.core.inference.evaluate import evaluate_package
 
     args = ctx.args
-    domain, _, ref = str(args.model).partition("@")
-    if not is_valid_name(domain):
-        raise DataError(f"{args.model}: no such training run folder, and not a registry model DOMAIN[@REF]")
-    try:
-        from thali.registry import ModelRegistry
-    except ImportError:
-        raise NotAvailableError("the model registry is not installed; pass a training run folder") from None
-    registry = ModelRegistry(args.registry, trusted_keys=args.trusted_key)
-    if not ref:
-        ref = registry.default_ref(domain)
-    package = registry.resolve(domain, ref)
+    package = registry_model(args.model, args.registry, args.trusted_key)
     return evaluate_package(
         package,
         args.data,

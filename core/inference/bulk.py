@@ -310,12 +310,7 @@ def predict(
     read = _reader(storage_options, engine.preprocessor.limits.max_bytes)
 
     def prepare(path: str) -> np.ndarray | str:
-        try:
-            return engine.preprocessor(read(path))
-        except DataError as exc:
-            return exc.message
-        except OSError as exc:
-            return f"could not be read ({type(exc).__name__}: {str(exc)[:200]})"
+        return _prepared(engine.preprocessor, read, path)
 
     started, errors = time.perf_counter(), 0
     bar = tqdm(
@@ -344,6 +339,16 @@ def predict(
         "photos_per_s": round(len(paths) / took, 1) if took > 0 and paths else None,
         "model": f"{package.domain} v{package.version} {variant}",
     }
+
+
+def _prepared(preprocessor: Preprocessor, read: Callable[[str], bytes], path: str) -> np.ndarray | str:
+    """The model's input for the photo at ``path``, or why it could not be read (an error row)."""
+    try:
+        return preprocessor(read(path))
+    except DataError as exc:
+        return exc.message
+    except OSError as exc:
+        return f"could not be read ({type(exc).__name__}: {str(exc)[:200]})"
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
@@ -379,14 +384,7 @@ class RayPredictor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         paths = [str(p) for p in batch["path"]]
-        images: list[np.ndarray | str] = []
-        for path in paths:
-            try:
-                images.append(self.engine.preprocessor(self.read(path)))
-            except DataError as exc:
-                images.append(exc.message)
-            except OSError as exc:
-                images.append(f"could not be read ({type(exc).__name__}: {str(exc)[:200]})")
+        images = [_prepared(self.engine.preprocessor, self.read, path) for path in paths]
         rows = self.engine.rows(paths, images)
         return {column: [row[column] for row in rows] for column in self.columns}
 
