@@ -245,10 +245,10 @@ class Feedback(MethodView):
         every record"""
         store = _store()
         service().hosting.get(domain)
-        records = store.records(domain, query["limit"])
+        total, records = store.newest(domain, query["limit"])
         return {
             "domain": domain,
-            "total": store.count(domain),
+            "total": total,
             "counted": len(records),
             "counts": store.counts(records),
             "records": records,

@@ -150,14 +150,13 @@ class FeedbackStore(FsStore):
             return []
         return sorted(n for n in names if _is_name(n))
 
-    def count(self, domain: str) -> int:
-        """How many records the domain has (from the listing; none is read)."""
-        domain = check_name(domain, "domain")
-        return sum(1 for n, _ in self._listing(domain, "records") if RECORD_NAME.fullmatch(n))
-
     def records(self, domain: str, limit: int | None = None) -> list[dict[str, Any]]:
         """The domain's records, newest first (``limit`` of them); a record that is not one (damaged,
         hand-made) is skipped."""
+        return self.newest(domain, limit)[1]
+
+    def newest(self, domain: str, limit: int | None = None) -> tuple[int, list[dict[str, Any]]]:
+        """(how many records the domain has, the newest ``limit`` of them read), from one listing."""
         domain = check_name(domain, "domain")
         names = sorted(
             (n for n, _ in self._listing(domain, "records") if RECORD_NAME.fullmatch(n)), reverse=True
@@ -171,7 +170,7 @@ class FeedbackStore(FsStore):
                 continue
             if isinstance(record, dict) and SHA256_HEX.fullmatch(str(record.get("image_sha256", ""))):
                 found.append(record)
-        return found
+        return len(names), found
 
     def photo(self, domain: str, sha256: str, max_bytes: int) -> tuple[bytes, str]:
         """``(bytes, suffix)`` of a stored photo; FileNotFoundError when there is none."""

@@ -73,37 +73,36 @@ def run_predict(ctx: Context) -> int:
 
     package = registry_model(args.model, args.registry, args.trusted_key, or_run=False)
     options = json.loads(os.environ.get("THALI_PREDICT_OPTIONS") or "{}")  # fsspec options of the sources
+    common = {
+        "variant": args.variant or _default_variant(package),
+        "top_k": args.top_k,
+        "batch_size": args.batch_size,
+        "resume": args.resume,
+        "storage_options": options,
+    }
     if args.engine == "ray":
         summary = predict_ray(
             package,
             _registry_url(args.registry),
             args.sources,
             args.out,
-            variant=args.variant or _default_variant(package),
-            top_k=args.top_k,
-            batch_size=args.batch_size,
             actors=args.actors,
             cpus_per_actor=args.threads or 1,
             address=args.ray_address,
-            resume=args.resume,
             trusted_keys=[str(k) for k in args.trusted_key] if args.trusted_key else None,
-            storage_options=options,
             say=lambda text: print(text, file=sys.stderr, flush=True),  # stdout stays the summary (--json)
+            **common,
         )
-        return _report(args, summary)
-    summary = predict(
-        package,
-        ctx.plugins.registries,
-        args.sources,
-        args.out,
-        variant=args.variant or _default_variant(package),
-        top_k=args.top_k,
-        batch_size=args.batch_size,
-        threads=args.threads,
-        resume=args.resume,
-        progress=not args.no_progress,
-        storage_options=options,
-    )
+    else:
+        summary = predict(
+            package,
+            ctx.plugins.registries,
+            args.sources,
+            args.out,
+            threads=args.threads,
+            progress=not args.no_progress,
+            **common,
+        )
     return _report(args, summary)
 
 

@@ -467,7 +467,8 @@ def predict_ray(
         import pyarrow.parquet as pq
 
         table = pq.read_table(out, columns=["path", "error"]).to_pylist()
-        errors = sum(1 for r in table if r["path"] in set(paths) and r["error"])
+        asked = set(paths)
+        errors = sum(1 for r in table if r["path"] in asked and r["error"])
     return {
         "out": str(out),
         "photos": len(paths),

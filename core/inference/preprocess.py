@@ -57,7 +57,8 @@ class Preprocessor:
     def __init__(self, spec: Mapping[str, Any], limits: ImageLimits = DEFAULT_LIMITS) -> None:
         try:
             _, self.height, self.width = (int(v) for v in spec["input_size"])
-            default_side = round(min(self.height, self.width) / DEFAULT_CROP_PCT)
+            crop_pct = float(spec.get("crop_pct") or DEFAULT_CROP_PCT)
+            default_side = round(min(self.height, self.width) / crop_pct)
             self.shorter = int(spec.get("resize_shorter_side") or default_side)
             self.interpolation = interpolation_flag(spec.get("interpolation", "bilinear"))
             scale = float(spec.get("pixel_scale", 255.0))

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from thali.core.config import AugmentationConfig
-from thali.core.images import DEFAULT_CROP_PCT, DEFAULT_LIMITS, ImageLimits, interpolation_flag
+from thali.core.images import DEFAULT_LIMITS, ImageLimits, interpolation_flag
 
 
 def _size(preprocess: Mapping[str, Any]) -> tuple[int, int]:
@@ -32,18 +32,9 @@ class EvalTransform:
     def __init__(self, preprocess: Mapping[str, Any]) -> None:
         from thali.core.inference.preprocess import Preprocessor
 
-        h, w = _size(preprocess)
-        crop_pct = float(preprocess.get("crop_pct", DEFAULT_CROP_PCT))
-        self.preprocessor = Preprocessor(
-            {
-                "input_size": [3, h, w],
-                "resize_shorter_side": round(min(h, w) / crop_pct),
-                "interpolation": str(preprocess.get("interpolation", "bilinear")),
-                "mean": list(preprocess["mean"]),
-                "std": list(preprocess["std"]),
-                "pixel_scale": 255.0,
-            }
-        )
+        # the backbone's metadata is a preprocess spec already: resize to size / crop_pct, its
+        # interpolation, mean and std
+        self.preprocessor = Preprocessor(preprocess)
 
     def decode(self, path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
         """The image file decoded and resized to the shorter side, as the server decodes uploads."""
